@@ -1,0 +1,30 @@
+# The two commands: `make demo` and `make test`. Both do all set-up first (idempotent).
+SHELL := /bin/bash
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export LIBTORCH := $(CURDIR)/.venv/torch
+export LD_LIBRARY_PATH := $(CURDIR)/.venv/torch/lib:$(LD_LIBRARY_PATH)
+CARGO ?= cargo
+
+.PHONY: setup build demo test lint bench fmt
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --bins
+
+## The main job: a coordinator and 4 worker processes on loopback train a CNN on Fashion-MNIST.
+demo: build
+	bash scripts/demo.sh
+
+## The whole test suite (what CI runs).
+test: setup
+	$(CARGO) build --bins
+	$(CARGO) test --workspace -- --test-threads=1
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: setup
+	$(CARGO) bench -p compression

@@ -1,0 +1,296 @@
+//! The run configuration (TOML), with defaults for everything but the essentials.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use compression::CodecConfig;
+use serde::{Deserialize, Serialize};
+use trainer::{ModelKind, OptimizerConfig};
+
+/// A whole run configuration file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Where, and under which seed, the run happens.
+    pub run: RunSection,
+    /// The model.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// The data.
+    #[serde(default)]
+    pub data: DataSection,
+    /// Batch size and length of training.
+    pub training: TrainingSection,
+    /// The optimizer applied by the coordinator.
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    /// How workers encode their updates.
+    #[serde(default)]
+    pub compression: CodecConfig,
+    /// Network limits.
+    #[serde(default)]
+    pub network: NetworkSection,
+    /// What workers are told about determinism.
+    #[serde(default)]
+    pub workers: WorkersSection,
+}
+
+/// `[run]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Directory for metrics, checkpoints, identity and the final model.
+    pub output_dir: PathBuf,
+    /// Seed of the weight initialisation and of the batch order.
+    #[serde(default)]
+    pub seed: u64,
+    /// UDP address to listen on (port 0 picks a free port).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address put into the join string, when it differs from `listen`.
+    #[serde(default)]
+    pub public_addr: Option<String>,
+    /// Resume from `output_dir/checkpoint.bin` when present.
+    #[serde(default = "yes")]
+    pub resume: bool,
+    /// Workers that must be connected before the first step (later steps use whoever is there).
+    #[serde(default = "one_usize")]
+    pub min_workers: usize,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+fn default_listen() -> SocketAddr {
+    ([127, 0, 0, 1], 7070).into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[model]`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Architecture.
+    pub kind: ModelKind,
+}
+
+/// `[data]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Directory with the gzipped IDX files.
+    pub dir: PathBuf,
+    /// Use only the first N training samples (0: all); handy for quick runs.
+    pub train_limit: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            dir: PathBuf::from(trainer::data::DEFAULT_DIR),
+            train_limit: 0,
+        }
+    }
+}
+
+/// `[training]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    /// Samples per optimizer step, split over the workers.
+    pub global_batch: usize,
+    /// Epochs to train (ignored when `steps` is set).
+    #[serde(default = "one")]
+    pub epochs: u64,
+    /// Total optimizer steps; overrides `epochs`.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Evaluate every N steps as well as at each epoch end (0: only at epoch ends).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Write a checkpoint every N steps as well as after each evaluation (0: never extra).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Compute threads of the coordinator (evaluation).
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// `[network]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// Most workers connected at once.
+    pub max_workers: usize,
+    /// Largest frame accepted from a worker, bytes.
+    pub max_frame_bytes: u64,
+    /// Seconds a new connection has to complete the handshake.
+    pub handshake_timeout_s: f64,
+    /// Seconds of silence after which a connection is dropped.
+    pub idle_timeout_s: f64,
+    /// Deadline of a worker's first task, seconds (later ones follow its measured speed).
+    pub first_task_timeout_s: f64,
+    /// Deadline floor for later tasks, seconds.
+    pub min_task_timeout_s: f64,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            max_workers: 64,
+            max_frame_bytes: 256 << 20,
+            handshake_timeout_s: 10.0,
+            idle_timeout_s: 30.0,
+            first_task_timeout_s: 60.0,
+            min_task_timeout_s: 5.0,
+        }
+    }
+}
+
+/// `[workers]`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersSection {
+    /// Force this many compute threads on every worker (deterministic mode); unset: their choice.
+    pub deterministic_threads: Option<u32>,
+}
+
+/// Errors of configuration loading.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl RunConfig {
+    /// Reads and validates a config file. Relative paths are taken from the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if cfg.run.output_dir.is_relative() {
+            cfg.run.output_dir = base.join(&cfg.run.output_dir);
+        }
+        if cfg.data.dir.is_relative() {
+            cfg.data.dir = base.join(&cfg.data.dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: RunConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.training.global_batch == 0 || self.training.global_batch > 1 << 20 {
+            return bad("training.global_batch must be in 1..=1048576".into());
+        }
+        if self.training.steps == Some(0) || (self.training.steps.is_none() && self.training.epochs == 0) {
+            return bad("training needs epochs >= 1 or steps >= 1".into());
+        }
+        self.optimizer.validate().map_err(ConfigError::Invalid)?;
+        self.compression
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("compression: {e}")))?;
+        let n = &self.network;
+        if n.max_workers == 0 || n.max_frame_bytes < 1024 {
+            return bad("network.max_workers >= 1 and max_frame_bytes >= 1024 are required".into());
+        }
+        for (name, v) in [
+            ("handshake_timeout_s", n.handshake_timeout_s),
+            ("idle_timeout_s", n.idle_timeout_s),
+            ("first_task_timeout_s", n.first_task_timeout_s),
+            ("min_task_timeout_s", n.min_task_timeout_s),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
+                return bad(format!("network.{name} must be in (0, 86400) seconds"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [run]
+        output_dir = "out"
+        [training]
+        global_batch = 64
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = RunConfig::parse(MINIMAL).unwrap();
+        assert_eq!(c.training.epochs, 1);
+        assert_eq!(c.model.kind, ModelKind::Cnn);
+        assert_eq!(c.optimizer.lr, 1e-3);
+        assert!(c.run.resume);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        let typo = MINIMAL.replace("global_batch", "global_bach");
+        assert!(matches!(RunConfig::parse(&typo), Err(ConfigError::Parse { .. })));
+        let zero = MINIMAL.replace("64", "0");
+        assert!(matches!(RunConfig::parse(&zero), Err(ConfigError::Invalid(_))));
+        let lr = format!("{MINIMAL}\n[optimizer]\nlr = -1.0\n");
+        let err = RunConfig::parse(&lr).unwrap_err().to_string();
+        assert!(err.contains("lr"), "{err}");
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                RunConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            }
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! `coordinator run --config FILE`: starts (or resumes) a training run.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "Coordinates a training run over volunteer workers")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a run from a TOML config, or resume it from the checkpoint in its output dir.
+    Run {
+        /// The run config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config file and print it with all defaults filled in.
+    Check {
+        /// The run config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config } => {
+            let cfg = coordinator::RunConfig::load(&config)?;
+            let outcome = coordinator::run(cfg).await?;
+            tracing::info!(?outcome, "coordinator exiting");
+        }
+        Cmd::Check { config } => {
+            let cfg = coordinator::RunConfig::load(&config)?;
+            println!("{}", toml::to_string_pretty(&cfg)?);
+        }
+    }
+    Ok(())
+}

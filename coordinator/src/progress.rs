@@ -1,0 +1,80 @@
+//! The live progress line: an indicatif bar on a terminal, periodic log lines otherwise.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracing::info;
+
+/// Shows step, loss, workers and traffic as training goes.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    log_every: u64,
+}
+
+/// `12.3 MB` style.
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    match b {
+        b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b} B"),
+    }
+}
+
+impl Progress {
+    /// A progress display for `total` steps starting at `done`.
+    pub fn new(total: u64, done: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
+            bar.set_style(
+                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.set_position(done);
+            bar
+        });
+        Progress {
+            bar,
+            total,
+            log_every: (total / 20).max(1),
+        }
+    }
+
+    /// Reports the state after a step.
+    pub fn update(&self, step: u64, loss: f64, workers: usize, bytes_in: u64, bytes_out: u64, acc: Option<f64>) {
+        let acc = acc.map(|a| format!(" | test acc {a:.4}")).unwrap_or_default();
+        let msg = format!(
+            "| loss {loss:.4} | workers {workers} | in {} | out {}{acc}",
+            human_bytes(bytes_in),
+            human_bytes(bytes_out)
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                bar.set_message(msg);
+            }
+            None if step % self.log_every == 0 || step == self.total => {
+                info!("step {step}/{} {msg}", self.total);
+            }
+            None => {}
+        }
+    }
+
+    /// Prints a line above the bar (or logs it).
+    pub fn message(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => info!("{line}"),
+        }
+    }
+
+    /// Leaves the bar in place.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.abandon();
+        }
+    }
+}

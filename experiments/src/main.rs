@@ -1,0 +1,105 @@
+//! Reproducible experiments. `experiments baseline` trains the model in one process (no
+//! network, no workers) with the same schedule and optimizer as a swarm run, the yardstick
+//! for the swarm's accuracy and wall time.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use trainer::reference::{train, ReferenceRun};
+use trainer::{Dataset, ModelKind, OptimizerConfig};
+
+#[derive(Parser)]
+#[command(about = "Reproducible experiments for the README's tables")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Single-process training: test accuracy after each epoch and seconds per epoch.
+    Baseline {
+        /// Epochs.
+        #[arg(long, default_value_t = 2)]
+        epochs: u64,
+        /// Global batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Adam learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Compute threads.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Data folder.
+        #[arg(long, default_value = trainer::data::DEFAULT_DIR)]
+        data_dir: PathBuf,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "results/baseline.json")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Baseline {
+            epochs,
+            batch,
+            lr,
+            seed,
+            threads,
+            data_dir,
+            out,
+        } => {
+            trainer::runtime::set_threads(threads);
+            let split = Dataset::load_split(&data_dir)?;
+            let run = ReferenceRun {
+                model: ModelKind::Cnn,
+                seed,
+                batch,
+                optimizer: OptimizerConfig {
+                    lr,
+                    ..Default::default()
+                },
+            };
+            let spe = split.train.len().div_ceil(batch) as u64;
+            let start = Instant::now();
+            let mut epoch_start = Instant::now();
+            let mut rows = Vec::new();
+            train(&run, &split.train, epochs * spe, |step, _loss, net| {
+                if (step + 1) % spe == 0 {
+                    let secs = epoch_start.elapsed().as_secs_f64();
+                    let e = trainer::evaluate(net, &split.test)?;
+                    let epoch = (step + 1) / spe;
+                    println!("epoch {epoch}: test accuracy {:.4}, loss {:.4}, {secs:.1} s", e.accuracy, e.loss);
+                    rows.push(json!({"epoch": epoch, "test_acc": e.accuracy, "test_loss": e.loss, "epoch_s": secs}));
+                    epoch_start = Instant::now();
+                }
+                Ok(())
+            })?;
+            let total = start.elapsed().as_secs_f64();
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let threads = tch::get_num_threads();
+            std::fs::write(
+                &out,
+                serde_json::to_string_pretty(&json!({"epochs": rows, "wall_s": total, "threads": threads, "batch": batch, "lr": lr, "seed": seed}))?,
+            )?;
+            println!("total {total:.1} s on {threads} threads; written to {}", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Messages of both directions. Every field that comes off the network is checked by the
+//! receiver (sizes, shapes, finiteness); this module only defines the shapes.
+
+use compression::CodecConfig;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use verify::{Commitment, Signature, WorkerId};
+
+/// First message of a worker, right after the stream preamble.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// The join secret from the join string.
+    pub secret: [u8; 32],
+    /// The worker's persistent public key.
+    pub worker_id: WorkerId,
+    /// A human-readable name (host name or `--name`); at most 64 bytes are kept.
+    pub name: String,
+    /// What it computes on, e.g. `cpu` or `cuda:0`.
+    pub device: String,
+    /// Compute threads it uses.
+    pub threads: u32,
+}
+
+/// What a worker needs to know about the run; sent once after a successful handshake.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Identifier of the run (random, fixed for the run's lifetime, kept across restarts).
+    pub run_id: [u8; 32],
+    /// Model architecture name (see `trainer::ModelKind`).
+    pub model: String,
+    /// Number of parameters of the model.
+    pub n_params: u64,
+    /// Dataset name; the worker loads it from its own data directory.
+    pub dataset: String,
+    /// blake3 digest of the training set the worker must hold.
+    pub dataset_digest: [u8; 32],
+    /// How the worker encodes its updates.
+    pub codec: CodecConfig,
+    /// Compute threads the worker must use in deterministic mode (`None`: its own choice).
+    pub deterministic_threads: Option<u32>,
+}
+
+/// One unit of work: compute the mean gradient of the loss over `indices` at the
+/// parameters of version `params_version`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Task {
+    /// Unique id of this task in the run.
+    pub task_id: u64,
+    /// Optimizer step the task belongs to.
+    pub step: u64,
+    /// Version of the parameters the task starts from.
+    pub params_version: u64,
+    /// The encoded parameters (compression format), when the worker lacks this version.
+    pub params: Option<ByteBuf>,
+    /// blake3 (`verify::hash_f32`) of the decoded parameters.
+    pub params_hash: [u8; 32],
+    /// Indices into the training set.
+    pub indices: Vec<u32>,
+    /// Seed for any randomness of the task.
+    pub seed: u64,
+    /// Canonical hash of the hyperparameters the task must use.
+    pub hyperparams: [u8; 32],
+}
+
+/// The answer to a [`Task`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// The task answered.
+    pub task_id: u64,
+    /// Number of samples the update covers.
+    pub n_samples: u32,
+    /// Sum of the per-sample losses.
+    pub loss_sum: f64,
+    /// Encoded update (compression format).
+    pub update: ByteBuf,
+    /// What the worker commits to; `commitment.update` is the blake3 of `update`.
+    pub commitment: Commitment,
+    /// The worker's signature over the commitment.
+    pub signature: Signature,
+    /// Milliseconds of compute, as reported by the worker (used only for scheduling hints).
+    pub compute_ms: u64,
+}
+
+/// Coordinator to worker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Handshake accepted.
+    Welcome(Welcome),
+    /// Work to do.
+    Task(Task),
+    /// The run is over (or the coordinator is stopping); the worker should exit.
+    Shutdown {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Worker to coordinator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToCoordinator {
+    /// Handshake.
+    Hello(Hello),
+    /// A finished task.
+    Result(TaskResult),
+    /// The worker could not do a task (bad input on its side); the part goes elsewhere.
+    TaskFailed {
+        /// The task.
+        task_id: u64,
+        /// Why, for the coordinator's log (at most 256 bytes are kept).
+        reason: String,
+    },
+}

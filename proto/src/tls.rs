@@ -1,0 +1,240 @@
+//! QUIC endpoints over rustls (TLS 1.3 only).
+//!
+//! The coordinator presents a self-signed certificate; workers pin its blake3 fingerprint
+//! (carried in the join string) instead of trusting any CA. The handshake signature is still
+//! verified against the pinned certificate's key, so holding the certificate alone is not
+//! enough to impersonate the coordinator.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::ALPN;
+
+/// Errors while setting up TLS or QUIC.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("tls configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// quinn refused the configuration or could not bind.
+    #[error("quic endpoint: {0}")]
+    Quic(String),
+    /// Reading or writing identity files failed.
+    #[error("identity files: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The coordinator's TLS identity: a self-signed certificate and its private key (both DER).
+#[derive(Clone)]
+pub struct Identity {
+    /// Certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// PKCS#8 private key, DER.
+    pub key_der: Vec<u8>,
+}
+
+impl Identity {
+    /// Generates a fresh self-signed certificate.
+    pub fn generate() -> Result<Self, TlsError> {
+        let ck = rcgen::generate_simple_self_signed(vec!["dtrain-coordinator".to_string()])?;
+        Ok(Identity {
+            cert_der: ck.cert.der().to_vec(),
+            key_der: ck.key_pair.serialize_der(),
+        })
+    }
+
+    /// blake3 fingerprint of the certificate, the value workers pin.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.cert_der)
+    }
+}
+
+/// blake3 of a DER certificate.
+pub fn fingerprint(cert_der: &[u8]) -> [u8; 32] {
+    *blake3::hash(cert_der).as_bytes()
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Transport limits shared by both sides.
+#[derive(Clone, Copy, Debug)]
+pub struct TransportLimits {
+    /// A connection silent for this long is closed.
+    pub idle_timeout: Duration,
+    /// Keep-alive pings are sent this often.
+    pub keep_alive: Duration,
+    /// Per-stream receive window in bytes.
+    pub stream_window: u32,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            stream_window: 16 << 20,
+        }
+    }
+}
+
+fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>, TlsError> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(limits.idle_timeout).map_err(|e| TlsError::Quic(e.to_string()))?,
+    ));
+    t.keep_alive_interval(Some(limits.keep_alive));
+    t.stream_receive_window(quinn::VarInt::from_u32(limits.stream_window));
+    t.receive_window(quinn::VarInt::from_u32(limits.stream_window.saturating_mul(2)));
+    t.send_window(u64::from(limits.stream_window) * 2);
+    // One control stream per connection is all the protocol uses.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    Ok(Arc::new(t))
+}
+
+/// A server endpoint bound to `addr`, presenting `identity`.
+pub fn server_endpoint(
+    identity: &Identity,
+    addr: SocketAddr,
+    limits: &TransportLimits,
+) -> Result<quinn::Endpoint, TlsError> {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_der.clone()));
+    let cert = CertificateDer::from(identity.cert_der.clone());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport(limits)?);
+    quinn::Endpoint::server(cfg, addr).map_err(|e| TlsError::Quic(format!("bind {addr}: {e}")))
+}
+
+/// A client endpoint whose connections accept only the certificate with `fingerprint`.
+pub fn client_endpoint(fingerprint: [u8; 32], limits: &TransportLimits) -> Result<quinn::Endpoint, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCert {
+        fingerprint,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport(limits)?);
+    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let mut ep = quinn::Endpoint::client(bind).map_err(|e| TlsError::Quic(e.to_string()))?;
+    ep.set_default_client_config(cfg);
+    Ok(ep)
+}
+
+/// Accepts exactly one certificate, identified by its blake3 fingerprint.
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = fingerprint(end_entity.as_ref());
+        if got == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "coordinator certificate fingerprint mismatch: join string pins {}, server presented {}",
+                hex::encode(self.fingerprint),
+                hex::encode(got)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn try_connect(server: &Identity, pin: [u8; 32]) -> Result<(), String> {
+        let limits = TransportLimits::default();
+        let ep = server_endpoint(server, "127.0.0.1:0".parse().unwrap(), &limits).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            if let Some(inc) = ep.accept().await {
+                let _ = inc.await;
+            }
+        });
+        let client = client_endpoint(pin, &limits).unwrap();
+        let res = match client.connect(addr, "dtrain").unwrap().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        accept.abort();
+        res
+    }
+
+    #[tokio::test]
+    async fn pinned_fingerprint_connects_and_other_is_refused() {
+        let id = Identity::generate().unwrap();
+        try_connect(&id, id.fingerprint()).await.unwrap();
+        let other = Identity::generate().unwrap();
+        let err = try_connect(&id, other.fingerprint()).await.unwrap_err();
+        assert!(err.contains("fingerprint mismatch"), "{err}");
+    }
+}

@@ -1,0 +1,239 @@
+//! Harness for the integration tests: starts real coordinator and worker processes on
+//! loopback, reads their `metrics.jsonl`, and cleans up after itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a binary of this workspace, built by `cargo build --bins` (as `make test` does).
+pub fn bin(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let p = profile_dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --bins` first (make test does)",
+        p.display()
+    );
+    p
+}
+
+/// A free UDP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").port()
+}
+
+/// A coordinator process with its own temporary output directory.
+pub struct Coordinator {
+    /// The output directory (and config location).
+    pub dir: tempfile::TempDir,
+    /// The process.
+    pub child: Option<Child>,
+    config: PathBuf,
+}
+
+/// Config text for a quick run; `extra` is appended (later tables may override nothing
+/// already given, so pass only tables not present here).
+pub fn quick_config(model: &str, steps: u64, batch: usize, listen: &str, extra: &str) -> String {
+    format!(
+        r#"
+[run]
+output_dir = "out"
+seed = 7
+listen = "{listen}"
+
+[model]
+kind = "{model}"
+
+[training]
+global_batch = {batch}
+steps = {steps}
+threads = 1
+
+[network]
+idle_timeout_s = 3
+handshake_timeout_s = 3
+first_task_timeout_s = 20
+min_task_timeout_s = 2
+
+{extra}
+"#
+    )
+}
+
+impl Coordinator {
+    /// Writes `config` into a fresh directory and starts `coordinator run` on it.
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut c = Coordinator {
+            dir,
+            child: None,
+            config: path,
+        };
+        c.spawn();
+        c
+    }
+
+    /// (Re)starts the process on the same config and directory.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("coordinator.log"))
+            .expect("log");
+        let child = Command::new(bin("coordinator"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn coordinator");
+        self.child = Some(child);
+    }
+
+    /// The run's output directory.
+    pub fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// Waits for the join string.
+    pub fn join_string(&self) -> String {
+        let p = self.out().join("join.txt");
+        wait_until(Duration::from_secs(60), || std::fs::read_to_string(&p).ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| panic!("no join string; log:\n{}", self.log()))
+            .trim()
+            .to_string()
+    }
+
+    /// The coordinator's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+    }
+
+    /// All events of `metrics.jsonl` so far.
+    pub fn metrics(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.out().join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Events named `name`.
+    pub fn events(&self, name: &str) -> Vec<Value> {
+        self.metrics().into_iter().filter(|e| e["event"] == name).collect()
+    }
+
+    /// Steps completed according to the metrics.
+    pub fn steps_done(&self) -> u64 {
+        self.events("step").last().and_then(|e| e["step"].as_u64()).unwrap_or(0)
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let status = wait_until(timeout, || child.try_wait().expect("try_wait"));
+        match status {
+            Some(s) => {
+                self.child = None;
+                s
+            }
+            None => panic!("coordinator still running after {timeout:?}; log:\n{}", self.log()),
+        }
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A worker process; killed on drop.
+pub struct Worker {
+    /// The process.
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    /// Starts `worker --join JOIN` with one thread, a key in `dir`, and `extra` arguments.
+    pub fn start(join: &str, dir: &Path, name: &str, extra: &[&str]) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(bin("worker"))
+            .args(["--join", join, "--threads", "1", "--device", "cpu", "--retry-for", "60", "--name", name])
+            .arg("--key")
+            .arg(dir.join(format!("{name}.key")))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn worker");
+        Worker { child, log }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_until(timeout, || self.child.try_wait().expect("try_wait"))
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a worker to completion and returns its output (for handshake failures).
+pub fn run_worker_to_end(join: &str, dir: &Path, extra: &[&str]) -> Output {
+    Command::new(bin("worker"))
+        .args(["--join", join, "--threads", "1", "--device", "cpu", "--retry-for", "5"])
+        .arg("--key")
+        .arg(dir.join("refused.key"))
+        .args(extra)
+        .output()
+        .expect("run worker")
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,38 @@
+//! libtorch process settings: thread counts and the CUDA device.
+
+use tch::Device;
+
+/// Sets libtorch's intra-op thread count (`None` keeps libtorch's default).
+pub fn set_threads(threads: Option<usize>) {
+    if let Some(t) = threads {
+        tch::set_num_threads(t.max(1) as i32);
+    }
+}
+
+/// Loads `libtorch_cuda.so` into the process (the linker drops it because nothing refers to
+/// it by symbol), so that libtorch registers its CUDA backend. Returns whether it loaded.
+fn load_cuda_backend() -> bool {
+    let name = c"libtorch_cuda.so";
+    // SAFETY: dlopen with a valid NUL-terminated name; the handle is intentionally kept
+    // open for the life of the process.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    !handle.is_null()
+}
+
+/// The device to compute on: CUDA when `allow_cuda` and a GPU is usable, else the CPU.
+pub fn pick_device(allow_cuda: bool) -> Device {
+    if allow_cuda && load_cuda_backend() && tch::Cuda::is_available() {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    }
+}
+
+/// A short name for a device, as reported to the coordinator.
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}

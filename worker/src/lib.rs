@@ -1,0 +1,249 @@
+//! A volunteer worker: joins a run with a join string, computes its share of every step,
+//! and reconnects with backoff when the link drops.
+
+pub mod compute;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use proto::{
+    close, read_frame, read_preamble, write_frame, write_preamble, Hello, JoinTicket, ToCoordinator, ToWorker,
+};
+use tracing::{info, warn};
+use trainer::{Dataset, ModelKind};
+use verify::WorkerKey;
+
+use compute::Compute;
+
+/// How a worker was started.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Where to connect.
+    pub ticket: JoinTicket,
+    /// Folder with the training set.
+    pub data_dir: PathBuf,
+    /// Compute threads (`None`: libtorch's default).
+    pub threads: Option<usize>,
+    /// File of the worker's persistent key.
+    pub key_path: PathBuf,
+    /// Name shown to the coordinator.
+    pub name: String,
+    /// Use a GPU when one is usable.
+    pub allow_cuda: bool,
+    /// Stop retrying after failing to reach the coordinator for this long.
+    pub retry_for: Duration,
+    /// Protocol version announced (tests only: lets a test speak a wrong version).
+    pub protocol_version: u32,
+    /// TEST ONLY: exit abruptly (like `kill -9`, no goodbye) on receiving this many tasks.
+    pub crash_at_task: Option<u64>,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionError {
+    /// Retrying cannot help (wrong secret, version, fingerprint, data).
+    Fatal(String),
+    /// Try again after a pause.
+    Retry(String),
+}
+
+/// Why the worker stopped, when it stopped cleanly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// The coordinator said the run is over (or is stopping).
+    Done(String),
+}
+
+/// Errors that end the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The coordinator refused us, or we refused it; retrying cannot help.
+    #[error("{0}")]
+    Refused(String),
+    /// The coordinator stayed unreachable.
+    #[error("gave up after {0:?} without reaching the coordinator: {1}")]
+    GaveUp(Duration, String),
+    /// Local set-up failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Runs the worker until the run ends or an unrecoverable error.
+pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
+    trainer::runtime::set_threads(opts.threads);
+    let key = WorkerKey::load_or_create(&opts.key_path)
+        .map_err(|e| WorkerError::Setup(format!("key {}: {e}", opts.key_path.display())))?;
+    let data = Dataset::load_idx(&opts.data_dir, "train").map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let digest = data.digest();
+    let device = trainer::runtime::pick_device(opts.allow_cuda);
+    info!(id = %key.public().short(), device = %trainer::runtime::device_name(device), "worker starting");
+    let mut backoff = Duration::from_millis(250);
+    let mut failing_since: Option<Instant> = None;
+    let mut tasks_seen = 0u64;
+    loop {
+        let mut progressed = false;
+        match session(&opts, &key, &data, digest, device, &mut progressed, &mut tasks_seen).await {
+            Ok(exit) => return Ok(exit),
+            Err(SessionError::Fatal(msg)) => return Err(WorkerError::Refused(msg)),
+            Err(SessionError::Retry(msg)) => {
+                if progressed {
+                    backoff = Duration::from_millis(250);
+                    failing_since = None;
+                }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= opts.retry_for {
+                    return Err(WorkerError::GaveUp(opts.retry_for, msg));
+                }
+                let jitter = Duration::from_millis(rand_jitter(backoff.as_millis() as u64 / 4 + 1));
+                warn!("{msg}; reconnecting in {:.1}s", (backoff + jitter).as_secs_f64());
+                tokio::time::sleep(backoff + jitter).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn rand_jitter(max: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    nanos % max.max(1)
+}
+
+/// Maps a connection error to retry-or-not, reading the coordinator's close reason.
+fn classify(e: &quinn::ConnectionError) -> SessionError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(ac) => {
+            let reason = String::from_utf8_lossy(&ac.reason).to_string();
+            let code = ac.error_code.into_inner() as u32;
+            match code {
+                close::VERSION | close::AUTH => SessionError::Fatal(format!("coordinator refused this worker: {reason}")),
+                close::DONE => SessionError::Fatal(format!("run is over: {reason}")),
+                _ => SessionError::Retry(format!("coordinator closed the connection: {reason}")),
+            }
+        }
+        // A failed TLS handshake (crypto error range): the certificate is not the pinned one.
+        quinn::ConnectionError::TransportError(t) if (0x100..0x200).contains(&u64::from(t.code)) => {
+            SessionError::Fatal(format!("refusing to connect: {t}"))
+        }
+        other => SessionError::Retry(format!("connection lost: {other}")),
+    }
+}
+
+async fn session(
+    opts: &WorkerOptions,
+    key: &WorkerKey,
+    data: &Dataset,
+    digest: [u8; 32],
+    device: tch::Device,
+    progressed: &mut bool,
+    tasks_seen: &mut u64,
+) -> Result<Exit, SessionError> {
+    let retry = |m: String| SessionError::Retry(m);
+    let addr = tokio::net::lookup_host(&opts.ticket.addr)
+        .await
+        .map_err(|e| retry(format!("cannot resolve {}: {e}", opts.ticket.addr)))?
+        .next()
+        .ok_or_else(|| retry(format!("{} resolves to nothing", opts.ticket.addr)))?;
+    let ep = proto::tls::client_endpoint(opts.ticket.fingerprint, &Default::default())
+        .map_err(|e| SessionError::Fatal(e.to_string()))?;
+    let conn = ep
+        .connect(addr, "dtrain")
+        .map_err(|e| retry(e.to_string()))?
+        .await
+        .map_err(|e| classify(&e))?;
+    let closed = |conn: &quinn::Connection, what: String| match conn.close_reason() {
+        Some(e) => classify(&e),
+        None => retry(what),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| classify(&e))?;
+    let hello = ToCoordinator::Hello(Hello {
+        secret: opts.ticket.secret,
+        worker_id: key.public(),
+        name: opts.name.clone(),
+        device: trainer::runtime::device_name(device),
+        threads: opts.threads.unwrap_or(0) as u32,
+    });
+    write_preamble(&mut send, opts.protocol_version)
+        .await
+        .map_err(|e| closed(&conn, e.to_string()))?;
+    write_frame(&mut send, &hello, 1 << 16)
+        .await
+        .map_err(|e| closed(&conn, e.to_string()))?;
+    let v = read_preamble(&mut recv).await.map_err(|e| closed(&conn, e.to_string()))?;
+    if v != opts.protocol_version {
+        return Err(SessionError::Fatal(format!(
+            "coordinator speaks protocol v{v}, this worker v{}; update the worker",
+            opts.protocol_version
+        )));
+    }
+    let cap = 1u64 << 30;
+    let welcome = match read_frame::<_, ToWorker>(&mut recv, cap).await {
+        Ok((ToWorker::Welcome(w), _)) => w,
+        Ok(_) => return Err(retry("expected Welcome".into())),
+        Err(e) => return Err(closed(&conn, e.to_string())),
+    };
+    let model = ModelKind::from_name(&welcome.model)
+        .ok_or_else(|| SessionError::Fatal(format!("unknown model {:?}; update the worker", welcome.model)))?;
+    if welcome.dataset_digest != digest {
+        return Err(SessionError::Fatal(format!(
+            "the training data in {} differs from the run's {} data set",
+            opts.data_dir.display(),
+            welcome.dataset
+        )));
+    }
+    if let Some(t) = welcome.deterministic_threads {
+        trainer::runtime::set_threads(Some(t as usize));
+    }
+    welcome
+        .codec
+        .validate()
+        .map_err(|e| SessionError::Fatal(format!("coordinator sent an invalid codec: {e}")))?;
+    let mut compute = Some(Compute::new(model, device, data.clone(), key.clone(), welcome.run_id, welcome.codec));
+    if compute.as_ref().map(|c| c.n_params() as u64) != Some(welcome.n_params) {
+        return Err(SessionError::Fatal("model size differs from the coordinator's; update the worker".into()));
+    }
+    info!(run = %hex::encode(&welcome.run_id[..8]), model = %welcome.model, "joined run");
+    loop {
+        let msg = match read_frame::<_, ToWorker>(&mut recv, cap).await {
+            Ok((m, _)) => m,
+            Err(e) => return Err(closed(&conn, e.to_string())),
+        };
+        match msg {
+            ToWorker::Task(task) => {
+                *tasks_seen += 1;
+                if opts.crash_at_task == Some(*tasks_seen) {
+                    warn!("test-only crash at task {}", *tasks_seen);
+                    std::process::exit(137);
+                }
+                let task_id = task.task_id;
+                let mut c = compute.take().ok_or_else(|| retry("compute state lost".into()))?;
+                let (c, res) = tokio::task::spawn_blocking(move || {
+                    let r = c.run(task);
+                    (c, r)
+                })
+                .await
+                .map_err(|e| SessionError::Fatal(format!("compute thread failed: {e}")))?;
+                compute = Some(c);
+                let reply = match res {
+                    Ok(r) => ToCoordinator::Result(r),
+                    Err(reason) => {
+                        warn!(task_id, "task failed: {reason}");
+                        ToCoordinator::TaskFailed { task_id, reason }
+                    }
+                };
+                write_frame(&mut send, &reply, cap)
+                    .await
+                    .map_err(|e| closed(&conn, e.to_string()))?;
+                *progressed = true;
+            }
+            ToWorker::Shutdown { reason } => {
+                info!("coordinator: {reason}");
+                conn.close(close::DONE.into(), b"bye");
+                return Ok(Exit::Done(reason));
+            }
+            ToWorker::Welcome(_) => return Err(retry("unexpected second Welcome".into())),
+        }
+    }
+}

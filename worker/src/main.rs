@@ -1,0 +1,94 @@
+//! `worker --join dtrain://...`: joins a run and works until it ends.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "Volunteer worker: lends this machine's CPU or GPU to a training run")]
+struct Cli {
+    /// The join string printed by the coordinator (dtrain://SECRET@HOST:PORT/FINGERPRINT).
+    #[arg(long)]
+    join: String,
+    /// Folder with the training set (gzipped IDX files).
+    #[arg(long, default_value = trainer::data::DEFAULT_DIR)]
+    data_dir: PathBuf,
+    /// Compute threads (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// File holding this worker's persistent identity key (created if missing).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Name shown to the coordinator (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Compute device.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Give up after failing to reach the coordinator for this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    retry_for: f64,
+    /// TEST ONLY: announce another protocol version.
+    #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
+    test_protocol_version: u32,
+    /// TEST ONLY: exit abruptly on receiving the N-th task, as if killed mid-step.
+    #[arg(long, hide = true)]
+    test_crash_at_task: Option<u64>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DeviceArg {
+    /// A GPU if one is usable, else the CPU.
+    Auto,
+    /// Always the CPU.
+    Cpu,
+}
+
+fn default_key() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("dtrain/worker.key")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let ticket = cli.join.parse().context("--join")?;
+    let name = cli.name.unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "worker".into())
+    });
+    let opts = worker::WorkerOptions {
+        ticket,
+        data_dir: cli.data_dir,
+        threads: cli.threads,
+        key_path: cli.key.unwrap_or_else(default_key),
+        name,
+        allow_cuda: matches!(cli.device, DeviceArg::Auto),
+        retry_for: Duration::from_secs_f64(cli.retry_for.max(0.0)),
+        protocol_version: cli.test_protocol_version,
+        crash_at_task: cli.test_crash_at_task,
+    };
+    match worker::run(opts).await {
+        Ok(worker::Exit::Done(reason)) => {
+            tracing::info!("finished: {reason}");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            Err(e.into())
+        }
+    }
+}
