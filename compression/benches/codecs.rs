@@ -35,7 +35,9 @@ fn bench(c: &mut Criterion) {
     for &n in &sizes {
         let v = gradient_like(n);
         let mut g = c.benchmark_group(format!("n{n}"));
-        g.sample_size(10).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+        g.sample_size(10)
+            .measurement_time(Duration::from_secs(2))
+            .warm_up_time(Duration::from_millis(300));
         g.throughput(Throughput::Bytes(4 * n as u64));
         for codec in codecs {
             for zstd in [0, 1] {

@@ -34,7 +34,13 @@ fn blocks(n: usize, block: usize) -> usize {
 
 /// Blockwise symmetric quantization to integers in -levels..=levels. Returns the scales
 /// (absmax / levels) and the integers.
-fn quantize(v: &[f32], block: usize, levels: f32, stochastic: bool, seed: u64) -> (Vec<f32>, Vec<i8>) {
+fn quantize(
+    v: &[f32],
+    block: usize,
+    levels: f32,
+    stochastic: bool,
+    seed: u64,
+) -> (Vec<f32>, Vec<i8>) {
     let mut scales = Vec::with_capacity(blocks(v.len(), block));
     let mut q = vec![0i8; v.len()];
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -85,7 +91,11 @@ fn decode_int8(b: &[u8], n: usize, block: usize) -> Result<Vec<f32>, CodecError>
     }
     let scales = read_f32s(&b[..nb * 4]);
     let mut out = vec![0f32; n];
-    for ((o, qc), s) in out.chunks_mut(block).zip(b[nb * 4..].chunks(block)).zip(&scales) {
+    for ((o, qc), s) in out
+        .chunks_mut(block)
+        .zip(b[nb * 4..].chunks(block))
+        .zip(&scales)
+    {
         for (x, &q) in o.iter_mut().zip(qc) {
             *x = f32::from(q as i8) * s;
         }
@@ -197,7 +207,13 @@ fn topk_body(v: &[f32], cfg: &CodecConfig, seed: u64, out: &mut Vec<u8>) {
                 out.extend_from_slice(&f16::from_f32(x.clamp(-65504.0, 65504.0)).to_le_bytes());
             }
         }
-        TopKValues::Int8 => int8_body(&vals, cfg.block_size as usize, cfg.stochastic_rounding, seed, out),
+        TopKValues::Int8 => int8_body(
+            &vals,
+            cfg.block_size as usize,
+            cfg.stochastic_rounding,
+            seed,
+            out,
+        ),
     }
 }
 
@@ -208,7 +224,11 @@ pub fn decode_body(h: &Header, b: &[u8], n: usize) -> Result<Vec<f32>, CodecErro
         if Some(b.len()) == len {
             Ok(())
         } else {
-            malformed(format!("{:?} body of {} bytes for {n} values", h.codec, b.len()))
+            malformed(format!(
+                "{:?} body of {} bytes for {n} values",
+                h.codec,
+                b.len()
+            ))
         }
     };
     match h.codec {
@@ -218,11 +238,15 @@ pub fn decode_body(h: &Header, b: &[u8], n: usize) -> Result<Vec<f32>, CodecErro
         }
         CodecKind::Fp16 => {
             exact(n.checked_mul(2))?;
-            Ok(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+            Ok(b.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect())
         }
         CodecKind::Bf16 => {
             exact(n.checked_mul(2))?;
-            Ok(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+            Ok(b.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect())
         }
         CodecKind::Int8 => decode_int8(b, n, block),
         CodecKind::Int4 => {

@@ -17,7 +17,12 @@ impl ErrorFeedback {
     /// Encodes `update + residual`, and keeps as new residual what the receiver will not
     /// see. Returns the bytes and the values the receiver decodes. A change of length resets
     /// the residual.
-    pub fn encode(&mut self, update: &[f32], cfg: &CodecConfig, seed: u64) -> Result<(Vec<u8>, Vec<f32>), CodecError> {
+    pub fn encode(
+        &mut self,
+        update: &[f32],
+        cfg: &CodecConfig,
+        seed: u64,
+    ) -> Result<(Vec<u8>, Vec<f32>), CodecError> {
         if cfg.codec == CodecKind::Fp32 {
             // Lossless: nothing is left behind.
             self.residual.clear();
@@ -26,7 +31,11 @@ impl ErrorFeedback {
         if self.residual.len() != update.len() {
             self.residual = vec![0.0; update.len()];
         }
-        let corrected: Vec<f32> = update.iter().zip(&self.residual).map(|(u, r)| u + r).collect();
+        let corrected: Vec<f32> = update
+            .iter()
+            .zip(&self.residual)
+            .map(|(u, r)| u + r)
+            .collect();
         let bytes = encode(&corrected, cfg, seed)?;
         let limits = DecodeLimits {
             max_values: update.len(),

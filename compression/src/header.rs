@@ -59,7 +59,10 @@ impl Header {
     /// Parses and sanity-checks a header.
     pub fn read(b: &[u8]) -> Result<Self, CodecError> {
         if b.len() < HEADER_LEN {
-            return Err(CodecError::Malformed(format!("{} bytes, shorter than the header", b.len())));
+            return Err(CodecError::Malformed(format!(
+                "{} bytes, shorter than the header",
+                b.len()
+            )));
         }
         if &b[..4] != MAGIC {
             return Err(CodecError::Malformed("bad magic".into()));
@@ -67,7 +70,8 @@ impl Header {
         if b[4] != VERSION {
             return Err(CodecError::UnsupportedVersion(b[4]));
         }
-        let codec = CodecKind::from_id(b[5]).ok_or_else(|| CodecError::Malformed(format!("unknown codec {}", b[5])))?;
+        let codec = CodecKind::from_id(b[5])
+            .ok_or_else(|| CodecError::Malformed(format!("unknown codec {}", b[5])))?;
         let flags = b[6];
         if flags & !0b1111 != 0 || (flags >> 2) > 2 || b[7] != 0 {
             return Err(CodecError::Malformed("unknown flags".into()));

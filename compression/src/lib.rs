@@ -62,7 +62,9 @@ impl CodecKind {
 
     fn from_id(id: u8) -> Option<Self> {
         use CodecKind::*;
-        [Fp32, Fp16, Bf16, Int8, Int4, Sign1, TopK].get(id as usize).copied()
+        [Fp32, Fp16, Bf16, Int8, Int4, Sign1, TopK]
+            .get(id as usize)
+            .copied()
     }
 }
 
@@ -114,13 +116,22 @@ impl CodecConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), CodecError> {
         if !(8..=65_536).contains(&self.block_size) {
-            return Err(CodecError::Config(format!("block_size {} not in 8..=65536", self.block_size)));
+            return Err(CodecError::Config(format!(
+                "block_size {} not in 8..=65536",
+                self.block_size
+            )));
         }
         if !(self.topk_fraction > 0.0 && self.topk_fraction <= 1.0) {
-            return Err(CodecError::Config(format!("topk_fraction {} not in (0, 1]", self.topk_fraction)));
+            return Err(CodecError::Config(format!(
+                "topk_fraction {} not in (0, 1]",
+                self.topk_fraction
+            )));
         }
         if !(0..=19).contains(&self.zstd_level) {
-            return Err(CodecError::Config(format!("zstd_level {} not in 0..=19", self.zstd_level)));
+            return Err(CodecError::Config(format!(
+                "zstd_level {} not in 0..=19",
+                self.zstd_level
+            )));
         }
         Ok(())
     }
@@ -217,7 +228,8 @@ pub fn encode(values: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, C
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     header.write(&mut out);
     if cfg.zstd_level > 0 {
-        let z = zstd::bulk::compress(&body, cfg.zstd_level).map_err(|e| CodecError::Zstd(e.to_string()))?;
+        let z = zstd::bulk::compress(&body, cfg.zstd_level)
+            .map_err(|e| CodecError::Zstd(e.to_string()))?;
         out.extend_from_slice(&z);
     } else {
         out.extend_from_slice(&body);
@@ -237,23 +249,35 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Vec<f32>, CodecErro
     }
     let h = Header::read(bytes)?;
     if h.n > limits.max_values as u64 {
-        return Err(CodecError::TooLarge(format!("{} values, limit {}", h.n, limits.max_values)));
+        return Err(CodecError::TooLarge(format!(
+            "{} values, limit {}",
+            h.n, limits.max_values
+        )));
     }
     let n = h.n as usize;
-    let max_body = codecs::max_body_len(&h).ok_or_else(|| CodecError::Malformed("bad header".into()))?;
+    let max_body =
+        codecs::max_body_len(&h).ok_or_else(|| CodecError::Malformed("bad header".into()))?;
     if h.body_len > max_body as u64 {
-        return malformed(format!("body of {} bytes, at most {max_body} possible", h.body_len));
+        return malformed(format!(
+            "body of {} bytes, at most {max_body} possible",
+            h.body_len
+        ));
     }
     let rest = &bytes[HEADER_LEN..];
     let owned;
     let body: &[u8] = if h.flags & 1 != 0 {
-        owned = zstd::bulk::decompress(rest, h.body_len as usize).map_err(|e| CodecError::Zstd(e.to_string()))?;
+        owned = zstd::bulk::decompress(rest, h.body_len as usize)
+            .map_err(|e| CodecError::Zstd(e.to_string()))?;
         &owned
     } else {
         rest
     };
     if body.len() as u64 != h.body_len {
-        return malformed(format!("body is {} bytes, header says {}", body.len(), h.body_len));
+        return malformed(format!(
+            "body is {} bytes, header says {}",
+            body.len(),
+            h.body_len
+        ));
     }
     if header::checksum(body) != h.checksum {
         return Err(CodecError::Checksum);
@@ -266,7 +290,11 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Vec<f32>, CodecErro
 }
 
 /// Decodes and checks the number of values.
-pub fn decode_exact(bytes: &[u8], expected_len: usize, limits: &DecodeLimits) -> Result<Vec<f32>, CodecError> {
+pub fn decode_exact(
+    bytes: &[u8],
+    expected_len: usize,
+    limits: &DecodeLimits,
+) -> Result<Vec<f32>, CodecError> {
     let h = Header::read(bytes)?;
     if h.n != expected_len as u64 {
         return Err(CodecError::Length {

@@ -16,7 +16,8 @@ fn cfg(codec: CodecKind, zstd: i32) -> CodecConfig {
 fn data(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
         .map(|i| {
-            let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) as f32 / u32::MAX as f32;
+            let x =
+                (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) as f32 / u32::MAX as f32;
             (x - 0.5) * (1.0 + (i % 7) as f32)
         })
         .collect()
@@ -70,7 +71,9 @@ fn sign_and_topk() {
     for (bo, bv) in s.chunks(64).zip(v.chunks(64)) {
         let mean = bv.iter().map(|x| x.abs()).sum::<f32>() / bv.len() as f32;
         for (a, b) in bo.iter().zip(bv) {
-            assert!((a.abs() - mean).abs() < 1e-6 && (a.is_sign_negative() == b.is_sign_negative()));
+            assert!(
+                (a.abs() - mean).abs() < 1e-6 && (a.is_sign_negative() == b.is_sign_negative())
+            );
         }
     }
     let c = CodecConfig {
@@ -158,7 +161,10 @@ fn hostile_headers_and_bodies_are_refused() {
     assert_eq!(decode(&flipped, &lim), Err(CodecError::Checksum));
     assert!(matches!(
         decode_exact(&good, 301, &lim),
-        Err(CodecError::Length { expected: 301, got: 300 })
+        Err(CodecError::Length {
+            expected: 301,
+            got: 300
+        })
     ));
     assert_eq!(
         encode(&[1.0, f32::NAN], &CodecConfig::default(), 0),
@@ -180,7 +186,10 @@ fn hostile_headers_and_bodies_are_refused() {
     let mut nan = Vec::new();
     h.write(&mut nan);
     nan.extend_from_slice(&body);
-    assert_eq!(decode(&nan, &lim), Err(CodecError::NonFiniteOutput { index: 1 }));
+    assert_eq!(
+        decode(&nan, &lim),
+        Err(CodecError::NonFiniteOutput { index: 1 })
+    );
 }
 
 proptest! {

@@ -227,7 +227,9 @@ impl RunConfig {
         if self.training.global_batch == 0 || self.training.global_batch > 1 << 20 {
             return bad("training.global_batch must be in 1..=1048576".into());
         }
-        if self.training.steps == Some(0) || (self.training.steps.is_none() && self.training.epochs == 0) {
+        if self.training.steps == Some(0)
+            || (self.training.steps.is_none() && self.training.epochs == 0)
+        {
             return bad("training needs epochs >= 1 or steps >= 1".into());
         }
         self.optimizer.validate().map_err(ConfigError::Invalid)?;
@@ -275,9 +277,15 @@ mod tests {
     #[test]
     fn bad_values_are_refused_with_a_reason() {
         let typo = MINIMAL.replace("global_batch", "global_bach");
-        assert!(matches!(RunConfig::parse(&typo), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            RunConfig::parse(&typo),
+            Err(ConfigError::Parse { .. })
+        ));
         let zero = MINIMAL.replace("64", "0");
-        assert!(matches!(RunConfig::parse(&zero), Err(ConfigError::Invalid(_))));
+        assert!(matches!(
+            RunConfig::parse(&zero),
+            Err(ConfigError::Invalid(_))
+        ));
         let lr = format!("{MINIMAL}\n[optimizer]\nlr = -1.0\n");
         let err = RunConfig::parse(&lr).unwrap_err().to_string();
         assert!(err.contains("lr"), "{err}");

@@ -85,7 +85,14 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
         }
     });
     drop(tx);
-    let sched = scheduler::Scheduler::new(cfg, identity.run_id, rx, split.train.len(), split.test, traffic)?;
+    let sched = scheduler::Scheduler::new(
+        cfg,
+        identity.run_id,
+        rx,
+        split.train.len(),
+        split.test,
+        traffic,
+    )?;
     let outcome = tokio::task::spawn_blocking(move || sched.run()).await??;
     // Let the shutdown messages reach the workers before the endpoint goes away.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

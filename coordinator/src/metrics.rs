@@ -69,7 +69,10 @@ impl Metrics {
             _ => serde_json::Map::new(),
         };
         obj.insert("event".into(), json!(event));
-        obj.insert("wall_s".into(), json!((self.wall_s() * 1000.0).round() / 1000.0));
+        obj.insert(
+            "wall_s".into(),
+            json!((self.wall_s() * 1000.0).round() / 1000.0),
+        );
         let line = Value::Object(obj).to_string();
         if let Err(e) = writeln!(self.file, "{line}").and_then(|_| self.file.flush()) {
             tracing::error!("cannot write metrics.jsonl: {e}");

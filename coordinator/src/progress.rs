@@ -27,7 +27,8 @@ impl Progress {
     /// A progress display for `total` steps starting at `done`.
     pub fn new(total: u64, done: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
+            let bar =
+                ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
             bar.set_style(
                 ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -44,8 +45,18 @@ impl Progress {
     }
 
     /// Reports the state after a step.
-    pub fn update(&self, step: u64, loss: f64, workers: usize, bytes_in: u64, bytes_out: u64, acc: Option<f64>) {
-        let acc = acc.map(|a| format!(" | test acc {a:.4}")).unwrap_or_default();
+    pub fn update(
+        &self,
+        step: u64,
+        loss: f64,
+        workers: usize,
+        bytes_in: u64,
+        bytes_out: u64,
+        acc: Option<f64>,
+    ) {
+        let acc = acc
+            .map(|a| format!(" | test acc {a:.4}"))
+            .unwrap_or_default();
         let msg = format!(
             "| loss {loss:.4} | workers {workers} | in {} | out {}{acc}",
             human_bytes(bytes_in),
@@ -56,7 +67,7 @@ impl Progress {
                 bar.set_position(step);
                 bar.set_message(msg);
             }
-            None if step % self.log_every == 0 || step == self.total => {
+            None if step.is_multiple_of(self.log_every) || step == self.total => {
                 info!("step {step}/{} {msg}", self.total);
             }
             None => {}

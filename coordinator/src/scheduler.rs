@@ -148,7 +148,13 @@ impl Scheduler {
                 traffic.add_out(ck.bytes_out);
                 (ck.params, ck.optimizer, ck.step, ck.wall_s, ck.workers_seen)
             }
-            None => (net.flat_params(), Optimizer::new(cfg.optimizer.clone()), 0, 0.0, 0),
+            None => (
+                net.flat_params(),
+                Optimizer::new(cfg.optimizer.clone()),
+                0,
+                0.0,
+                0,
+            ),
         };
         let mut metrics = Metrics::open(dir, wall)?;
         metrics.emit(
@@ -227,10 +233,18 @@ impl Scheduler {
         let step_start = Instant::now();
         let indices = self.schedule.batch(self.step);
         let mut waited = Instant::now();
-        let need = if self.started { 1 } else { self.cfg.run.min_workers.max(1) };
+        let need = if self.started {
+            1
+        } else {
+            self.cfg.run.min_workers.max(1)
+        };
         while self.idle_workers().len() < need {
             if waited.elapsed() > Duration::from_secs(10) {
-                info!(step = self.step, busy = self.workers.len(), "waiting for workers");
+                info!(
+                    step = self.step,
+                    busy = self.workers.len(),
+                    "waiting for workers"
+                );
                 waited = Instant::now();
             }
             match self.events.recv_timeout(Duration::from_millis(500)) {
@@ -256,7 +270,10 @@ impl Scheduler {
         let input = StepInput {
             params: ByteBuf::from(compression::encode(&self.params, &self.downlink, 0)?),
             params_hash: verify::hash_f32(&self.params),
-            indices_hash: parts.iter().map(|p| verify::hash_indices(&p.indices)).collect(),
+            indices_hash: parts
+                .iter()
+                .map(|p| verify::hash_indices(&p.indices))
+                .collect(),
         };
         for (i, &conn) in idle.iter().enumerate().take(parts.len()) {
             self.assign(&mut parts[i], i, conn, &input);
@@ -288,11 +305,16 @@ impl Scheduler {
     /// Gives every part that has no live, in-time attempt to an idle worker not already on it.
     fn dispatch(&mut self, parts: &mut [Part], input: &StepInput) {
         let now = Instant::now();
-        for i in 0..parts.len() {
-            if !parts[i].needs_worker(now) {
+        for (i, part) in parts.iter_mut().enumerate() {
+            if !part.needs_worker(now) {
                 continue;
             }
-            let on_it: Vec<u64> = parts[i].attempts.iter().filter(|a| a.live).map(|a| a.conn).collect();
+            let on_it: Vec<u64> = part
+                .attempts
+                .iter()
+                .filter(|a| a.live)
+                .map(|a| a.conn)
+                .collect();
             let Some(conn) = self
                 .workers
                 .iter()
@@ -301,12 +323,15 @@ impl Scheduler {
             else {
                 continue;
             };
-            if !parts[i].attempts.is_empty() {
+            if !part.attempts.is_empty() {
                 self.counts.reassigned += 1;
                 info!(step = self.step, part = i, to = conn, "reassigning part");
-                self.metrics.emit("reassigned", json!({"step": self.step, "part": i, "to_conn": conn}));
+                self.metrics.emit(
+                    "reassigned",
+                    json!({"step": self.step, "part": i, "to_conn": conn}),
+                );
             }
-            self.assign(&mut parts[i], i, conn, input);
+            self.assign(part, i, conn, input);
         }
     }
 
@@ -331,8 +356,14 @@ impl Scheduler {
             seed: self.cfg.run.seed ^ task_id,
             hyperparams: self.hyper,
         };
-        debug_assert_eq!(verify::hash_indices(&part.indices), input.indices_hash[index]);
-        if w.tx.send(Outgoing::Msg(Box::new(ToWorker::Task(task)))).is_err() {
+        debug_assert_eq!(
+            verify::hash_indices(&part.indices),
+            input.indices_hash[index]
+        );
+        if w.tx
+            .send(Outgoing::Msg(Box::new(ToWorker::Task(task))))
+            .is_err()
+        {
             return;
         }
         w.busy = Some(task_id);
@@ -392,7 +423,7 @@ impl Scheduler {
                 }
             }
             Event::Message { conn, msg } => match *msg {
-                ToCoordinator::Result(res) => self.on_result(conn, res, parts, input),
+                ToCoordinator::Result(res) => self.on_result(conn, *res, parts, input),
                 ToCoordinator::TaskFailed { task_id, reason } => {
                     let reason: String = reason.chars().take(256).collect();
                     warn!(conn, task_id, "worker could not do its task: {reason}");
@@ -413,7 +444,13 @@ impl Scheduler {
         Ok(true)
     }
 
-    fn on_result(&mut self, conn: u64, res: TaskResult, parts: &mut [Part], input: Option<&StepInput>) {
+    fn on_result(
+        &mut self,
+        conn: u64,
+        res: TaskResult,
+        parts: &mut [Part],
+        input: Option<&StepInput>,
+    ) {
         let Some(w) = self.workers.get_mut(&conn) else {
             return;
         };
@@ -421,18 +458,30 @@ impl Scheduler {
             w.busy = None;
         }
         let found = parts.iter_mut().enumerate().find_map(|(i, p)| {
-            let a = p.attempts.iter().position(|a| a.task_id == res.task_id && a.conn == conn)?;
+            let a = p
+                .attempts
+                .iter()
+                .position(|a| a.task_id == res.task_id && a.conn == conn)?;
             Some((i, a))
         });
         let (Some((pi, ai)), Some(input)) = (found, input) else {
-            tracing::debug!(task = res.task_id, "late result for an earlier step, ignored");
+            tracing::debug!(
+                task = res.task_id,
+                "late result for an earlier step, ignored"
+            );
             return;
         };
         let part = &mut parts[pi];
         part.attempts[ai].live = false;
         let elapsed = part.attempts[ai].started.elapsed().as_secs_f64() * 1000.0;
         let worker = self.workers[&conn].id;
-        match self.validate(&worker, &res, part, &input.params_hash, &input.indices_hash[pi]) {
+        match self.validate(
+            &worker,
+            &res,
+            part,
+            &input.params_hash,
+            &input.indices_hash[pi],
+        ) {
             Ok(c) => {
                 let w = self.workers.get_mut(&conn).expect("worker present");
                 w.tasks_ok += 1;
@@ -469,7 +518,11 @@ impl Scheduler {
     ) -> Result<Contribution, String> {
         let c = &res.commitment;
         if res.n_samples as usize != part.indices.len() || c.n_samples != res.n_samples {
-            return Err(format!("covers {} samples, asked {}", res.n_samples, part.indices.len()));
+            return Err(format!(
+                "covers {} samples, asked {}",
+                res.n_samples,
+                part.indices.len()
+            ));
         }
         if !res.loss_sum.is_finite() || res.loss_sum < 0.0 {
             return Err("loss is not a finite non-negative number".into());
@@ -486,7 +539,8 @@ impl Scheduler {
         if c.update != verify::hash_update(&res.update) {
             return Err("update bytes do not match the commitment".into());
         }
-        verify::verify_signature(worker, c, &res.signature).map_err(|e| format!("signature: {e}"))?;
+        verify::verify_signature(worker, c, &res.signature)
+            .map_err(|e| format!("signature: {e}"))?;
         let grad = compression::decode_exact(&res.update, self.params.len(), &self.limits)
             .map_err(|e| format!("update: {e}"))?;
         Ok(Contribution {
@@ -523,18 +577,29 @@ impl Scheduler {
             json!({"step": self.step, "loss": loss, "parts": parts.len(), "workers": self.workers.len(),
                    "bytes_in": bin, "bytes_out": bout, "step_ms": started.elapsed().as_secs_f64() * 1000.0}),
         );
-        self.progress
-            .update(self.step, loss, self.workers.len(), bin, bout, self.last_eval.map(|e| e.1));
+        self.progress.update(
+            self.step,
+            loss,
+            self.workers.len(),
+            bin,
+            bout,
+            self.last_eval.map(|e| e.1),
+        );
         Ok(())
     }
 
     fn after_step(&mut self) -> Result<()> {
         let spe = self.schedule.steps_per_epoch();
         let every = self.cfg.training.eval_every;
-        if self.step % spe == 0 || self.step == self.total_steps || (every > 0 && self.step % every == 0) {
+        if self.step.is_multiple_of(spe)
+            || self.step == self.total_steps
+            || (every > 0 && self.step.is_multiple_of(every))
+        {
             self.evaluate()?;
             self.save_checkpoint()?;
-        } else if self.cfg.training.checkpoint_every > 0 && self.step % self.cfg.training.checkpoint_every == 0 {
+        } else if self.cfg.training.checkpoint_every > 0
+            && self.step.is_multiple_of(self.cfg.training.checkpoint_every)
+        {
             self.save_checkpoint()?;
         }
         Ok(())
@@ -549,8 +614,10 @@ impl Scheduler {
             "eval",
             json!({"epoch": (epoch * 1000.0).round() / 1000.0, "step": self.step, "test_acc": e.accuracy, "test_loss": e.loss}),
         );
-        self.progress
-            .message(&format!("step {} epoch {epoch:.2}: test accuracy {:.4}, test loss {:.4}", self.step, e.accuracy, e.loss));
+        self.progress.message(&format!(
+            "step {} epoch {epoch:.2}: test accuracy {:.4}, test loss {:.4}",
+            self.step, e.accuracy, e.loss
+        ));
         Ok(())
     }
 
@@ -603,7 +670,12 @@ impl Scheduler {
                    "params_blake3": hex::encode(verify::hash_f32(&self.params))}),
         );
         self.progress.finish();
-        info!(steps = self.step, test_acc = acc, wall_s = self.metrics.wall_s(), "run complete");
+        info!(
+            steps = self.step,
+            test_acc = acc,
+            wall_s = self.metrics.wall_s(),
+            "run complete"
+        );
         self.shutdown_workers("run complete");
         Ok(())
     }

@@ -6,7 +6,9 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::{close, read_frame, read_preamble, write_frame, write_preamble, ToCoordinator, ToWorker, Welcome};
+use proto::{
+    close, read_frame, read_preamble, write_frame, write_preamble, ToCoordinator, ToWorker, Welcome,
+};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, info_span, warn, Instrument};
 use verify::WorkerId;
@@ -149,7 +151,9 @@ async fn serve(incoming: quinn::Incoming, conn_no: u64, ctx: &ServerCtx) -> Resu
         write_preamble(&mut send, proto::PROTOCOL_VERSION)
             .await
             .map_err(|e| e.to_string())?;
-        let (hello, n): (ToCoordinator, u64) = read_frame(&mut recv, 64 << 10).await.map_err(|e| e.to_string())?;
+        let (hello, n): (ToCoordinator, u64) = read_frame(&mut recv, 64 << 10)
+            .await
+            .map_err(|e| e.to_string())?;
         ctx.traffic.add_in(n + 8);
         Ok::<_, String>(Ok((send, recv, hello)))
     })
@@ -161,20 +165,32 @@ async fn serve(incoming: quinn::Incoming, conn_no: u64, ctx: &ServerCtx) -> Resu
         Ok(Ok(Ok(x))) => x,
     };
     let ToCoordinator::Hello(hello) = hello else {
-        return reject(close::PROTOCOL, "expected Hello as the first message".into());
+        return reject(
+            close::PROTOCOL,
+            "expected Hello as the first message".into(),
+        );
     };
     if !secret_ok(&hello.secret, &ctx.secret) {
         return reject(close::AUTH, "wrong join secret".into());
     }
     if ctx.live.fetch_add(1, Ordering::SeqCst) >= ctx.max_workers {
         ctx.live.fetch_sub(1, Ordering::SeqCst);
-        return reject(close::FULL, format!("run is full ({} workers)", ctx.max_workers));
+        return reject(
+            close::FULL,
+            format!("run is full ({} workers)", ctx.max_workers),
+        );
     }
-    let name: String = format!("{}@{}", hello.name.chars().take(64).collect::<String>(), hello.device.chars().take(16).collect::<String>());
+    let name: String = format!(
+        "{}@{}",
+        hello.name.chars().take(64).collect::<String>(),
+        hello.device.chars().take(16).collect::<String>()
+    );
     let traffic = Arc::new(Traffic::default());
     let welcome = ToWorker::Welcome(ctx.welcome.clone());
     let result = async {
-        let n = write_frame(&mut send, &welcome, u64::MAX).await.map_err(|e| e.to_string())?;
+        let n = write_frame(&mut send, &welcome, u64::MAX)
+            .await
+            .map_err(|e| e.to_string())?;
         ctx.traffic.add_out(n + 8);
         traffic.add_out(n + 8);
         let (tx, rx) = unbounded_channel();
@@ -188,7 +204,13 @@ async fn serve(incoming: quinn::Incoming, conn_no: u64, ctx: &ServerCtx) -> Resu
                 traffic: traffic.clone(),
             })
             .map_err(|_| "scheduler gone".to_string())?;
-        let writer = tokio::spawn(write_loop(conn.clone(), send, rx, ctx.traffic.clone(), traffic.clone()));
+        let writer = tokio::spawn(write_loop(
+            conn.clone(),
+            send,
+            rx,
+            ctx.traffic.clone(),
+            traffic.clone(),
+        ));
         let reason = read_loop(&conn, &mut recv, conn_no, ctx, &traffic).await;
         writer.abort();
         Ok::<String, String>(reason)
@@ -197,7 +219,10 @@ async fn serve(incoming: quinn::Incoming, conn_no: u64, ctx: &ServerCtx) -> Resu
     ctx.live.fetch_sub(1, Ordering::SeqCst);
     let reason = result.unwrap_or_else(|e| e);
     info!("worker left: {reason}");
-    let _ = ctx.events.send(Event::Left { conn: conn_no, reason: reason.clone() });
+    let _ = ctx.events.send(Event::Left {
+        conn: conn_no,
+        reason: reason.clone(),
+    });
     Err(reason)
 }
 

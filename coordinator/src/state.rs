@@ -14,7 +14,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -46,7 +47,8 @@ struct IdentityFile {
 
 fn hex32(s: &str) -> Result<[u8; 32]> {
     let v = hex::decode(s)?;
-    v.try_into().map_err(|_| anyhow::anyhow!("expected 32 bytes"))
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("expected 32 bytes"))
 }
 
 impl RunIdentity {
@@ -147,13 +149,20 @@ impl Checkpoint {
         }
         let (version, ck): (u32, Checkpoint) = bincode::deserialize(body)?;
         if version != CHECKPOINT_VERSION || ck.version != CHECKPOINT_VERSION {
-            bail!("{}: unsupported checkpoint version {version}", path.display());
+            bail!(
+                "{}: unsupported checkpoint version {version}",
+                path.display()
+            );
         }
         if &ck.run_id != run_id {
             bail!("{} belongs to another run", path.display());
         }
         if ck.params.len() != n_params {
-            bail!("{}: {} parameters, the model has {n_params}", path.display(), ck.params.len());
+            bail!(
+                "{}: {} parameters, the model has {n_params}",
+                path.display(),
+                ck.params.len()
+            );
         }
         Ok(Some(ck))
     }

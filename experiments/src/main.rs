@@ -83,7 +83,10 @@ fn main() -> Result<()> {
                     let secs = epoch_start.elapsed().as_secs_f64();
                     let e = trainer::evaluate(net, &split.test)?;
                     let epoch = (step + 1) / spe;
-                    println!("epoch {epoch}: test accuracy {:.4}, loss {:.4}, {secs:.1} s", e.accuracy, e.loss);
+                    println!(
+                        "epoch {epoch}: test accuracy {:.4}, loss {:.4}, {secs:.1} s",
+                        e.accuracy, e.loss
+                    );
                     rows.push(json!({"epoch": epoch, "test_acc": e.accuracy, "test_loss": e.loss, "epoch_s": secs}));
                     epoch_start = Instant::now();
                 }
@@ -96,9 +99,14 @@ fn main() -> Result<()> {
             let threads = tch::get_num_threads();
             std::fs::write(
                 &out,
-                serde_json::to_string_pretty(&json!({"epochs": rows, "wall_s": total, "threads": threads, "batch": batch, "lr": lr, "seed": seed}))?,
+                serde_json::to_string_pretty(
+                    &json!({"epochs": rows, "wall_s": total, "threads": threads, "batch": batch, "lr": lr, "seed": seed}),
+                )?,
             )?;
-            println!("total {total:.1} s on {threads} threads; written to {}", out.display());
+            println!(
+                "total {total:.1} s on {threads} threads; written to {}",
+                out.display()
+            );
         }
     }
     Ok(())

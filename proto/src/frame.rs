@@ -84,7 +84,10 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8], cap: u64) -> Result<T, Fram
 }
 
 /// Writes the stream preamble: magic and protocol version.
-pub async fn write_preamble<W: AsyncWrite + Unpin>(w: &mut W, version: u32) -> Result<(), FrameError> {
+pub async fn write_preamble<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    version: u32,
+) -> Result<(), FrameError> {
     let mut buf = [0u8; 8];
     buf[..4].copy_from_slice(MAGIC);
     buf[4..].copy_from_slice(&version.to_be_bytes());
@@ -119,7 +122,9 @@ mod tests {
         assert_eq!(m, n);
         assert!(matches!(back, ToWorker::Shutdown { reason } if reason == "done"));
         // A cap smaller than the frame refuses it before reading the body.
-        let err = read_frame::<_, ToWorker>(&mut buf.as_slice(), 2).await.unwrap_err();
+        let err = read_frame::<_, ToWorker>(&mut buf.as_slice(), 2)
+            .await
+            .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }));
     }
 

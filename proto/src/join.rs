@@ -93,7 +93,10 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        assert!(matches!("http://x".parse::<JoinTicket>(), Err(JoinError::Format(_))));
+        assert!(matches!(
+            "http://x".parse::<JoinTicket>(),
+            Err(JoinError::Format(_))
+        ));
         let good = JoinTicket {
             addr: "h:1".into(),
             fingerprint: [1; 32],
@@ -106,8 +109,14 @@ mod tests {
             Err(JoinError::Hex("fingerprint"))
         );
         let bad_secret = good.replacen("0202", "zz02", 1);
-        assert_eq!(bad_secret.parse::<JoinTicket>(), Err(JoinError::Hex("secret")));
+        assert_eq!(
+            bad_secret.parse::<JoinTicket>(),
+            Err(JoinError::Hex("secret"))
+        );
         let no_port = good.replace("h:1", "h");
-        assert!(matches!(no_port.parse::<JoinTicket>(), Err(JoinError::Format(_))));
+        assert!(matches!(
+            no_port.parse::<JoinTicket>(),
+            Err(JoinError::Format(_))
+        ));
     }
 }

@@ -101,7 +101,7 @@ pub enum ToCoordinator {
     /// Handshake.
     Hello(Hello),
     /// A finished task.
-    Result(TaskResult),
+    Result(Box<TaskResult>),
     /// The worker could not do a task (bad input on its side); the part goes elsewhere.
     TaskFailed {
         /// The task.

@@ -11,7 +11,10 @@ use serde_json::Value;
 pub fn bin(name: &str) -> PathBuf {
     // Test executables live in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let p = profile_dir.join(name);
     assert!(
         p.exists(),
@@ -106,10 +109,12 @@ impl Coordinator {
     /// Waits for the join string.
     pub fn join_string(&self) -> String {
         let p = self.out().join("join.txt");
-        wait_until(Duration::from_secs(60), || std::fs::read_to_string(&p).ok().filter(|s| !s.is_empty()))
-            .unwrap_or_else(|| panic!("no join string; log:\n{}", self.log()))
-            .trim()
-            .to_string()
+        wait_until(Duration::from_secs(60), || {
+            std::fs::read_to_string(&p).ok().filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| panic!("no join string; log:\n{}", self.log()))
+        .trim()
+        .to_string()
     }
 
     /// The coordinator's log so far.
@@ -128,12 +133,18 @@ impl Coordinator {
 
     /// Events named `name`.
     pub fn events(&self, name: &str) -> Vec<Value> {
-        self.metrics().into_iter().filter(|e| e["event"] == name).collect()
+        self.metrics()
+            .into_iter()
+            .filter(|e| e["event"] == name)
+            .collect()
     }
 
     /// Steps completed according to the metrics.
     pub fn steps_done(&self) -> u64 {
-        self.events("step").last().and_then(|e| e["step"].as_u64()).unwrap_or(0)
+        self.events("step")
+            .last()
+            .and_then(|e| e["step"].as_u64())
+            .unwrap_or(0)
     }
 
     /// Waits for the process to exit; panics after `timeout`.
@@ -145,14 +156,19 @@ impl Coordinator {
                 self.child = None;
                 s
             }
-            None => panic!("coordinator still running after {timeout:?}; log:\n{}", self.log()),
+            None => panic!(
+                "coordinator still running after {timeout:?}; log:\n{}",
+                self.log()
+            ),
         }
     }
 
     /// Sends a signal to the process.
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status();
         }
     }
 }
@@ -178,7 +194,18 @@ impl Worker {
     pub fn start(join: &str, dir: &Path, name: &str, extra: &[&str]) -> Self {
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(bin("worker"))
-            .args(["--join", join, "--threads", "1", "--device", "cpu", "--retry-for", "60", "--name", name])
+            .args([
+                "--join",
+                join,
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--retry-for",
+                "60",
+                "--name",
+                name,
+            ])
             .arg("--key")
             .arg(dir.join(format!("{name}.key")))
             .args(extra)
@@ -216,7 +243,16 @@ impl Drop for Worker {
 /// Runs a worker to completion and returns its output (for handshake failures).
 pub fn run_worker_to_end(join: &str, dir: &Path, extra: &[&str]) -> Output {
     Command::new(bin("worker"))
-        .args(["--join", join, "--threads", "1", "--device", "cpu", "--retry-for", "5"])
+        .args([
+            "--join",
+            join,
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--retry-for",
+            "5",
+        ])
         .arg("--key")
         .arg(dir.join("refused.key"))
         .args(extra)

@@ -12,7 +12,8 @@ const BATCH: usize = 48;
 
 fn reference() -> Vec<f32> {
     tch::set_num_threads(1);
-    let data = Dataset::load_idx(std::path::Path::new(trainer::data::DEFAULT_DIR), "train").unwrap();
+    let data =
+        Dataset::load_idx(std::path::Path::new(trainer::data::DEFAULT_DIR), "train").unwrap();
     let run = ReferenceRun {
         model: ModelKind::Cnn,
         seed: 7,
@@ -38,7 +39,10 @@ fn swarm(n: usize) -> Vec<f32> {
     assert!(c.wait(Duration::from_secs(240)).success(), "{}", c.log());
     let steps = c.events("step");
     assert_eq!(steps.len() as u64, STEPS);
-    assert!(steps.iter().all(|s| s["parts"] == n as u64), "every step split over {n} workers");
+    assert!(
+        steps.iter().all(|s| s["parts"] == n as u64),
+        "every step split over {n} workers"
+    );
     let layout = Net::new(ModelKind::Cnn, tch::Device::Cpu, 0).layout();
     trainer::export::read_safetensors(&c.out().join("model.safetensors"), &layout).unwrap()
 }
@@ -48,7 +52,11 @@ fn one_worker_is_bitwise_equal_to_single_process_training() {
     let want = reference();
     let got = swarm(1);
     assert_eq!(got.len(), want.len());
-    let differing = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let differing = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
     assert_eq!(differing, 0, "{differing} parameters differ");
 }
 
@@ -56,10 +64,20 @@ fn one_worker_is_bitwise_equal_to_single_process_training() {
 fn three_workers_match_single_process_training_within_float_tolerance() {
     let want = reference();
     let got = swarm(3);
-    let max_diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max_diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     let init = Net::new(ModelKind::Cnn, tch::Device::Cpu, 7).flat_params();
-    let moved = want.iter().zip(&init).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    eprintln!("3 workers: max |swarm - reference| = {max_diff:e}; largest parameter change {moved:e}");
+    let moved = want
+        .iter()
+        .zip(&init)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!(
+        "3 workers: max |swarm - reference| = {max_diff:e}; largest parameter change {moved:e}"
+    );
     // Splitting a batch only reorders float sums; Adam can magnify that where a gradient is
     // near zero, but the difference stays a tenth of one Adam step (lr 1e-3) or less.
     // Measured: 9.5e-6 after 6 steps.

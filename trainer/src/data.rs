@@ -79,7 +79,11 @@ fn read_gz(path: &Path) -> Result<Vec<u8>, DataError> {
 }
 
 /// Parses an IDX file; returns its dimensions and payload.
-fn parse_idx(bytes: &[u8], want_dims: usize, path: &Path) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+fn parse_idx(
+    bytes: &[u8],
+    want_dims: usize,
+    path: &Path,
+) -> Result<(Vec<usize>, Vec<u8>), DataError> {
     let bad = |reason: String| DataError::Format {
         path: path.display().to_string(),
         reason,
@@ -89,7 +93,9 @@ fn parse_idx(bytes: &[u8], want_dims: usize, path: &Path) -> Result<(Vec<usize>,
     }
     let ndims = bytes[3] as usize;
     if ndims != want_dims {
-        return Err(bad(format!("expected {want_dims} dimensions, found {ndims}")));
+        return Err(bad(format!(
+            "expected {want_dims} dimensions, found {ndims}"
+        )));
     }
     let header = 4 + 4 * ndims;
     if bytes.len() < header {
@@ -184,9 +190,12 @@ impl Dataset {
             labels.push(i64::from(self.labels[iu]));
         }
         let n = indices.len() as i64;
-        let xs = Tensor::from_slice(&pixels)
-            .to_kind(Kind::Float)
-            .view([n, 1, self.rows as i64, self.cols as i64]);
+        let xs = Tensor::from_slice(&pixels).to_kind(Kind::Float).view([
+            n,
+            1,
+            self.rows as i64,
+            self.cols as i64,
+        ]);
         let xs = (xs / 255.0 - MEAN) / STD;
         Ok((xs, Tensor::from_slice(&labels)))
     }
@@ -235,7 +244,9 @@ mod tests {
         assert!(parse_idx(&ok, 3, p).is_err());
         assert!(parse_idx(&[0, 0, 9, 1], 1, p).is_err());
         // Dimensions whose product overflows are refused, not allocated.
-        let huge = vec![0, 0, 8, 3, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255];
+        let huge = vec![
+            0, 0, 8, 3, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+        ];
         assert!(parse_idx(&huge, 3, p).is_err());
     }
 

@@ -52,15 +52,23 @@ pub fn write_safetensors(
 
 /// Reads a safetensors file written by [`write_safetensors`] back into a flat vector in
 /// `layout` order (used by tests and by users resuming from an exported model).
-pub fn read_safetensors(path: &Path, layout: &[(String, Vec<i64>)]) -> Result<Vec<f32>, TrainError> {
+pub fn read_safetensors(
+    path: &Path,
+    layout: &[(String, Vec<i64>)],
+) -> Result<Vec<f32>, TrainError> {
     let bytes = std::fs::read(path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| TrainError::Export(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| TrainError::Export(e.to_string()))?;
     let mut out = Vec::new();
     for (name, shape) in layout {
-        let t = st.tensor(name).map_err(|e| TrainError::Export(e.to_string()))?;
+        let t = st
+            .tensor(name)
+            .map_err(|e| TrainError::Export(e.to_string()))?;
         let want: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         if t.dtype() != Dtype::F32 || t.shape() != want.as_slice() {
-            return Err(TrainError::Export(format!("{name}: unexpected dtype or shape")));
+            return Err(TrainError::Export(format!(
+                "{name}: unexpected dtype or shape"
+            )));
         }
         out.extend(
             t.data()

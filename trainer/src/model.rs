@@ -36,17 +36,16 @@ impl ModelKind {
     }
 }
 
+struct CnnLayers {
+    conv1: nn::Conv2D,
+    conv2: nn::Conv2D,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+}
+
 enum Layers {
-    Cnn {
-        conv1: nn::Conv2D,
-        conv2: nn::Conv2D,
-        fc1: nn::Linear,
-        fc2: nn::Linear,
-    },
-    Mlp {
-        fc1: nn::Linear,
-        fc2: nn::Linear,
-    },
+    Cnn(Box<CnnLayers>),
+    Mlp { fc1: nn::Linear, fc2: nn::Linear },
 }
 
 /// A model instance with its variables.
@@ -71,12 +70,12 @@ impl Net {
             ..Default::default()
         };
         let layers = match kind {
-            ModelKind::Cnn => Layers::Cnn {
+            ModelKind::Cnn => Layers::Cnn(Box::new(CnnLayers {
                 conv1: nn::conv2d(&p / "conv1", 1, 32, 3, conv),
                 conv2: nn::conv2d(&p / "conv2", 32, 64, 3, conv),
                 fc1: nn::linear(&p / "fc1", 64 * 7 * 7, 128, Default::default()),
                 fc2: nn::linear(&p / "fc2", 128, 10, Default::default()),
-            },
+            })),
             ModelKind::Mlp => Layers::Mlp {
                 fc1: nn::linear(&p / "fc1", 28 * 28, 128, Default::default()),
                 fc2: nn::linear(&p / "fc2", 128, 10, Default::default()),
@@ -114,29 +113,27 @@ impl Net {
     /// Logits for a batch `[n,1,28,28]`.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         match &self.layers {
-            Layers::Cnn {
-                conv1,
-                conv2,
-                fc1,
-                fc2,
-            } => xs
-                .apply(conv1)
+            Layers::Cnn(l) => xs
+                .apply(&l.conv1)
                 .relu()
                 .max_pool2d_default(2)
-                .apply(conv2)
+                .apply(&l.conv2)
                 .relu()
                 .max_pool2d_default(2)
                 .flat_view()
-                .apply(fc1)
+                .apply(&l.fc1)
                 .relu()
-                .apply(fc2),
+                .apply(&l.fc2),
             Layers::Mlp { fc1, fc2 } => fc1.forward(&xs.flat_view()).relu().apply(fc2),
         }
     }
 
     /// Names and shapes of the variables, in flat order.
     pub fn layout(&self) -> Vec<(String, Vec<i64>)> {
-        self.vars.iter().map(|(n, t, _)| (n.clone(), t.size())).collect()
+        self.vars
+            .iter()
+            .map(|(n, t, _)| (n.clone(), t.size()))
+            .collect()
     }
 
     /// The parameters as one flat vector.

@@ -59,7 +59,14 @@ impl Default for OptimizerConfig {
 impl OptimizerConfig {
     /// Checks ranges; returns a message naming the bad field.
     pub fn validate(&self) -> Result<(), String> {
-        let finite = [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.momentum];
+        let finite = [
+            self.lr,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.momentum,
+        ];
         if finite.iter().any(|v| !v.is_finite()) {
             return Err("optimizer values must be finite".into());
         }
@@ -70,7 +77,9 @@ impl OptimizerConfig {
             return Err("optimizer.beta1 and beta2 must be in [0, 1)".into());
         }
         if self.weight_decay < 0.0 || self.eps <= 0.0 || !(0.0..1.0).contains(&self.momentum) {
-            return Err("optimizer.weight_decay >= 0, eps > 0 and momentum in [0, 1) are required".into());
+            return Err(
+                "optimizer.weight_decay >= 0, eps > 0 and momentum in [0, 1) are required".into(),
+            );
         }
         if self.nesterov && self.momentum == 0.0 {
             return Err("optimizer.nesterov needs momentum > 0".into());
@@ -82,7 +91,14 @@ impl OptimizerConfig {
     pub fn digest(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new_derive_key("dtrain optimizer v1");
         h.update(&[self.kind as u8, u8::from(self.nesterov)]);
-        for v in [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.momentum] {
+        for v in [
+            self.lr,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.momentum,
+        ] {
             h.update(&v.to_le_bytes());
         }
         *h.finalize().as_bytes()
@@ -194,7 +210,9 @@ mod tests {
     /// same gradients; returns the largest absolute difference of the parameters.
     fn compare_with_torch(cfg: OptimizerConfig, steps: usize) -> f32 {
         let vs = nn::VarStore::new(Device::Cpu);
-        let init: Vec<f32> = (0..257).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let init: Vec<f32> = (0..257)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
         let w = vs.root().var_copy("w", &Tensor::from_slice(&init));
         let mut topt = match cfg.kind {
             OptimizerKind::Adam => nn::Adam {
@@ -237,7 +255,10 @@ mod tests {
         }
         let mut theirs = vec![0f32; p.len()];
         w.detach().copy_data(&mut theirs, p.len());
-        p.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+        p.iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]

@@ -95,7 +95,10 @@ mod tests {
     fn split_is_balanced_and_complete() {
         let idx: Vec<u32> = (0..10).collect();
         let parts = split(&idx, 3);
-        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 3, 3]);
+        assert_eq!(
+            parts.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![4, 3, 3]
+        );
         assert_eq!(parts.concat(), idx);
         assert_eq!(split(&idx[..2], 5).len(), 2);
     }

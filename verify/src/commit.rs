@@ -105,16 +105,46 @@ pub(crate) mod tests {
         let d = base.digest();
         assert_eq!(d, sample().digest());
         let variants: Vec<Commitment> = vec![
-            Commitment { run_id: [0; 32], ..sample() },
-            Commitment { task_id: 0, ..sample() },
-            Commitment { step: 0, ..sample() },
-            Commitment { input_params: [0; 32], ..sample() },
-            Commitment { indices: [0; 32], ..sample() },
-            Commitment { seed: 0, ..sample() },
-            Commitment { hyperparams: [0; 32], ..sample() },
-            Commitment { update: [0; 32], ..sample() },
-            Commitment { step_root: [0; 32], ..sample() },
-            Commitment { n_samples: 0, ..sample() },
+            Commitment {
+                run_id: [0; 32],
+                ..sample()
+            },
+            Commitment {
+                task_id: 0,
+                ..sample()
+            },
+            Commitment {
+                step: 0,
+                ..sample()
+            },
+            Commitment {
+                input_params: [0; 32],
+                ..sample()
+            },
+            Commitment {
+                indices: [0; 32],
+                ..sample()
+            },
+            Commitment {
+                seed: 0,
+                ..sample()
+            },
+            Commitment {
+                hyperparams: [0; 32],
+                ..sample()
+            },
+            Commitment {
+                update: [0; 32],
+                ..sample()
+            },
+            Commitment {
+                step_root: [0; 32],
+                ..sample()
+            },
+            Commitment {
+                n_samples: 0,
+                ..sample()
+            },
         ];
         for v in variants {
             assert_ne!(v.digest(), d, "{v:?}");

@@ -52,9 +52,15 @@ mod tests {
             commitment: c.clone(),
         };
         assert!(e.check());
-        let same = Evidence { recomputed_update: c.update, ..e.clone() };
+        let same = Evidence {
+            recomputed_update: c.update,
+            ..e.clone()
+        };
         assert!(!same.check());
-        let forged = Evidence { worker: WorkerKey::from_seed([1; 32]).public(), ..e };
+        let forged = Evidence {
+            worker: WorkerKey::from_seed([1; 32]).public(),
+            ..e
+        };
         assert!(!forged.check());
     }
 }

@@ -135,7 +135,10 @@ mod tests {
         verify_signature(&k.public(), &c, &s).unwrap();
         let other = WorkerKey::from_seed([4; 32]);
         assert!(verify_signature(&other.public(), &c, &s).is_err());
-        let tampered = Commitment { seed: 99, ..sample() };
+        let tampered = Commitment {
+            seed: 99,
+            ..sample()
+        };
         assert!(verify_signature(&k.public(), &tampered, &s).is_err());
         let mut bad = s;
         bad.0[5] ^= 1;
@@ -156,7 +159,10 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::write(&p, "garbage").unwrap();
-        assert!(matches!(WorkerKey::load_or_create(&p), Err(VerifyError::KeyFile { .. })));
+        assert!(matches!(
+            WorkerKey::load_or_create(&p),
+            Err(VerifyError::KeyFile { .. })
+        ));
         std::fs::write(&p, format!("{KEY_FILE_TAG} abcd")).unwrap();
         assert!(WorkerKey::load_or_create(&p).is_err());
     }

@@ -45,7 +45,13 @@ impl MerkleTree {
             let prev = levels.last().expect("non-empty");
             let next = prev
                 .chunks(2)
-                .map(|c| if c.len() == 2 { node_hash(&c[0], &c[1]) } else { c[0] })
+                .map(|c| {
+                    if c.len() == 2 {
+                        node_hash(&c[0], &c[1])
+                    } else {
+                        c[0]
+                    }
+                })
                 .collect();
             levels.push(next);
         }
@@ -107,7 +113,11 @@ impl MerkleProof {
                 let Some(s) = sibs.next() else {
                     return false;
                 };
-                h = if i % 2 == 0 { node_hash(&h, s) } else { node_hash(s, &h) };
+                h = if i % 2 == 0 {
+                    node_hash(&h, s)
+                } else {
+                    node_hash(s, &h)
+                };
             }
             i /= 2;
             width = width.div_ceil(2);
@@ -138,7 +148,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn leaves(n: usize) -> Vec<Hash> {
-        (0..n).map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes()).collect()
+        (0..n)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect()
     }
 
     #[test]
@@ -152,7 +164,10 @@ mod tests {
                 assert!(!p.verify(&t.root(), &[0xaa; 32]), "wrong leaf");
                 assert!(!p.verify(&[0; 32], leaf), "wrong root");
                 if n > 1 {
-                    let moved = MerkleProof { index: ((i + 1) % n) as u64, ..p.clone() };
+                    let moved = MerkleProof {
+                        index: ((i + 1) % n) as u64,
+                        ..p.clone()
+                    };
                     assert!(!moved.verify(&t.root(), leaf), "wrong index n={n} i={i}");
                 }
             }

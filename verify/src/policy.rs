@@ -85,7 +85,10 @@ mod tests {
         }
         assert!((p.probability(&rep(20)) - 0.1).abs() < 1e-12);
         assert!((p.probability(&rep(1000)) - 0.1).abs() < 1e-12);
-        let banned = Reputation { banned: true, ..rep(0) };
+        let banned = Reputation {
+            banned: true,
+            ..rep(0)
+        };
         assert_eq!(p.probability(&banned), 0.0);
     }
 
@@ -97,7 +100,11 @@ mod tests {
         let n = 20_000u64;
         let hits = (0..n).filter(|&t| p.should_check(&r, &[1; 32], t)).count() as f64;
         let sigma = (n as f64 * q * (1.0 - q)).sqrt();
-        assert!((hits - n as f64 * q).abs() < 3.0 * sigma, "hits {hits}, expected {}", n as f64 * q);
+        assert!(
+            (hits - n as f64 * q).abs() < 3.0 * sigma,
+            "hits {hits}, expected {}",
+            n as f64 * q
+        );
         let a: Vec<bool> = (0..256).map(|t| p.should_check(&r, &[1; 32], t)).collect();
         let again: Vec<bool> = (0..256).map(|t| p.should_check(&r, &[1; 32], t)).collect();
         let other: Vec<bool> = (0..256).map(|t| p.should_check(&r, &[2; 32], t)).collect();

@@ -57,7 +57,10 @@ impl Compute {
     pub fn run(&mut self, task: Task) -> Result<TaskResult, String> {
         let start = std::time::Instant::now();
         if task.indices.len() > MAX_TASK_SAMPLES {
-            return Err(format!("task has {} samples, limit {MAX_TASK_SAMPLES}", task.indices.len()));
+            return Err(format!(
+                "task has {} samples, limit {MAX_TASK_SAMPLES}",
+                task.indices.len()
+            ));
         }
         if let Some(p) = &task.params {
             let params = compression::decode_exact(p, self.net.n_params(), &self.limits)
@@ -66,12 +69,19 @@ impl Compute {
             if h != task.params_hash {
                 return Err("parameters do not match their announced hash".into());
             }
-            self.net.set_flat_params(&params).map_err(|e| e.to_string())?;
+            self.net
+                .set_flat_params(&params)
+                .map_err(|e| e.to_string())?;
             self.version = Some((task.params_version, h));
         }
         let input_params = match self.version {
             Some((v, h)) if v == task.params_version => h,
-            _ => return Err(format!("parameters of version {} are missing", task.params_version)),
+            _ => {
+                return Err(format!(
+                    "parameters of version {} are missing",
+                    task.params_version
+                ))
+            }
         };
         let g = gradient(&mut self.net, &self.data, &task.indices).map_err(|e| e.to_string())?;
         let (update, _) = self

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use proto::{
-    close, read_frame, read_preamble, write_frame, write_preamble, Hello, JoinTicket, ToCoordinator, ToWorker,
+    close, read_frame, read_preamble, write_frame, write_preamble, Hello, JoinTicket,
+    ToCoordinator, ToWorker,
 };
 use tracing::{info, warn};
 use trainer::{Dataset, ModelKind};
@@ -73,7 +74,8 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
     trainer::runtime::set_threads(opts.threads);
     let key = WorkerKey::load_or_create(&opts.key_path)
         .map_err(|e| WorkerError::Setup(format!("key {}: {e}", opts.key_path.display())))?;
-    let data = Dataset::load_idx(&opts.data_dir, "train").map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let data = Dataset::load_idx(&opts.data_dir, "train")
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
     let digest = data.digest();
     let device = trainer::runtime::pick_device(opts.allow_cuda);
     info!(id = %key.public().short(), device = %trainer::runtime::device_name(device), "worker starting");
@@ -82,7 +84,17 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
     let mut tasks_seen = 0u64;
     loop {
         let mut progressed = false;
-        match session(&opts, &key, &data, digest, device, &mut progressed, &mut tasks_seen).await {
+        match session(
+            &opts,
+            &key,
+            &data,
+            digest,
+            device,
+            &mut progressed,
+            &mut tasks_seen,
+        )
+        .await
+        {
             Ok(exit) => return Ok(exit),
             Err(SessionError::Fatal(msg)) => return Err(WorkerError::Refused(msg)),
             Err(SessionError::Retry(msg)) => {
@@ -95,7 +107,10 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
                     return Err(WorkerError::GaveUp(opts.retry_for, msg));
                 }
                 let jitter = Duration::from_millis(rand_jitter(backoff.as_millis() as u64 / 4 + 1));
-                warn!("{msg}; reconnecting in {:.1}s", (backoff + jitter).as_secs_f64());
+                warn!(
+                    "{msg}; reconnecting in {:.1}s",
+                    (backoff + jitter).as_secs_f64()
+                );
                 tokio::time::sleep(backoff + jitter).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
@@ -118,13 +133,17 @@ fn classify(e: &quinn::ConnectionError) -> SessionError {
             let reason = String::from_utf8_lossy(&ac.reason).to_string();
             let code = ac.error_code.into_inner() as u32;
             match code {
-                close::VERSION | close::AUTH => SessionError::Fatal(format!("coordinator refused this worker: {reason}")),
+                close::VERSION | close::AUTH => {
+                    SessionError::Fatal(format!("coordinator refused this worker: {reason}"))
+                }
                 close::DONE => SessionError::Fatal(format!("run is over: {reason}")),
                 _ => SessionError::Retry(format!("coordinator closed the connection: {reason}")),
             }
         }
         // A failed TLS handshake (crypto error range): the certificate is not the pinned one.
-        quinn::ConnectionError::TransportError(t) if (0x100..0x200).contains(&u64::from(t.code)) => {
+        quinn::ConnectionError::TransportError(t)
+            if (0x100..0x200).contains(&u64::from(t.code)) =>
+        {
             SessionError::Fatal(format!("refusing to connect: {t}"))
         }
         other => SessionError::Retry(format!("connection lost: {other}")),
@@ -171,7 +190,9 @@ async fn session(
     write_frame(&mut send, &hello, 1 << 16)
         .await
         .map_err(|e| closed(&conn, e.to_string()))?;
-    let v = read_preamble(&mut recv).await.map_err(|e| closed(&conn, e.to_string()))?;
+    let v = read_preamble(&mut recv)
+        .await
+        .map_err(|e| closed(&conn, e.to_string()))?;
     if v != opts.protocol_version {
         return Err(SessionError::Fatal(format!(
             "coordinator speaks protocol v{v}, this worker v{}; update the worker",
@@ -184,8 +205,12 @@ async fn session(
         Ok(_) => return Err(retry("expected Welcome".into())),
         Err(e) => return Err(closed(&conn, e.to_string())),
     };
-    let model = ModelKind::from_name(&welcome.model)
-        .ok_or_else(|| SessionError::Fatal(format!("unknown model {:?}; update the worker", welcome.model)))?;
+    let model = ModelKind::from_name(&welcome.model).ok_or_else(|| {
+        SessionError::Fatal(format!(
+            "unknown model {:?}; update the worker",
+            welcome.model
+        ))
+    })?;
     if welcome.dataset_digest != digest {
         return Err(SessionError::Fatal(format!(
             "the training data in {} differs from the run's {} data set",
@@ -200,9 +225,18 @@ async fn session(
         .codec
         .validate()
         .map_err(|e| SessionError::Fatal(format!("coordinator sent an invalid codec: {e}")))?;
-    let mut compute = Some(Compute::new(model, device, data.clone(), key.clone(), welcome.run_id, welcome.codec));
+    let mut compute = Some(Compute::new(
+        model,
+        device,
+        data.clone(),
+        key.clone(),
+        welcome.run_id,
+        welcome.codec,
+    ));
     if compute.as_ref().map(|c| c.n_params() as u64) != Some(welcome.n_params) {
-        return Err(SessionError::Fatal("model size differs from the coordinator's; update the worker".into()));
+        return Err(SessionError::Fatal(
+            "model size differs from the coordinator's; update the worker".into(),
+        ));
     }
     info!(run = %hex::encode(&welcome.run_id[..8]), model = %welcome.model, "joined run");
     loop {
@@ -218,7 +252,9 @@ async fn session(
                     std::process::exit(137);
                 }
                 let task_id = task.task_id;
-                let mut c = compute.take().ok_or_else(|| retry("compute state lost".into()))?;
+                let mut c = compute
+                    .take()
+                    .ok_or_else(|| retry("compute state lost".into()))?;
                 let (c, res) = tokio::task::spawn_blocking(move || {
                     let r = c.run(task);
                     (c, r)
@@ -227,7 +263,7 @@ async fn session(
                 .map_err(|e| SessionError::Fatal(format!("compute thread failed: {e}")))?;
                 compute = Some(c);
                 let reply = match res {
-                    Ok(r) => ToCoordinator::Result(r),
+                    Ok(r) => ToCoordinator::Result(Box::new(r)),
                     Err(reason) => {
                         warn!(task_id, "task failed: {reason}");
                         ToCoordinator::TaskFailed { task_id, reason }

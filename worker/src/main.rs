@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "Volunteer worker: lends this machine's CPU or GPU to a training run")]
+#[command(
+    version,
+    about = "Volunteer worker: lends this machine's CPU or GPU to a training run"
+)]
 struct Cli {
     /// The join string printed by the coordinator (dtrain://SECRET@HOST:PORT/FINGERPRINT).
     #[arg(long)]
