@@ -14,7 +14,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-"$BIN/coordinator" run --config configs/demo.toml >"$OUT/coordinator.out" &
+# STEPS=N shortens the run (e.g. to time steps); unset: the full 2 epochs.
+"$BIN/coordinator" run --config configs/demo.toml ${STEPS:+--steps "$STEPS"} >"$OUT/coordinator.out" &
 coord=$!
 for _ in $(seq 1 300); do [ -s "$OUT/join.txt" ] && break; sleep 0.1; done
 [ -s "$OUT/join.txt" ] || { echo "coordinator did not start" >&2; exit 1; }
@@ -33,3 +34,10 @@ echo "== evaluations (runs/demo/metrics.jsonl)"
 grep '"event":"eval"' "$OUT/metrics.jsonl"
 echo "== summary"
 grep '"event":"summary"' "$OUT/metrics.jsonl"
+python3 - "$OUT/metrics.jsonl" <<'PY'
+import json, sys
+steps = [e for e in map(json.loads, open(sys.argv[1])) if e["event"] == "step"]
+ms = sorted(e["step_ms"] for e in steps[len(steps) // 10:])
+if ms:
+    print(f"median step time {ms[len(ms) // 2]:.1f} ms over {len(ms)} steps (first 10% skipped)")
+PY

@@ -19,6 +19,9 @@ enum Cmd {
         /// The run config.
         #[arg(long)]
         config: PathBuf,
+        /// Override `training.steps`.
+        #[arg(long)]
+        steps: Option<u64>,
     },
     /// Check a config file and print it with all defaults filled in.
     Check {
@@ -39,8 +42,12 @@ async fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { config } => {
-            let cfg = coordinator::RunConfig::load(&config)?;
+        Cmd::Run { config, steps } => {
+            let mut cfg = coordinator::RunConfig::load(&config)?;
+            if steps.is_some() {
+                cfg.training.steps = steps;
+                cfg.validate()?;
+            }
             let outcome = coordinator::run(cfg).await?;
             tracing::info!(?outcome, "coordinator exiting");
         }

@@ -161,3 +161,27 @@ fn stop_with_ctrl_c_and_resume_loses_no_step() {
     );
     assert_eq!(c.events("summary").pop().unwrap()["steps"], 120);
 }
+
+#[test]
+fn int8_uplink_trains_with_a_quarter_of_the_bytes() {
+    let run = |codec: &str| {
+        let extra = format!("[compression]\ncodec = \"{codec}\"\nzstd_level = 1\n");
+        let mut c = Coordinator::start(&quick_config("mlp", 100, 64, "127.0.0.1:0", &extra));
+        let join = c.join_string();
+        let _w = Worker::start(&join, c.dir.path(), "w", &[]);
+        assert!(c.wait(MINUTE * 2).success(), "{}", c.log());
+        let s = c.events("summary").pop().expect("summary");
+        (
+            s["bytes_in"].as_u64().unwrap(),
+            s["final_test_acc"].as_f64().unwrap(),
+        )
+    };
+    let (fp32_bytes, fp32_acc) = run("fp32");
+    let (int8_bytes, int8_acc) = run("int8");
+    eprintln!("fp32: {fp32_bytes} B, acc {fp32_acc}; int8: {int8_bytes} B, acc {int8_acc}");
+    assert!(
+        int8_bytes * 3 < fp32_bytes,
+        "int8 uplink is at least 3x smaller"
+    );
+    assert!(int8_acc > fp32_acc - 0.02, "and learns as well");
+}

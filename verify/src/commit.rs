@@ -1,11 +1,17 @@
 //! Hashes and work commitments.
+//!
+//! Every hash uses its own blake3 derive-key context (`"dtrain params v1"`,
+//! `"dtrain update v1"`, `"dtrain indices v1"`, `"dtrain commitment v1"`), so a value
+//! hashed for one purpose can never be passed off as another. Changing any encoding
+//! means changing its context string; the tests pin fixed vectors to catch accidents.
 
 use serde::{Deserialize, Serialize};
 
-/// A blake3 digest.
+/// A 32-byte blake3 digest.
 pub type Hash = [u8; 32];
 
-/// blake3 of `f32` values as little-endian bytes (parameters, updates as numbers).
+/// blake3 of `f32` values (parameters): the count as `u64` LE, then each value's
+/// little-endian IEEE bits (so `0.0` and `-0.0`, or NaN payloads, hash differently).
 pub fn hash_f32(values: &[f32]) -> Hash {
     let mut h = blake3::Hasher::new_derive_key("dtrain params v1");
     h.update(&(values.len() as u64).to_le_bytes());
@@ -20,14 +26,15 @@ pub fn hash_f32(values: &[f32]) -> Hash {
     *h.finalize().as_bytes()
 }
 
-/// blake3 of the exact bytes of an encoded update.
+/// blake3 of the exact bytes of an encoded update payload.
 pub fn hash_update(bytes: &[u8]) -> Hash {
     let mut h = blake3::Hasher::new_derive_key("dtrain update v1");
     h.update(bytes);
     *h.finalize().as_bytes()
 }
 
-/// blake3 of a list of sample indices.
+/// blake3 of a list of data sample indices: the count as `u64` LE, then each index as
+/// `u32` LE.
 pub fn hash_indices(indices: &[u32]) -> Hash {
     let mut h = blake3::Hasher::new_derive_key("dtrain indices v1");
     h.update(&(indices.len() as u64).to_le_bytes());
@@ -37,12 +44,12 @@ pub fn hash_indices(indices: &[u32]) -> Hash {
     *h.finalize().as_bytes()
 }
 
-/// Everything a result binds to.
+/// Everything a result binds to; a worker signs its [`digest`](Commitment::digest).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Commitment {
-    /// The run.
+    /// Identifier of the training run.
     pub run_id: Hash,
-    /// The task.
+    /// Identifier of the task within the run.
     pub task_id: u64,
     /// The optimizer step (or round) of the task.
     pub step: u64,
@@ -58,12 +65,15 @@ pub struct Commitment {
     pub update: Hash,
     /// Merkle root over per-step state hashes (zero for single-step tasks).
     pub step_root: Hash,
-    /// Samples covered.
+    /// Number of data samples the update covers.
     pub n_samples: u32,
 }
 
 impl Commitment {
-    /// One blake3 over a fixed, field-by-field layout (independent of serde).
+    /// One blake3 (context `"dtrain commitment v1"`) over a fixed 220-byte layout, in
+    /// declaration order: `run_id`, `task_id` (u64 LE), `step` (u64 LE), `input_params`,
+    /// `indices`, `seed` (u64 LE), `hyperparams`, `update`, `step_root`, `n_samples`
+    /// (u32 LE). Independent of serde, so changing a wire format cannot change signatures.
     pub fn digest(&self) -> Hash {
         let mut h = blake3::Hasher::new_derive_key("dtrain commitment v1");
         h.update(&self.run_id);
@@ -161,10 +171,64 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn hashes_are_canonical() {
+        assert_eq!(
+            hex::encode(hash_f32(&[1.0, -2.5, 0.0])),
+            "d1be2f97616f5dcf7b26fa0e1fbf15f517c2bcf55ccba56211856240e993d205"
+        );
+        assert_eq!(
+            hex::encode(hash_update(b"update")),
+            "3f1de567c497c6f8c854d512b9c54782e7ccf842c7dbcf5e13b8fbc653855d44"
+        );
+        assert_eq!(
+            hex::encode(hash_indices(&[0, 7, u32::MAX])),
+            "585b1c792ef7e3714c427ad09f4fbd27c720eb91fddb268c147fad966c8a28d4"
+        );
+    }
+
+    #[test]
+    fn digest_matches_documented_layout() {
+        let c = sample();
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&c.run_id);
+        buf.extend_from_slice(&c.task_id.to_le_bytes());
+        buf.extend_from_slice(&c.step.to_le_bytes());
+        buf.extend_from_slice(&c.input_params);
+        buf.extend_from_slice(&c.indices);
+        buf.extend_from_slice(&c.seed.to_le_bytes());
+        buf.extend_from_slice(&c.hyperparams);
+        buf.extend_from_slice(&c.update);
+        buf.extend_from_slice(&c.step_root);
+        buf.extend_from_slice(&c.n_samples.to_le_bytes());
+        assert_eq!(buf.len(), 220);
+        assert_eq!(c.digest(), blake3::derive_key("dtrain commitment v1", &buf));
+    }
+
+    #[test]
+    fn commitment_round_trips_through_json() {
+        let json = serde_json::to_string(&sample()).unwrap();
+        let back: Commitment = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, sample());
+        assert_eq!(back.digest(), sample().digest());
+    }
+
+    #[test]
     fn hashes_are_domain_separated_and_length_aware() {
         assert_ne!(hash_f32(&[]), hash_update(&[]));
         assert_ne!(hash_indices(&[1, 2]), hash_indices(&[1, 2, 0]));
         assert_ne!(hash_f32(&[0.0]), hash_f32(&[-0.0]));
         assert_eq!(hash_f32(&[1.5; 3000]), hash_f32(&[1.5; 3000]));
+        // Chunked hashing equals hashing the whole byte string at once.
+        let v: Vec<f32> = (0..2500).map(|i| i as f32 * 0.37 - 100.0).collect();
+        let mut h = blake3::Hasher::new_derive_key("dtrain params v1");
+        h.update(&(v.len() as u64).to_le_bytes());
+        for x in &v {
+            h.update(&x.to_le_bytes());
+        }
+        assert_eq!(hash_f32(&v), *h.finalize().as_bytes());
+        // Update and indices hashes of the same bytes differ too.
+        let idx = [1u32, 2];
+        let bytes: Vec<u8> = idx.iter().flat_map(|i| i.to_le_bytes()).collect();
+        assert_ne!(hash_update(&bytes), hash_indices(&idx));
     }
 }
