@@ -16,9 +16,10 @@ fn round_even(x: f32) -> f32 {
 }
 
 fn f32_bytes(v: &[f32], out: &mut Vec<u8>) {
-    out.reserve(v.len() * 4);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
+    let start = out.len();
+    out.resize(start + v.len() * 4, 0);
+    for (c, x) in out[start..].chunks_exact_mut(4).zip(v) {
+        c.copy_from_slice(&x.to_le_bytes());
     }
 }
 

@@ -193,21 +193,8 @@ impl Worker {
     /// Starts `worker --join JOIN` with one thread, a key in `dir`, and `extra` arguments.
     pub fn start(join: &str, dir: &Path, name: &str, extra: &[&str]) -> Self {
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(bin("worker"))
-            .args([
-                "--join",
-                join,
-                "--threads",
-                "1",
-                "--device",
-                "cpu",
-                "--retry-for",
-                "60",
-                "--name",
-                name,
-            ])
-            .arg("--key")
-            .arg(dir.join(format!("{name}.key")))
+        let child = worker_command(join, &dir.join(format!("{name}.key")), 60)
+            .args(["--name", name])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -240,21 +227,19 @@ impl Drop for Worker {
     }
 }
 
+/// `worker --join JOIN` on one CPU thread with key file `key`, retrying for `retry_s` seconds.
+fn worker_command(join: &str, key: &Path, retry_s: u32) -> Command {
+    let mut c = Command::new(bin("worker"));
+    c.args(["--join", join, "--threads", "1", "--device", "cpu"])
+        .args(["--retry-for", &retry_s.to_string()])
+        .arg("--key")
+        .arg(key);
+    c
+}
+
 /// Runs a worker to completion and returns its output (for handshake failures).
 pub fn run_worker_to_end(join: &str, dir: &Path, extra: &[&str]) -> Output {
-    Command::new(bin("worker"))
-        .args([
-            "--join",
-            join,
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--retry-for",
-            "5",
-        ])
-        .arg("--key")
-        .arg(dir.join("refused.key"))
+    worker_command(join, &dir.join("refused.key"), 5)
         .args(extra)
         .output()
         .expect("run worker")

@@ -1,4 +1,16 @@
-//! libtorch process settings: thread counts and the CUDA device.
+//! Process settings shared by the binaries: logging, libtorch thread counts, the CUDA device.
+
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default `info`), with colours
+/// only on a terminal.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
 
 use tch::Device;
 

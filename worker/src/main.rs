@@ -59,13 +59,7 @@ fn default_key() -> PathBuf {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    trainer::runtime::init_logging();
     let cli = Cli::parse();
     let ticket = cli.join.parse().context("--join")?;
     let name = cli.name.unwrap_or_else(|| {
