@@ -21,9 +21,12 @@ pub struct RunConfig {
     pub data: DataSection,
     /// Batch size and length of training.
     pub training: TrainingSection,
-    /// The optimizer applied by the coordinator.
+    /// The optimizer applied by the coordinator (the outer optimizer when `local_steps > 1`).
     #[serde(default)]
     pub optimizer: OptimizerConfig,
+    /// The workers' local optimizer in DiLoCo rounds (`training.local_steps > 1`).
+    #[serde(default = "default_inner")]
+    pub inner_optimizer: OptimizerConfig,
     /// How workers encode their updates.
     #[serde(default)]
     pub compression: CodecConfig,
@@ -33,6 +36,13 @@ pub struct RunConfig {
     /// What workers are told about determinism.
     #[serde(default)]
     pub workers: WorkersSection,
+}
+
+fn default_inner() -> OptimizerConfig {
+    OptimizerConfig {
+        kind: trainer::OptimizerKind::AdamW,
+        ..OptimizerConfig::default()
+    }
 }
 
 /// `[run]`
@@ -106,9 +116,15 @@ pub struct TrainingSection {
     /// Epochs to train (ignored when `steps` is set).
     #[serde(default = "one")]
     pub epochs: u64,
-    /// Total optimizer steps; overrides `epochs`.
+    /// Total global batches to train on; overrides `epochs`.
     #[serde(default)]
     pub steps: Option<u64>,
+    /// Global batches per round (DiLoCo's H). 1: synchronous data parallelism, workers send
+    /// gradients. H > 1: each worker takes H inner-optimizer steps on its share of H global
+    /// batches and sends start minus end parameters, to which the coordinator applies
+    /// `[optimizer]` as the outer optimizer.
+    #[serde(default = "one_u32")]
+    pub local_steps: u32,
     /// Evaluate every N steps as well as at each epoch end (0: only at epoch ends).
     #[serde(default)]
     pub eval_every: u64,
@@ -121,6 +137,10 @@ pub struct TrainingSection {
 }
 
 fn one() -> u64 {
+    1
+}
+
+fn one_u32() -> u32 {
     1
 }
 
@@ -232,7 +252,13 @@ impl RunConfig {
         {
             return bad("training needs epochs >= 1 or steps >= 1".into());
         }
+        if !(1..=10_000).contains(&self.training.local_steps) {
+            return bad("training.local_steps must be in 1..=10000".into());
+        }
         self.optimizer.validate().map_err(ConfigError::Invalid)?;
+        self.inner_optimizer
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("inner_{e}")))?;
         self.compression
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("compression: {e}")))?;

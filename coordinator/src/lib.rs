@@ -41,6 +41,16 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
         dataset_digest: split.train.digest(),
         codec: cfg.compression.clone(),
         deterministic_threads: cfg.workers.deterministic_threads,
+        inner_optimizer: proto::InnerOptimizer {
+            kind: cfg.inner_optimizer.kind.name().to_string(),
+            lr: cfg.inner_optimizer.lr,
+            beta1: cfg.inner_optimizer.beta1,
+            beta2: cfg.inner_optimizer.beta2,
+            eps: cfg.inner_optimizer.eps,
+            weight_decay: cfg.inner_optimizer.weight_decay,
+            momentum: cfg.inner_optimizer.momentum,
+            nesterov: cfg.inner_optimizer.nesterov,
+        },
     };
     let limits = proto::tls::TransportLimits {
         idle_timeout: Duration::from_secs_f64(cfg.network.idle_timeout_s),

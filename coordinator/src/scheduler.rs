@@ -1,7 +1,9 @@
-//! The scheduler: synchronous data parallelism over whichever workers are connected.
+//! The scheduler: synchronous data parallelism (or DiLoCo rounds) over whichever workers are
+//! connected.
 //!
-//! Each step splits the global batch over the idle workers, sends every part with the
-//! current parameters, and waits for all parts. A part whose worker leaves, answers with an
+//! Each step (round) splits its global batch (its H global batches) over the idle workers,
+//! sends every part with the current parameters, and waits for all parts. With H = 1 a part
+//! answers with its mean gradient; with H > 1 with its pseudo-gradient after H inner steps. A part whose worker leaves, answers with an
 //! invalid result, or misses its deadline goes to another idle worker (the first valid answer
 //! wins). Gradients are averaged weighted by sample count, in part order, and the optimizer
 //! is applied here, so the result does not depend on arrival order.
@@ -17,7 +19,7 @@ use proto::{close, Task, TaskResult, ToCoordinator, ToWorker};
 use serde_bytes::ByteBuf;
 use serde_json::json;
 use tracing::{info, warn};
-use trainer::schedule::{split, BatchSchedule};
+use trainer::schedule::{split_exact, BatchSchedule};
 use trainer::{Dataset, Net, Optimizer};
 use verify::WorkerId;
 
@@ -52,6 +54,8 @@ struct Contribution {
 
 struct Part {
     indices: Vec<u32>,
+    /// Sizes of the micro-batches (one per global batch of the round).
+    micro: Vec<u32>,
     done: Option<Contribution>,
     attempts: Vec<Attempt>,
 }
@@ -97,8 +101,14 @@ pub struct Scheduler {
     params: Vec<f32>,
     opt: Optimizer,
     schedule: BatchSchedule,
+    /// Rounds (optimizer steps) done.
     step: u64,
+    /// Rounds in the run.
     total_steps: u64,
+    /// Global batches per round.
+    h: u64,
+    /// Global batches in the run.
+    total_batches: u64,
     workers: BTreeMap<u64, WorkerState>,
     seen: HashSet<WorkerId>,
     seen_before: u64,
@@ -131,10 +141,12 @@ impl Scheduler {
             train_len
         };
         let schedule = BatchSchedule::new(n, cfg.training.global_batch, cfg.run.seed);
-        let total_steps = cfg
+        let total_batches = cfg
             .training
             .steps
             .unwrap_or(cfg.training.epochs * schedule.steps_per_epoch());
+        let h = u64::from(cfg.training.local_steps.max(1));
+        let total_steps = total_batches.div_ceil(h);
         let dir = &cfg.run.output_dir;
         let ck = if cfg.run.resume {
             Checkpoint::load(dir, &run_id, net.n_params())?
@@ -159,7 +171,7 @@ impl Scheduler {
         let mut metrics = Metrics::open(dir, wall)?;
         metrics.emit(
             if step > 0 { "resume" } else { "start" },
-            json!({"step": step, "total_steps": total_steps, "n_params": net.n_params(),
+            json!({"step": step, "total_steps": total_steps, "local_steps": h, "total_batches": total_batches, "n_params": net.n_params(),
                    "steps_per_epoch": schedule.steps_per_epoch(), "global_batch": cfg.training.global_batch,
                    "codec": cfg.compression}),
         );
@@ -173,7 +185,7 @@ impl Scheduler {
             max_encoded_bytes: cfg.network.max_frame_bytes as usize,
         };
         Ok(Scheduler {
-            hyper: cfg.optimizer.digest(),
+            hyper: hyperparams_digest(&cfg),
             progress: Progress::new(total_steps, step),
             run_id,
             events,
@@ -184,6 +196,8 @@ impl Scheduler {
             schedule,
             step,
             total_steps,
+            h,
+            total_batches,
             workers: BTreeMap::new(),
             seen: HashSet::new(),
             seen_before,
@@ -220,6 +234,11 @@ impl Scheduler {
         Ok(Outcome::Finished)
     }
 
+    /// Global batches done after `round` rounds.
+    fn batches_done(&self, round: u64) -> u64 {
+        (round * self.h).min(self.total_batches)
+    }
+
     fn idle_workers(&self) -> Vec<u64> {
         self.workers
             .iter()
@@ -231,7 +250,10 @@ impl Scheduler {
     /// One synchronous step; false when the operator stopped the run.
     fn train_step(&mut self) -> Result<bool> {
         let step_start = Instant::now();
-        let indices = self.schedule.batch(self.step);
+        let batches: Vec<Vec<u32>> = (self.batches_done(self.step)
+            ..self.batches_done(self.step + 1))
+            .map(|b| self.schedule.batch(b))
+            .collect();
         let mut waited = Instant::now();
         let need = if self.started {
             1
@@ -259,10 +281,16 @@ impl Scheduler {
         }
         self.started = true;
         let idle = self.idle_workers();
-        let mut parts: Vec<Part> = split(&indices, idle.len())
-            .into_iter()
-            .map(|indices| Part {
-                indices,
+        // Never more parts than the round's first (largest) batch has samples.
+        let n = idle.len().min(batches.first().map_or(1, Vec::len)).max(1);
+        let per_batch: Vec<Vec<Vec<u32>>> = batches.iter().map(|b| split_exact(b, n)).collect();
+        let mut parts: Vec<Part> = (0..n)
+            .map(|i| Part {
+                indices: per_batch
+                    .iter()
+                    .flat_map(|pb| pb[i].iter().copied())
+                    .collect(),
+                micro: per_batch.iter().map(|pb| pb[i].len() as u32).collect(),
                 done: None,
                 attempts: Vec::new(),
             })
@@ -353,6 +381,7 @@ impl Scheduler {
             params: Some(input.params.clone()),
             params_hash: input.params_hash,
             indices: part.indices.clone(),
+            micro_batches: part.micro.clone(),
             seed: self.cfg.run.seed ^ task_id,
             hyperparams: self.hyper,
         };
@@ -574,7 +603,7 @@ impl Scheduler {
         let (bin, bout) = self.traffic.get();
         self.metrics.emit(
             "step",
-            json!({"step": self.step, "loss": loss, "parts": parts.len(), "workers": self.workers.len(),
+            json!({"step": self.step, "batches": self.batches_done(self.step), "loss": loss, "parts": parts.len(), "workers": self.workers.len(),
                    "bytes_in": bin, "bytes_out": bout, "step_ms": started.elapsed().as_secs_f64() * 1000.0}),
         );
         self.progress.update(
@@ -591,7 +620,9 @@ impl Scheduler {
     fn after_step(&mut self) -> Result<()> {
         let spe = self.schedule.steps_per_epoch();
         let every = self.cfg.training.eval_every;
-        if self.step.is_multiple_of(spe)
+        let epoch_ended =
+            self.batches_done(self.step - 1) / spe != self.batches_done(self.step) / spe;
+        if epoch_ended
             || self.step == self.total_steps
             || (every > 0 && self.step.is_multiple_of(every))
         {
@@ -608,7 +639,7 @@ impl Scheduler {
     fn evaluate(&mut self) -> Result<()> {
         self.net.set_flat_params(&self.params)?;
         let e = trainer::evaluate(&self.net, &self.test)?;
-        let epoch = self.step as f64 / self.schedule.steps_per_epoch() as f64;
+        let epoch = self.batches_done(self.step) as f64 / self.schedule.steps_per_epoch() as f64;
         self.last_eval = Some((self.step, e.accuracy));
         self.metrics.emit(
             "eval",
@@ -664,7 +695,7 @@ impl Scheduler {
         let c = &self.counts;
         self.metrics.emit(
             "summary",
-            json!({"steps": self.step, "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
+            json!({"steps": self.step, "batches": self.batches_done(self.step), "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
                    "workers_seen": self.workers_seen(), "final_test_acc": acc, "tasks_sent": c.tasks_sent,
                    "tasks_ok": c.tasks_ok, "rejected": c.rejected, "reassigned": c.reassigned,
                    "params_blake3": hex::encode(verify::hash_f32(&self.params))}),
@@ -688,4 +719,14 @@ impl Scheduler {
             let _ = w.tx.send(Outgoing::Close(close::DONE, reason.to_string()));
         }
     }
+}
+
+/// What every result's commitment binds as hyperparameters: the outer optimizer, and for
+/// multi-step rounds the inner optimizer and H.
+fn hyperparams_digest(cfg: &RunConfig) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("dtrain hyperparams v1");
+    h.update(&cfg.optimizer.digest());
+    h.update(&cfg.inner_optimizer.digest());
+    h.update(&cfg.training.local_steps.to_le_bytes());
+    *h.finalize().as_bytes()
 }

@@ -38,6 +38,30 @@ pub struct Welcome {
     pub codec: CodecConfig,
     /// Compute threads the worker must use in deterministic mode (`None`: its own choice).
     pub deterministic_threads: Option<u32>,
+    /// Local optimizer of multi-step (DiLoCo) tasks.
+    pub inner_optimizer: InnerOptimizer,
+}
+
+/// The optimizer a worker runs locally during a multi-step task (wire form of
+/// `trainer::OptimizerConfig`, kept here so the protocol does not depend on libtorch).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InnerOptimizer {
+    /// `sgd`, `adam` or `adamw`.
+    pub kind: String,
+    /// Learning rate.
+    pub lr: f64,
+    /// Adam's first-moment decay.
+    pub beta1: f64,
+    /// Adam's second-moment decay.
+    pub beta2: f64,
+    /// Adam's epsilon.
+    pub eps: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// SGD Nesterov momentum.
+    pub nesterov: bool,
 }
 
 /// One unit of work: compute the mean gradient of the loss over `indices` at the
@@ -56,6 +80,10 @@ pub struct Task {
     pub params_hash: [u8; 32],
     /// Indices into the training set.
     pub indices: Vec<u32>,
+    /// Sizes of the consecutive micro-batches `indices` is cut into. One micro-batch: return
+    /// the mean gradient. Several (a DiLoCo round): take one inner optimizer step on each and
+    /// return the pseudo-gradient, start parameters minus end parameters.
+    pub micro_batches: Vec<u32>,
     /// Seed for any randomness of the task.
     pub seed: u64,
     /// Canonical hash of the hyperparameters the task must use.

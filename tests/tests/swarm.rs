@@ -185,3 +185,34 @@ fn int8_uplink_trains_with_a_quarter_of_the_bytes() {
     );
     assert!(int8_acc > fp32_acc - 0.02, "and learns as well");
 }
+
+#[test]
+fn diloco_rounds_train_as_well_on_the_same_samples_with_far_fewer_bytes() {
+    let run = |h: u32, optimizers: &str| {
+        let cfg = quick_config("mlp", 160, 64, "127.0.0.1:0", optimizers)
+            .replace("steps = 160", &format!("steps = 160\nlocal_steps = {h}"))
+            .replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nmin_workers = 2",
+            );
+        let mut c = Coordinator::start(&cfg);
+        let join = c.join_string();
+        let _a = Worker::start(&join, c.dir.path(), "a", &[]);
+        let _b = Worker::start(&join, c.dir.path(), "b", &[]);
+        assert!(c.wait(MINUTE * 2).success(), "{}", c.log());
+        c.events("summary").pop().expect("summary")
+    };
+    let sync = run(1, "");
+    let diloco = run(
+        8,
+        "[optimizer]\nkind = \"sgd\"\nlr = 0.7\nmomentum = 0.9\nnesterov = true\n\n[inner_optimizer]\nkind = \"adamw\"\nlr = 0.001\n",
+    );
+    eprintln!("sync: {sync}\ndiloco: {diloco}");
+    assert_eq!(sync["batches"], 160);
+    assert_eq!(diloco["batches"], 160, "the same samples");
+    assert_eq!(diloco["steps"], 20, "in 160 / 8 rounds");
+    let bytes = |s: &serde_json::Value| s["bytes_in"].as_u64().unwrap();
+    assert!(bytes(&diloco) * 6 < bytes(&sync), "uplink shrinks with H");
+    let acc = |s: &serde_json::Value| s["final_test_acc"].as_f64().unwrap();
+    assert!(acc(&diloco) > 0.7 && acc(&diloco) > acc(&sync) - 0.05);
+}

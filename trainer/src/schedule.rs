@@ -59,9 +59,16 @@ impl BatchSchedule {
     }
 }
 
-/// Splits `indices` into `parts` contiguous chunks whose sizes differ by at most one.
+/// Splits `indices` into `parts` contiguous chunks whose sizes differ by at most one, never
+/// more chunks than indices (at least one).
 pub fn split(indices: &[u32], parts: usize) -> Vec<Vec<u32>> {
-    let parts = parts.max(1).min(indices.len().max(1));
+    split_exact(indices, parts.max(1).min(indices.len().max(1)))
+}
+
+/// Splits `indices` into exactly `parts` (>= 1) contiguous chunks whose sizes differ by at
+/// most one; some are empty when there are fewer indices than parts.
+pub fn split_exact(indices: &[u32], parts: usize) -> Vec<Vec<u32>> {
+    let parts = parts.max(1);
     let (q, r) = (indices.len() / parts, indices.len() % parts);
     let mut out = Vec::with_capacity(parts);
     let mut o = 0;
@@ -101,5 +108,10 @@ mod tests {
         );
         assert_eq!(parts.concat(), idx);
         assert_eq!(split(&idx[..2], 5).len(), 2);
+        let exact = split_exact(&idx[..2], 4);
+        assert_eq!(
+            exact.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![1, 1, 0, 0]
+        );
     }
 }

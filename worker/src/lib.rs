@@ -225,6 +225,7 @@ async fn session(
         .codec
         .validate()
         .map_err(|e| SessionError::Fatal(format!("coordinator sent an invalid codec: {e}")))?;
+    let inner = inner_optimizer(&welcome.inner_optimizer).map_err(SessionError::Fatal)?;
     let mut compute = Some(Compute::new(
         model,
         device,
@@ -232,6 +233,7 @@ async fn session(
         key.clone(),
         welcome.run_id,
         welcome.codec,
+        inner,
     ));
     if compute.as_ref().map(|c| c.n_params() as u64) != Some(welcome.n_params) {
         return Err(SessionError::Fatal(
@@ -282,4 +284,23 @@ async fn session(
             ToWorker::Welcome(_) => return Err(retry("unexpected second Welcome".into())),
         }
     }
+}
+
+/// Checks the coordinator's inner optimizer settings and turns them into a config.
+fn inner_optimizer(w: &proto::InnerOptimizer) -> Result<trainer::OptimizerConfig, String> {
+    let kind = trainer::OptimizerKind::from_name(&w.kind)
+        .ok_or_else(|| format!("unknown inner optimizer {:?}; update the worker", w.kind))?;
+    let cfg = trainer::OptimizerConfig {
+        kind,
+        lr: w.lr,
+        beta1: w.beta1,
+        beta2: w.beta2,
+        eps: w.eps,
+        weight_decay: w.weight_decay,
+        momentum: w.momentum,
+        nesterov: w.nesterov,
+    };
+    cfg.validate()
+        .map_err(|e| format!("coordinator sent an invalid inner optimizer: {e}"))?;
+    Ok(cfg)
 }
