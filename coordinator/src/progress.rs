@@ -12,6 +12,22 @@ pub struct Progress {
     log_every: u64,
 }
 
+/// What the live line shows after a step.
+pub struct StepLine {
+    /// Mean training loss of the step.
+    pub loss: f64,
+    /// Connected workers.
+    pub workers: usize,
+    /// Bytes received so far.
+    pub bytes_in: u64,
+    /// Bytes sent so far.
+    pub bytes_out: u64,
+    /// Uplink compression: fp32 bytes of the accepted updates over their encoded bytes.
+    pub uplink_ratio: f64,
+    /// Last test accuracy.
+    pub test_acc: Option<f64>,
+}
+
 /// `12.3 MB` style.
 pub fn human_bytes(b: u64) -> String {
     let b = b as f64;
@@ -45,22 +61,18 @@ impl Progress {
     }
 
     /// Reports the state after a step.
-    pub fn update(
-        &self,
-        step: u64,
-        loss: f64,
-        workers: usize,
-        bytes_in: u64,
-        bytes_out: u64,
-        acc: Option<f64>,
-    ) {
-        let acc = acc
+    pub fn update(&self, step: u64, s: &StepLine) {
+        let acc = s
+            .test_acc
             .map(|a| format!(" | test acc {a:.4}"))
             .unwrap_or_default();
         let msg = format!(
-            "| loss {loss:.4} | workers {workers} | in {} | out {}{acc}",
-            human_bytes(bytes_in),
-            human_bytes(bytes_out)
+            "| loss {:.4} | workers {} | in {} | out {} | uplink x{:.1}{acc}",
+            s.loss,
+            s.workers,
+            human_bytes(s.bytes_in),
+            human_bytes(s.bytes_out),
+            s.uplink_ratio
         );
         match &self.bar {
             Some(bar) => {

@@ -25,7 +25,7 @@ use verify::WorkerId;
 
 use crate::config::RunConfig;
 use crate::metrics::{Metrics, Traffic};
-use crate::progress::Progress;
+use crate::progress::{Progress, StepLine};
 use crate::server::{Event, Outgoing};
 use crate::state::Checkpoint;
 
@@ -89,6 +89,19 @@ struct Counts {
     tasks_ok: u64,
     rejected: u64,
     reassigned: u64,
+    /// Encoded bytes of accepted updates.
+    update_bytes: u64,
+    /// What those updates would take as raw fp32.
+    update_raw: u64,
+    /// Traffic totals after the previous step.
+    last_in: u64,
+    last_out: u64,
+}
+
+impl Counts {
+    fn uplink_ratio(&self) -> f64 {
+        self.update_raw as f64 / self.update_bytes.max(1) as f64
+    }
 }
 
 /// The scheduler and the model state it owns.
@@ -184,6 +197,7 @@ impl Scheduler {
             max_values: net.n_params(),
             max_encoded_bytes: cfg.network.max_frame_bytes as usize,
         };
+        let (last_in, last_out) = traffic.get();
         Ok(Scheduler {
             hyper: hyperparams_digest(&cfg),
             progress: Progress::new(total_steps, step),
@@ -206,7 +220,11 @@ impl Scheduler {
             next_task: step * 1_000_000,
             downlink,
             limits,
-            counts: Counts::default(),
+            counts: Counts {
+                last_in,
+                last_out,
+                ..Counts::default()
+            },
             last_eval: None,
             started: false,
             cfg,
@@ -520,6 +538,8 @@ impl Scheduler {
                     None => per,
                 });
                 self.counts.tasks_ok += 1;
+                self.counts.update_bytes += res.update.len() as u64;
+                self.counts.update_raw += 4 * self.params.len() as u64;
                 if part.done.is_none() {
                     part.done = Some(c);
                 }
@@ -601,18 +621,34 @@ impl Scheduler {
         self.step += 1;
         let loss = loss_sum / total.max(1) as f64;
         let (bin, bout) = self.traffic.get();
+        let per_worker: Vec<serde_json::Value> = self
+            .workers
+            .iter()
+            .map(|(conn, w)| {
+                let (i, o) = w.traffic.get();
+                json!({"conn": conn, "bytes_in": i, "bytes_out": o})
+            })
+            .collect();
         self.metrics.emit(
             "step",
-            json!({"step": self.step, "batches": self.batches_done(self.step), "loss": loss, "parts": parts.len(), "workers": self.workers.len(),
-                   "bytes_in": bin, "bytes_out": bout, "step_ms": started.elapsed().as_secs_f64() * 1000.0}),
+            json!({"step": self.step, "batches": self.batches_done(self.step), "loss": loss,
+                   "parts": parts.len(), "workers": self.workers.len(),
+                   "bytes_in": bin, "bytes_out": bout,
+                   "round_bytes_in": bin - self.counts.last_in, "round_bytes_out": bout - self.counts.last_out,
+                   "uplink_ratio": self.counts.uplink_ratio(), "per_worker": per_worker,
+                   "step_ms": started.elapsed().as_secs_f64() * 1000.0}),
         );
+        (self.counts.last_in, self.counts.last_out) = (bin, bout);
         self.progress.update(
             self.step,
-            loss,
-            self.workers.len(),
-            bin,
-            bout,
-            self.last_eval.map(|e| e.1),
+            &StepLine {
+                loss,
+                workers: self.workers.len(),
+                bytes_in: bin,
+                bytes_out: bout,
+                uplink_ratio: self.counts.uplink_ratio(),
+                test_acc: self.last_eval.map(|e| e.1),
+            },
         );
         Ok(())
     }
@@ -697,7 +733,7 @@ impl Scheduler {
             "summary",
             json!({"steps": self.step, "batches": self.batches_done(self.step), "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
                    "workers_seen": self.workers_seen(), "final_test_acc": acc, "tasks_sent": c.tasks_sent,
-                   "tasks_ok": c.tasks_ok, "rejected": c.rejected, "reassigned": c.reassigned,
+                   "tasks_ok": c.tasks_ok, "rejected": c.rejected, "uplink_ratio": c.uplink_ratio(), "reassigned": c.reassigned,
                    "params_blake3": hex::encode(verify::hash_f32(&self.params))}),
         );
         self.progress.finish();

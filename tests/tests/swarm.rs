@@ -170,14 +170,24 @@ fn int8_uplink_trains_with_a_quarter_of_the_bytes() {
         let join = c.join_string();
         let _w = Worker::start(&join, c.dir.path(), "w", &[]);
         assert!(c.wait(MINUTE * 2).success(), "{}", c.log());
+        let step = c.events("step").pop().expect("step");
+        assert!(step["round_bytes_in"].as_u64().unwrap() > 0);
+        assert_eq!(step["per_worker"].as_array().unwrap().len(), 1);
         let s = c.events("summary").pop().expect("summary");
+        let ratio = s["uplink_ratio"].as_f64().unwrap();
         (
             s["bytes_in"].as_u64().unwrap(),
             s["final_test_acc"].as_f64().unwrap(),
+            ratio,
         )
     };
-    let (fp32_bytes, fp32_acc) = run("fp32");
-    let (int8_bytes, int8_acc) = run("int8");
+    let (fp32_bytes, fp32_acc, fp32_ratio) = run("fp32");
+    let (int8_bytes, int8_acc, int8_ratio) = run("int8");
+    assert!(
+        (1.0..2.0).contains(&fp32_ratio),
+        "fp32 + zstd: {fp32_ratio}"
+    );
+    assert!(int8_ratio > 3.5, "int8 + zstd: {int8_ratio}");
     eprintln!("fp32: {fp32_bytes} B, acc {fp32_acc}; int8: {int8_bytes} B, acc {int8_acc}");
     assert!(
         int8_bytes * 3 < fp32_bytes,
