@@ -1,59 +1,56 @@
-//! Error feedback: what a lossy codec did not send is added to the next update.
+//! Error feedback (EF-SGD): what a lossy codec did not send is added to the next update.
 
-use crate::{decode, encode, CodecConfig, CodecError, CodecKind, DecodeLimits};
+use crate::{encode_parts, CodecConfig, CodecError};
 
-/// The residual of the last encodings.
+/// The residual of past encodings: `sum(inputs) - sum(decoded)` over the steps since the
+/// last reset, so nothing a lossy codec drops is lost for good, only delayed.
 #[derive(Clone, Debug, Default)]
 pub struct ErrorFeedback {
     residual: Vec<f32>,
 }
 
 impl ErrorFeedback {
-    /// No residual yet.
+    /// An empty residual.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Encodes `update + residual`, and keeps as new residual what the receiver will not
-    /// see. Returns the bytes and the values the receiver decodes. A change of length resets
-    /// the residual.
+    /// Encodes `update + residual` and keeps as the new residual what the receiver will not
+    /// see: `(update + old residual) - decoded`. Returns the encoded bytes and the decoded
+    /// values (exactly what [`decode`](crate::decode) of those bytes gives the receiver).
+    ///
+    /// If the length of `update` differs from the residual's (first call, or the model
+    /// changed), the residual is reset to zeros first. On error the residual is unchanged
+    /// (or freshly reset) and nothing is sent.
     pub fn encode(
         &mut self,
         update: &[f32],
         cfg: &CodecConfig,
         seed: u64,
     ) -> Result<(Vec<u8>, Vec<f32>), CodecError> {
-        if cfg.codec == CodecKind::Fp32 {
-            // Lossless: nothing is left behind.
-            self.residual.clear();
-            return Ok((encode(update, cfg, seed)?, update.to_vec()));
-        }
         if self.residual.len() != update.len() {
-            self.residual = vec![0.0; update.len()];
+            self.residual.clear();
+            self.residual.resize(update.len(), 0.0);
         }
         let corrected: Vec<f32> = update
             .iter()
             .zip(&self.residual)
             .map(|(u, r)| u + r)
             .collect();
-        let bytes = encode(&corrected, cfg, seed)?;
-        let limits = DecodeLimits {
-            max_values: update.len(),
-            max_encoded_bytes: usize::MAX,
-        };
-        let decoded = decode(&bytes, &limits)?;
+        let (bytes, decoded) = encode_parts(&corrected, cfg, seed, true)?;
+        let decoded = decoded.ok_or_else(|| CodecError::Malformed("no decoded values".into()))?;
         for ((r, c), d) in self.residual.iter_mut().zip(&corrected).zip(&decoded) {
             *r = c - d;
         }
         Ok((bytes, decoded))
     }
 
-    /// Forgets the residual.
+    /// Forgets the residual (e.g. after the receiver dropped an update, or on a new run).
     pub fn reset(&mut self) {
         self.residual.clear();
     }
 
-    /// The current residual.
+    /// The current residual (empty before the first call or after [`reset`](Self::reset)).
     pub fn residual(&self) -> &[f32] {
         &self.residual
     }

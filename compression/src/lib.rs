@@ -1,101 +1,160 @@
 //! Update codecs for slow links.
 //!
-//! An encoded update is a 36-byte self-describing header followed by a body, optionally
-//! zstd-compressed:
+//! Volunteer workers send gradients and pseudo-gradients over home links, so an update is
+//! quantized by one of several codecs ([`CodecKind`]) and, optionally, zstd-compressed. The
+//! result is self-describing: [`decode`] needs no configuration, only [`DecodeLimits`].
+//!
+//! # Format (version 1)
+//!
+//! An encoded update is a 36-byte header followed by the body, zstd-compressed when the
+//! header's flag says so. All integers are little-endian.
 //!
 //! | bytes | field |
 //! | --- | --- |
 //! | 0..4 | magic `DTC1` |
-//! | 4 | format version (1) |
-//! | 5 | codec id ([`CodecKind`]) |
-//! | 6 | flags: bit 0 zstd, bit 1 stochastic rounding, bits 2-3 top-k value kind |
-//! | 7 | reserved (0) |
-//! | 8..12 | block size, u32 LE |
-//! | 12..20 | number of values n, u64 LE |
-//! | 20..28 | raw body length (before zstd), u64 LE |
-//! | 28..36 | first 8 bytes of blake3 over the raw body |
+//! | 4 | format version, `1` (anything else: [`CodecError::UnsupportedVersion`]) |
+//! | 5 | codec id: 0 fp32, 1 fp16, 2 bf16, 3 int8, 4 int4, 5 sign1, 6 topk |
+//! | 6 | flags: bit 0 zstd, bit 1 stochastic rounding, bits 2-3 top-k value kind (0 fp32, 1 fp16, 2 int8); bits 4-7 zero |
+//! | 7 | reserved, zero |
+//! | 8..12 | block size, u32, in 8..=65536 |
+//! | 12..20 | number of values `n`, u64 |
+//! | 20..28 | body length before zstd, u64 |
+//! | 28..36 | first 8 bytes of blake3 over the raw (uncompressed) body |
 //!
-//! Bodies: fp32 (4n bytes), fp16/bf16 (2n), int8 (one f32 absmax/127 scale per block, then
-//! one i8 per value), int4 (scale absmax/7 per block, two values per byte), sign1 (scale
-//! mean|x| per block, one bit per value), top-k (k as u64, the kept indices ascending and
-//! delta-coded as LEB128 varints, then the values as fp32, fp16 or blockwise int8).
+//! Bodies, with `nb = ceil(n / block_size)` blocks:
 //!
-//! Decoding treats its input as hostile: every length is checked against the header and the
-//! [`DecodeLimits`] before anything is allocated, zstd output is bounded, and non-finite
-//! results are refused. [`ErrorFeedback`] keeps what a lossy codec did not send and adds it
-//! to the next update.
+//! * **fp32**: `n` f32.
+//! * **fp16**: `n` IEEE half floats (u16). Values beyond ±65504 are *clamped* to ±65504
+//!   rather than refused, so a large but finite update still goes through.
+//! * **bf16**: `n` bfloat16 (u16), round to nearest even; values that would round past the
+//!   largest bf16 are clamped to it.
+//! * **int8**: `nb` f32 scales `absmax/127`, then `n` i8 `q = round(x/scale)` (ties to even;
+//!   with stochastic rounding `floor(x/scale + u)`, `u ~ U[0,1)` from ChaCha8 seeded by the
+//!   encoder's seed). An all-zero block has scale 0. Decodes to `q * scale`.
+//! * **int4**: `nb` f32 scales `absmax/7`, then `q` in -7..=7 as 4-bit two's complement,
+//!   two per byte, the earlier value in the low nibble (a final odd nibble is 0).
+//! * **sign1**: `nb` f32 scales `mean(|x|)` of the block, then one bit per value (1 =
+//!   negative), eight per byte, the earlier value in the low bit. Decodes to `±scale`.
+//! * **topk**: `k` as u64, then the `k` kept indices ascending, delta-coded as LEB128 varints
+//!   (each the gap from the previous index + 1, the first from 0), then the `k` values as fp32,
+//!   fp16 (clamped like the fp16 codec) or int8 (as the int8 body over the kept values, with
+//!   the same block size). `k = max(1, ceil(fraction * n))` for `n > 0` (the fraction is first
+//!   rounded to 6 decimals so that `0.05` is not read as `0.0500000007`); the kept entries are
+//!   the `k` largest `|x|`, ties going to the lower index.
+//!
+//! # Hostile input
+//!
+//! [`decode`] treats its input as untrusted: every length is checked against the header and
+//! the [`DecodeLimits`] before anything is allocated, zstd output is bounded by the announced
+//! body length (itself bounded by the codec and `n`), the checksum is verified, and a
+//! non-finite result is refused. It never panics.
+//!
+//! [`ErrorFeedback`] (EF-SGD) keeps what a lossy codec did not send and adds it to the next
+//! update.
 
 mod codecs;
+mod error;
 mod feedback;
 mod header;
+mod zstd_ctx;
 
 use serde::{Deserialize, Serialize};
 
+pub use error::CodecError;
 pub use feedback::ErrorFeedback;
-pub use header::{Header, HEADER_LEN};
+pub use header::{Header, FORMAT_VERSION, HEADER_LEN, MAGIC};
 
-/// Which codec.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Which codec; serde names are lowercase (`"fp32"`, `"int8"`, `"topk"`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CodecKind {
     /// Raw 32-bit floats (lossless).
     #[default]
     Fp32,
-    /// IEEE half precision (values beyond ±65504 are clamped).
+    /// IEEE half precision; values beyond ±65504 are clamped to ±65504.
     Fp16,
-    /// bfloat16 (round to nearest even).
+    /// bfloat16, round to nearest even.
     Bf16,
-    /// Blockwise 8-bit integers with an absmax scale per block.
+    /// Blockwise 8-bit integers (-127..=127) with an absmax scale per block.
     Int8,
     /// Blockwise 4-bit integers (-7..=7) with an absmax scale per block.
     Int4,
     /// One sign bit per value with a mean-magnitude scale per block.
     Sign1,
-    /// The largest-magnitude fraction of the values; the rest are zero.
+    /// The largest-magnitude fraction of the values; the rest decode as zero.
     TopK,
 }
 
 impl CodecKind {
+    /// Every codec, in id order.
+    pub const ALL: [CodecKind; 7] = [
+        CodecKind::Fp32,
+        CodecKind::Fp16,
+        CodecKind::Bf16,
+        CodecKind::Int8,
+        CodecKind::Int4,
+        CodecKind::Sign1,
+        CodecKind::TopK,
+    ];
+
+    /// The id written in the header.
+    pub fn id(self) -> u8 {
+        self as u8
+    }
+
+    /// The codec with header id `id`.
+    pub fn from_id(id: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(id)).copied()
+    }
+
+    /// Whether decoding gives back exactly what was encoded.
+    pub fn is_lossless(self) -> bool {
+        self == CodecKind::Fp32
+    }
+}
+
+/// How top-k values are stored; serde names `"fp32"`, `"fp16"`, `"int8"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TopKValues {
+    /// 32-bit floats.
+    Fp32,
+    /// Half precision (clamped to ±65504).
+    Fp16,
+    /// Blockwise int8 over the kept values.
+    #[default]
+    Int8,
+}
+
+impl TopKValues {
     fn id(self) -> u8 {
         self as u8
     }
 
     fn from_id(id: u8) -> Option<Self> {
-        use CodecKind::*;
-        [Fp32, Fp16, Bf16, Int8, Int4, Sign1, TopK]
-            .get(id as usize)
+        [TopKValues::Fp32, TopKValues::Fp16, TopKValues::Int8]
+            .get(usize::from(id))
             .copied()
     }
 }
 
-/// How top-k values are stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum TopKValues {
-    /// 32-bit floats.
-    Fp32,
-    /// Half precision.
-    Fp16,
-    /// Blockwise int8.
-    #[default]
-    Int8,
-}
-
-/// Codec settings (the `[compression]` table of a run config; also sent to workers).
+/// Codec settings: the `[compression]` table of a run config (every field has a default),
+/// also sent to workers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CodecConfig {
-    /// Codec.
+    /// Codec (default fp32).
     pub codec: CodecKind,
-    /// Values per scale block (int8, int4, sign1, top-k int8 values).
+    /// Values per scale block for int8, int4, sign1 and int8 top-k values (default 256,
+    /// allowed 8..=65536).
     pub block_size: u32,
-    /// Fraction of values kept by top-k.
+    /// Fraction of the values kept by top-k (default 0.01, allowed (0, 1]).
     pub topk_fraction: f32,
-    /// Storage of top-k values.
+    /// Storage of top-k values (default int8).
     pub topk_values: TopKValues,
-    /// zstd level, 0 = no zstd.
+    /// zstd level (default 1); 0 turns zstd off. Allowed 0..=19.
     pub zstd_level: i32,
-    /// Unbiased stochastic rounding for int8/int4.
+    /// Unbiased stochastic rounding for int8, int4 and int8 top-k values (default off).
     pub stochastic_rounding: bool,
 }
 
@@ -112,12 +171,20 @@ impl Default for CodecConfig {
     }
 }
 
+/// Smallest allowed block size.
+pub const MIN_BLOCK_SIZE: u32 = 8;
+/// Largest allowed block size.
+pub const MAX_BLOCK_SIZE: u32 = 65_536;
+/// Largest allowed zstd level.
+pub const MAX_ZSTD_LEVEL: i32 = 19;
+
 impl CodecConfig {
-    /// Checks ranges.
+    /// Checks that every setting is in range: `block_size` in 8..=65536, `topk_fraction` in
+    /// (0, 1], `zstd_level` in 0..=19.
     pub fn validate(&self) -> Result<(), CodecError> {
-        if !(8..=65_536).contains(&self.block_size) {
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size) {
             return Err(CodecError::Config(format!(
-                "block_size {} not in 8..=65536",
+                "block_size {} not in {MIN_BLOCK_SIZE}..={MAX_BLOCK_SIZE}",
                 self.block_size
             )));
         }
@@ -127,22 +194,28 @@ impl CodecConfig {
                 self.topk_fraction
             )));
         }
-        if !(0..=19).contains(&self.zstd_level) {
+        if !(0..=MAX_ZSTD_LEVEL).contains(&self.zstd_level) {
             return Err(CodecError::Config(format!(
-                "zstd_level {} not in 0..=19",
+                "zstd_level {} not in 0..={MAX_ZSTD_LEVEL}",
                 self.zstd_level
             )));
         }
         Ok(())
     }
+
+    /// Number of entries top-k keeps out of `n`: `max(1, ceil(fraction * n))` for `n > 0`,
+    /// with the fraction first rounded to 6 decimals (so an f32 `0.05` means 0.05).
+    pub fn topk_k(&self, n: usize) -> usize {
+        codecs::topk::k_for(n, self.topk_fraction)
+    }
 }
 
 /// Limits applied when decoding untrusted bytes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeLimits {
-    /// Most values a payload may announce.
+    /// Most values a payload may announce (default 2^28).
     pub max_values: usize,
-    /// Most bytes of input accepted.
+    /// Most bytes of encoded input accepted (default 2^30).
     pub max_encoded_bytes: usize,
 }
 
@@ -155,154 +228,142 @@ impl Default for DecodeLimits {
     }
 }
 
-/// Codec errors.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum CodecError {
-    /// A setting is out of range.
-    #[error("codec config: {0}")]
-    Config(String),
-    /// The input to encode holds NaN or infinity.
-    #[error("input value {index} is not finite")]
-    NonFiniteInput {
-        /// First offending position.
-        index: usize,
-    },
-    /// The payload is malformed.
-    #[error("malformed payload: {0}")]
-    Malformed(String),
-    /// The payload's format version is unknown.
-    #[error("unsupported payload format version {0}")]
-    UnsupportedVersion(u8),
-    /// The payload exceeds the decode limits.
-    #[error("payload too large: {0}")]
-    TooLarge(String),
-    /// The body does not match its checksum.
-    #[error("payload checksum mismatch")]
-    Checksum,
-    /// Decoding produced NaN or infinity.
-    #[error("payload decodes to a non-finite value at {index}")]
-    NonFiniteOutput {
-        /// First offending position.
-        index: usize,
-    },
-    /// The payload holds another number of values than expected.
-    #[error("payload has {got} values, expected {expected}")]
-    Length {
-        /// Expected count.
-        expected: usize,
-        /// Count in the payload.
-        got: usize,
-    },
-    /// zstd failed.
-    #[error("zstd: {0}")]
-    Zstd(String),
-}
-
-fn malformed<T>(m: impl Into<String>) -> Result<T, CodecError> {
-    Err(CodecError::Malformed(m.into()))
-}
-
-/// Encodes `values` with `cfg`; `seed` drives stochastic rounding.
+/// Encodes `values` with `cfg`. Every value must be finite. `seed` drives stochastic
+/// rounding: the same input, config and seed always give the same bytes.
 pub fn encode(values: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, CodecError> {
+    encode_parts(values, cfg, seed, false).map(|(bytes, _)| bytes)
+}
+
+/// Encodes, and when `want_decoded` also decodes the raw body (skipping zstd and the
+/// checksum, which cannot fail on our own output) to give what the receiver will see.
+fn encode_parts(
+    values: &[f32],
+    cfg: &CodecConfig,
+    seed: u64,
+    want_decoded: bool,
+) -> Result<(Vec<u8>, Option<Vec<f32>>), CodecError> {
     cfg.validate()?;
-    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+    if let Some(index) = codecs::first_non_finite(values) {
         return Err(CodecError::NonFiniteInput { index });
     }
-    let body = codecs::encode_body(values, cfg, seed);
-    let mut flags = 0u8;
-    if cfg.zstd_level > 0 {
-        flags |= 1;
-    }
-    if cfg.stochastic_rounding {
-        flags |= 2;
-    }
-    flags |= (cfg.topk_values as u8) << 2;
+    let mut buf = Vec::with_capacity(HEADER_LEN + codecs::body_len_hint(values.len(), cfg));
+    buf.resize(HEADER_LEN, 0);
+    codecs::encode_body(values, cfg, seed, &mut buf)?;
+    let body = &buf[HEADER_LEN..];
     let header = Header {
+        version: FORMAT_VERSION,
         codec: cfg.codec,
-        flags,
+        zstd: cfg.zstd_level > 0,
+        stochastic_rounding: cfg.stochastic_rounding,
+        topk_values: cfg.topk_values,
         block_size: cfg.block_size,
         n: values.len() as u64,
         body_len: body.len() as u64,
-        checksum: header::checksum(&body),
+        checksum: header::checksum(body),
     };
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    header.write(&mut out);
-    if cfg.zstd_level > 0 {
-        let z = zstd::bulk::compress(&body, cfg.zstd_level)
-            .map_err(|e| CodecError::Zstd(e.to_string()))?;
-        out.extend_from_slice(&z);
+    let decoded = if want_decoded {
+        let out = codecs::decode_body(&header, body, values.len())?;
+        if let Some(index) = codecs::first_non_finite(&out) {
+            return Err(CodecError::NonFiniteOutput { index });
+        }
+        Some(out)
     } else {
-        out.extend_from_slice(&body);
+        None
+    };
+    if header.zstd {
+        let mut out = Vec::with_capacity(HEADER_LEN + zstd_ctx::compress_bound(body.len()));
+        out.extend_from_slice(&header.to_bytes());
+        zstd_ctx::compress_append(body, cfg.zstd_level, &mut out)?;
+        Ok((out, decoded))
+    } else {
+        buf[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+        Ok((buf, decoded))
     }
-    Ok(out)
 }
 
-/// Reads the header only.
+/// Reads only the header (codec, version, number of values, block size, ...) without
+/// decoding or checking the body.
 pub fn peek_header(bytes: &[u8]) -> Result<Header, CodecError> {
-    Header::read(bytes)
+    Header::parse(bytes)
 }
 
-/// Decodes a payload made by [`encode`].
+/// Decodes a payload made by [`encode`]. Hostile input gives an error, never a panic, and
+/// never makes this allocate beyond what `limits` allow. The result is all finite.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Vec<f32>, CodecError> {
     if bytes.len() > limits.max_encoded_bytes {
-        return Err(CodecError::TooLarge(format!("{} bytes", bytes.len())));
-    }
-    let h = Header::read(bytes)?;
-    if h.n > limits.max_values as u64 {
         return Err(CodecError::TooLarge(format!(
-            "{} values, limit {}",
-            h.n, limits.max_values
+            "{} encoded bytes, limit {}",
+            bytes.len(),
+            limits.max_encoded_bytes
         )));
     }
-    let n = h.n as usize;
-    let max_body =
-        codecs::max_body_len(&h).ok_or_else(|| CodecError::Malformed("bad header".into()))?;
-    if h.body_len > max_body as u64 {
-        return malformed(format!(
-            "body of {} bytes, at most {max_body} possible",
-            h.body_len
-        ));
+    let h = Header::parse(bytes)?;
+    decode_with_header(&h, &bytes[HEADER_LEN..], limits)
+}
+
+fn decode_with_header(
+    h: &Header,
+    rest: &[u8],
+    limits: &DecodeLimits,
+) -> Result<Vec<f32>, CodecError> {
+    let n = match usize::try_from(h.n) {
+        Ok(n) if n <= limits.max_values => n,
+        _ => {
+            return Err(CodecError::TooLarge(format!(
+                "{} values, limit {}",
+                h.n, limits.max_values
+            )))
+        }
+    };
+    let (min_body, max_body) = codecs::body_len_range(h.codec, n, h.block_size as usize)
+        .ok_or_else(|| CodecError::TooLarge(format!("{n} values overflow the body size")))?;
+    if h.body_len < min_body as u64 || h.body_len > max_body as u64 {
+        return Err(CodecError::Malformed(format!(
+            "{:?} body of {} bytes for {n} values, expected {min_body}..={max_body}",
+            h.codec, h.body_len
+        )));
     }
-    let rest = &bytes[HEADER_LEN..];
+    // body_len <= max_body, which fits in usize.
+    let body_len = h.body_len as usize;
     let owned;
-    let body: &[u8] = if h.flags & 1 != 0 {
-        owned = zstd::bulk::decompress(rest, h.body_len as usize)
-            .map_err(|e| CodecError::Zstd(e.to_string()))?;
+    let body: &[u8] = if h.zstd {
+        owned = zstd_ctx::decompress_exact(rest, body_len)?;
         &owned
     } else {
+        if rest.len() != body_len {
+            return Err(CodecError::Malformed(format!(
+                "body is {} bytes, header says {body_len}",
+                rest.len()
+            )));
+        }
         rest
     };
-    if body.len() as u64 != h.body_len {
-        return malformed(format!(
-            "body is {} bytes, header says {}",
-            body.len(),
-            h.body_len
-        ));
-    }
     if header::checksum(body) != h.checksum {
         return Err(CodecError::Checksum);
     }
-    let out = codecs::decode_body(&h, body, n)?;
-    if let Some(index) = out.iter().position(|v| !v.is_finite()) {
+    let out = codecs::decode_body(h, body, n)?;
+    if let Some(index) = codecs::first_non_finite(&out) {
         return Err(CodecError::NonFiniteOutput { index });
     }
     Ok(out)
 }
 
-/// Decodes and checks the number of values.
+/// Decodes like [`decode`] and also checks that the payload holds exactly `expected_len`
+/// values (checked from the header, before decoding).
 pub fn decode_exact(
     bytes: &[u8],
     expected_len: usize,
     limits: &DecodeLimits,
 ) -> Result<Vec<f32>, CodecError> {
-    let h = Header::read(bytes)?;
+    let h = Header::parse(bytes)?;
     if h.n != expected_len as u64 {
         return Err(CodecError::Length {
             expected: expected_len,
-            got: h.n.min(usize::MAX as u64) as usize,
+            got: h.n,
         });
     }
     decode(bytes, limits)
 }
+
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,8 @@
 //! network, no workers) with the same schedule and optimizer as a swarm run, the yardstick
 //! for the swarm's accuracy and wall time.
 
+mod sweep;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -44,11 +46,56 @@ enum Cmd {
         #[arg(long, default_value = "results/baseline.json")]
         out: PathBuf,
     },
+    /// Codec x H on a real swarm, same samples per row: CSV, Markdown and a PNG plot.
+    Sweep {
+        /// Codecs, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "fp32,int8,int4,sign1,topk"
+        )]
+        codecs: Vec<String>,
+        /// Values of H (global batches per round), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        h: Vec<u32>,
+        /// Model: cnn or mlp.
+        #[arg(long, default_value = "cnn")]
+        model: String,
+        /// Global batches per configuration.
+        #[arg(long, default_value_t = 938)]
+        batches: u64,
+        /// Global batch size.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Worker processes.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Output folder.
+        #[arg(long, default_value = "results/sweep")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
     trainer::runtime::init_logging();
     match Cli::parse().cmd {
+        Cmd::Sweep {
+            codecs,
+            h,
+            model,
+            batches,
+            batch,
+            workers,
+            out,
+        } => sweep::run(&sweep::Sweep {
+            codecs,
+            hs: h,
+            model,
+            batches,
+            batch,
+            workers,
+            out,
+        })?,
         Cmd::Baseline {
             epochs,
             batch,

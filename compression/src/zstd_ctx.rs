@@ -1,0 +1,99 @@
+//! zstd with per-thread reused contexts and bounded output.
+
+use std::cell::RefCell;
+use std::io::Cursor;
+
+use zstd::bulk::{Compressor, Decompressor};
+
+use crate::CodecError;
+
+/// Levels up to this reuse a cached per-thread compression context; higher levels have big
+/// match tables, which are not worth keeping alive.
+const CACHED_MAX_LEVEL: i32 = 3;
+
+thread_local! {
+    static CCTX: RefCell<Option<(i32, Compressor<'static>)>> = const { RefCell::new(None) };
+    static DCTX: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn zerr(e: std::io::Error) -> CodecError {
+    CodecError::Zstd(e.to_string())
+}
+
+/// Most bytes zstd can produce for `len` input bytes.
+pub(crate) fn compress_bound(len: usize) -> usize {
+    zstd::zstd_safe::compress_bound(len)
+}
+
+/// Compresses `src` as one zstd frame appended to `out`.
+pub(crate) fn compress_append(src: &[u8], level: i32, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    out.reserve(compress_bound(src.len()));
+    let start = out.len() as u64;
+    let run = |c: &mut Compressor<'static>, out: &mut Vec<u8>| {
+        let mut cursor = Cursor::new(out);
+        cursor.set_position(start);
+        c.compress_to_buffer(src, &mut cursor).map_err(zerr)
+    };
+    if level > CACHED_MAX_LEVEL {
+        let mut c = Compressor::new(level).map_err(zerr)?;
+        run(&mut c, out)?;
+        return Ok(());
+    }
+    CCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let c = match slot.as_mut() {
+            Some((l, c)) => {
+                if *l != level {
+                    c.set_compression_level(level).map_err(zerr)?;
+                    *l = level;
+                }
+                c
+            }
+            None => {
+                &mut slot
+                    .insert((level, Compressor::new(level).map_err(zerr)?))
+                    .1
+            }
+        };
+        run(c, out).map(|_| ())
+    })
+}
+
+/// Decompresses `src`, which must hold exactly `len` bytes of content; never allocates more
+/// than `len` bytes for the output.
+pub(crate) fn decompress_exact(src: &[u8], len: usize) -> Result<Vec<u8>, CodecError> {
+    // The frame must announce the content size the header gives (our encoder always writes
+    // it), so a frame that cannot fill the buffer is refused before the buffer exists.
+    match zstd::zstd_safe::get_frame_content_size(src) {
+        Ok(Some(size)) if size == len as u64 => {}
+        Ok(Some(size)) => {
+            return Err(CodecError::Malformed(format!(
+                "zstd frame holds {size} bytes, header says {len}"
+            )))
+        }
+        Ok(None) => {
+            return Err(CodecError::Malformed(
+                "zstd frame does not announce its content size".into(),
+            ))
+        }
+        Err(_) => return Err(CodecError::Malformed("body is not a zstd frame".into())),
+    }
+    let mut out = Vec::new();
+    out.try_reserve_exact(len)
+        .map_err(|_| CodecError::TooLarge(format!("cannot allocate a {len}-byte body")))?;
+    DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = match slot.as_mut() {
+            Some(d) => d,
+            None => slot.insert(Decompressor::new().map_err(zerr)?),
+        };
+        d.decompress_to_buffer(src, &mut out).map_err(zerr)
+    })?;
+    if out.len() != len {
+        return Err(CodecError::Malformed(format!(
+            "zstd body decompresses to {} bytes, header says {len}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
