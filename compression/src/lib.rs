@@ -51,11 +51,19 @@
 //!
 //! [`ErrorFeedback`] (EF-SGD) keeps what a lossy codec did not send and adds it to the next
 //! update.
+//!
+//! # Parameter deltas
+//!
+//! [`xor_delta`] sends new parameters to a worker that holds the previous ones, losslessly:
+//! the XOR of the f32 bit patterns, split into byte planes and zstd-compressed
+//! ([`encode_xor_delta`], [`apply_xor_delta`]). It has its own `DTX1` format, documented
+//! there.
 
 mod codecs;
 mod error;
 mod feedback;
 mod header;
+pub mod xor_delta;
 mod zstd_ctx;
 
 use serde::{Deserialize, Serialize};
@@ -63,6 +71,9 @@ use serde::{Deserialize, Serialize};
 pub use error::CodecError;
 pub use feedback::ErrorFeedback;
 pub use header::{Header, FORMAT_VERSION, HEADER_LEN, MAGIC};
+pub use xor_delta::{
+    apply_xor_delta, encode_xor_delta, XOR_FORMAT_VERSION, XOR_HEADER_LEN, XOR_MAGIC,
+};
 
 /// Which codec; serde names are lowercase (`"fp32"`, `"int8"`, `"topk"`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -156,6 +167,9 @@ pub struct CodecConfig {
     pub zstd_level: i32,
     /// Unbiased stochastic rounding for int8, int4 and int8 top-k values (default off).
     pub stochastic_rounding: bool,
+    /// Keep what a lossy codec did not send and add it to the next update (error feedback,
+    /// default on; meaningless for fp32).
+    pub error_feedback: bool,
 }
 
 impl Default for CodecConfig {
@@ -167,6 +181,7 @@ impl Default for CodecConfig {
             topk_values: TopKValues::Int8,
             zstd_level: 1,
             stochastic_rounding: false,
+            error_feedback: true,
         }
     }
 }
@@ -179,6 +194,11 @@ pub const MAX_BLOCK_SIZE: u32 = 65_536;
 pub const MAX_ZSTD_LEVEL: i32 = 19;
 
 impl CodecConfig {
+    /// Lossless: fp32 with zstd level 1.
+    pub fn lossless() -> Self {
+        CodecConfig::default()
+    }
+
     /// Checks that every setting is in range: `block_size` in 8..=65536, `topk_fraction` in
     /// (0, 1], `zstd_level` in 0..=19.
     pub fn validate(&self) -> Result<(), CodecError> {

@@ -5,7 +5,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use compression::{decode, encode, CodecConfig, CodecError, CodecKind, DecodeLimits, HEADER_LEN};
+use compression::{
+    apply_xor_delta, decode, encode, encode_xor_delta, CodecConfig, CodecError, CodecKind,
+    DecodeLimits, HEADER_LEN, XOR_HEADER_LEN,
+};
 
 struct Counting;
 
@@ -110,5 +113,53 @@ fn honest_payload_allocates_about_its_size() {
     assert!(b.len() > HEADER_LEN);
     let (r, big) = largest_allocation(|| decode(&b, &DecodeLimits::default()));
     assert_eq!(r.expect("decode").len(), 1000);
+    assert!(big <= 4 * 1000 + 64, "allocated {big} bytes");
+}
+
+fn xor_delta_pair() -> (Vec<f32>, Vec<u8>) {
+    let old: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+    let new: Vec<f32> = old.iter().map(|x| x * 1.001).collect();
+    let bytes = encode_xor_delta(&old, &new, 1).expect("encode");
+    (old, bytes)
+}
+
+#[test]
+fn xor_delta_announcing_huge_sizes_allocates_nothing_big() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (base, good) = xor_delta_pair();
+    let open = DecodeLimits {
+        max_values: usize::MAX,
+        max_encoded_bytes: usize::MAX,
+    };
+    // n and body length far beyond the base: refused from the header.
+    let mut b = good.clone();
+    b[8..16].copy_from_slice(&(1u64 << 28).to_le_bytes());
+    b[16..24].copy_from_slice(&(1u64 << 30).to_le_bytes());
+    for limits in [DecodeLimits::default(), open] {
+        let (r, big) = largest_allocation(|| apply_xor_delta(&base, &b, &limits));
+        assert!(matches!(r, Err(CodecError::Length { .. })), "{r:?}");
+        assert!(big < SMALL, "allocated {big} bytes");
+    }
+    // A zstd frame announcing 1 GiB of content behind an honest header: a single-segment
+    // frame header with a 4-byte content size, then an empty last raw block.
+    let mut b = good[..XOR_HEADER_LEN].to_vec();
+    b.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd, 0xa0]);
+    b.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    b.extend_from_slice(&[0x01, 0x00, 0x00]);
+    assert!(matches!(
+        zstd::zstd_safe::get_frame_content_size(&b[XOR_HEADER_LEN..]),
+        Ok(Some(s)) if s == 1 << 30
+    ));
+    let (r, big) = largest_allocation(|| apply_xor_delta(&base, &b, &open));
+    assert!(matches!(r, Err(CodecError::Malformed(_))), "{r:?}");
+    assert!(big < SMALL, "allocated {big} bytes");
+}
+
+#[test]
+fn honest_xor_delta_allocates_about_its_size() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (base, bytes) = xor_delta_pair();
+    let (r, big) = largest_allocation(|| apply_xor_delta(&base, &bytes, &DecodeLimits::default()));
+    assert_eq!(r.expect("apply").len(), 1000);
     assert!(big <= 4 * 1000 + 64, "allocated {big} bytes");
 }

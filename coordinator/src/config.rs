@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use compression::CodecConfig;
 use serde::{Deserialize, Serialize};
 use trainer::{ModelKind, OptimizerConfig};
+use verify::{AggregationConfig, SpotCheckPolicy};
 
 /// A whole run configuration file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -30,12 +31,29 @@ pub struct RunConfig {
     /// How workers encode their updates.
     #[serde(default)]
     pub compression: CodecConfig,
+    /// How the coordinator sends parameters: fp32 means lossless XOR deltas; a lossy codec
+    /// means quantized deltas (with error feedback on the coordinator).
+    #[serde(default = "default_downlink")]
+    pub downlink: CodecConfig,
+    /// How contributions are combined.
+    #[serde(default)]
+    pub aggregation: AggregationConfig,
+    /// Spot checks of untrusted results.
+    #[serde(default)]
+    pub verification: VerificationSection,
+    /// Durability and rollback history.
+    #[serde(default)]
+    pub ledger: LedgerSection,
     /// Network limits.
     #[serde(default)]
     pub network: NetworkSection,
-    /// What workers are told about determinism.
+    /// What workers are told about determinism, and how work is split among them.
     #[serde(default)]
     pub workers: WorkersSection,
+}
+
+fn default_downlink() -> CodecConfig {
+    CodecConfig::lossless()
 }
 
 fn default_inner() -> OptimizerConfig {
@@ -160,6 +178,12 @@ pub struct NetworkSection {
     pub first_task_timeout_s: f64,
     /// Deadline floor for later tasks, seconds.
     pub min_task_timeout_s: f64,
+    /// Connections in the TLS or protocol handshake at once; more are refused at once.
+    pub max_handshakes: usize,
+    /// Frames a connection may send per second (burst: twice that); faster peers are slowed.
+    pub max_frames_per_s: f64,
+    /// Bytes a connection may send per second (burst: twice that); faster peers are slowed.
+    pub max_bytes_per_s: f64,
 }
 
 impl Default for NetworkSection {
@@ -171,16 +195,122 @@ impl Default for NetworkSection {
             idle_timeout_s: 30.0,
             first_task_timeout_s: 60.0,
             min_task_timeout_s: 5.0,
+            max_handshakes: 32,
+            max_frames_per_s: 200.0,
+            max_bytes_per_s: 1e9,
         }
     }
 }
 
 /// `[workers]`
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkersSection {
     /// Force this many compute threads on every worker (deterministic mode); unset: their choice.
     pub deterministic_threads: Option<u32>,
+    /// Give a worker a share of each batch proportional to its measured speed once the
+    /// fastest is more than 1.5x the slowest (equal shares otherwise, or when false).
+    pub balance_by_speed: bool,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        WorkersSection {
+            deterministic_threads: None,
+            balance_by_speed: true,
+        }
+    }
+}
+
+/// How results are compared with their re-execution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckMode {
+    /// Bitwise for CPU workers when `workers.deterministic_threads` is set, tolerance otherwise.
+    #[default]
+    Auto,
+    /// The exact bytes must match.
+    Bitwise,
+    /// The decoded updates must agree within `tolerance` (relative L2 distance).
+    Tolerance,
+}
+
+/// `[verification]`: spot checks by re-execution on the coordinator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerificationSection {
+    /// Probability of re-executing a result of a trusted worker (0 with `new_worker_p` 0: off).
+    pub p: f64,
+    /// Probability for a worker with no passed check yet; falls linearly to `p`.
+    pub new_worker_p: f64,
+    /// Passed checks after which `p` applies.
+    pub trusted_after: u32,
+    /// How results are compared.
+    pub mode: CheckMode,
+    /// Largest relative L2 distance accepted in tolerance mode.
+    pub tolerance: f64,
+    /// Seconds a worker has to answer a challenge about a result it committed to.
+    pub challenge_timeout_s: f64,
+    /// Checks waiting or running before new rounds wait for them.
+    pub max_pending: usize,
+    /// Unanswered challenges or protocol offences after which a worker is banned.
+    pub max_strikes: u32,
+}
+
+impl Default for VerificationSection {
+    fn default() -> Self {
+        VerificationSection {
+            p: 0.05,
+            new_worker_p: 0.5,
+            trusted_after: 20,
+            mode: CheckMode::Auto,
+            tolerance: 1e-3,
+            challenge_timeout_s: 60.0,
+            max_pending: 16,
+            max_strikes: 3,
+        }
+    }
+}
+
+impl VerificationSection {
+    /// The spot-check policy these settings describe.
+    pub fn policy(&self) -> SpotCheckPolicy {
+        SpotCheckPolicy {
+            base_p: self.p,
+            new_worker_p: self.new_worker_p,
+            trusted_after: self.trusted_after,
+        }
+    }
+
+    /// Whether any result can be checked.
+    pub fn enabled(&self) -> bool {
+        self.p > 0.0 || self.new_worker_p > 0.0
+    }
+}
+
+/// `[ledger]`: the write-ahead log, checkpoints and the history kept for rollbacks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSection {
+    /// Write a checkpoint (and start a new write-ahead log) once the log exceeds this.
+    pub wal_max_bytes: u64,
+    /// Keep an in-memory snapshot every this many rounds, for rollbacks.
+    pub snapshot_every: u64,
+    /// Rounds of history kept for rollbacks.
+    pub rollback_window: u64,
+    /// Most bytes of contributions kept in memory for rollbacks.
+    pub history_max_bytes: u64,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        LedgerSection {
+            wal_max_bytes: 64 << 20,
+            snapshot_every: 10,
+            rollback_window: 200,
+            history_max_bytes: 256 << 20,
+        }
+    }
 }
 
 /// Errors of configuration loading.
@@ -262,18 +392,52 @@ impl RunConfig {
         self.compression
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("compression: {e}")))?;
+        self.downlink
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("downlink: {e}")))?;
+        self.aggregation
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("aggregation: {e}")))?;
+        let v = &self.verification;
+        if !(0.0..=1.0).contains(&v.p) || !(0.0..=1.0).contains(&v.new_worker_p) {
+            return bad("verification.p and new_worker_p must be in [0, 1]".into());
+        }
+        if !(v.tolerance.is_finite() && v.tolerance >= 0.0) {
+            return bad("verification.tolerance must be a finite number >= 0".into());
+        }
+        if v.max_pending == 0 || v.max_strikes == 0 {
+            return bad("verification.max_pending and max_strikes must be >= 1".into());
+        }
+        let l = &self.ledger;
+        if l.snapshot_every == 0 || l.wal_max_bytes < 1 << 20 {
+            return bad(
+                "ledger.snapshot_every >= 1 and wal_max_bytes >= 1 MiB are required".into(),
+            );
+        }
         let n = &self.network;
         if n.max_workers == 0 || n.max_frame_bytes < 1024 {
             return bad("network.max_workers >= 1 and max_frame_bytes >= 1024 are required".into());
         }
+        if n.max_handshakes == 0
+            || n.max_frames_per_s.is_nan()
+            || n.max_frames_per_s < 1.0
+            || n.max_bytes_per_s.is_nan()
+            || n.max_bytes_per_s < 1e4
+        {
+            return bad(
+                "network.max_handshakes >= 1, max_frames_per_s >= 1, max_bytes_per_s >= 1e4 are required"
+                    .into(),
+            );
+        }
         for (name, v) in [
+            ("challenge_timeout_s", self.verification.challenge_timeout_s),
             ("handshake_timeout_s", n.handshake_timeout_s),
             ("idle_timeout_s", n.idle_timeout_s),
             ("first_task_timeout_s", n.first_task_timeout_s),
             ("min_task_timeout_s", n.min_task_timeout_s),
         ] {
             if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
-                return bad(format!("network.{name} must be in (0, 86400) seconds"));
+                return bad(format!("{name} must be in (0, 86400) seconds"));
             }
         }
         Ok(())

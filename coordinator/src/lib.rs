@@ -1,14 +1,24 @@
 //! The run coordinator.
 //!
 //! * [`config`]: the TOML run configuration.
-//! * [`server`]: QUIC accept loop, handshake and per-connection relays.
-//! * [`scheduler`]: synchronous data parallelism with churn, the optimizer, evaluation.
-//! * [`state`]: identity and checkpoint files (atomic writes).
+//! * [`server`]: QUIC accept loop, handshake, limits and per-connection relays.
+//! * [`scheduler`]: rounds over the connected workers, churn, stragglers, bans, evaluation;
+//!   [`parts`]: how a round is split.
+//! * [`ledger`]: the training state, the write-ahead log, checkpoints, rollbacks.
+//! * [`downlink`]: parameter payloads (full, XOR deltas, quantized deltas).
+//! * [`checks`]: spot checks by re-execution, challenges, dispute bisection.
+//! * [`registry`]: connected workers and their standing (reputation, strikes, bans).
+//! * [`state`]: the run identity (atomic writes).
 //! * [`metrics`]: `metrics.jsonl` and traffic counters; [`progress`]: the live line.
 
+pub mod checks;
 pub mod config;
+pub mod downlink;
+pub mod ledger;
 pub mod metrics;
+pub mod parts;
 pub mod progress;
+pub mod registry;
 pub mod scheduler;
 pub mod server;
 pub mod state;
@@ -28,7 +38,12 @@ pub use scheduler::Outcome;
 pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     let dir = cfg.run.output_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    trainer::runtime::set_threads(cfg.training.threads);
+    // Re-execution must use the workers' thread count to reproduce their bits.
+    let threads = match cfg.workers.deterministic_threads {
+        Some(t) if cfg.verification.enabled() => Some(t as usize),
+        _ => cfg.training.threads,
+    };
+    trainer::runtime::set_threads(threads);
     let identity = state::RunIdentity::load_or_create(&dir)?;
     let split = Dataset::load_split(&cfg.data.dir)
         .with_context(|| format!("loading the data set from {}", cfg.data.dir.display()))?;
@@ -77,14 +92,24 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
 
     let (tx, rx) = std::sync::mpsc::channel();
     let traffic = Arc::new(metrics::Traffic::default());
+    let banned = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
+    // A result frame holds at most the fp32 update plus its commitment.
+    let needed = 4 * n_params as u64 + (1 << 20);
+    let limits = server::ConnLimits {
+        max_frame: cfg.network.max_frame_bytes.min(needed + needed / 64),
+        handshake_timeout: Duration::from_secs_f64(cfg.network.handshake_timeout_s),
+        max_workers: cfg.network.max_workers,
+        max_handshakes: cfg.network.max_handshakes,
+        frames_per_s: cfg.network.max_frames_per_s,
+        bytes_per_s: cfg.network.max_bytes_per_s,
+    };
     let ctx = Arc::new(server::ServerCtx::new(
         identity.secret,
         welcome,
         tx.clone(),
-        cfg.network.max_frame_bytes,
-        Duration::from_secs_f64(cfg.network.handshake_timeout_s),
-        cfg.network.max_workers,
+        limits,
         traffic.clone(),
+        banned.clone(),
     ));
     let accept = tokio::spawn(server::accept_loop(endpoint.clone(), ctx));
     let stop_tx = tx.clone();
@@ -94,15 +119,16 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
             let _ = stop_tx.send(server::Event::Stop);
         }
     });
-    drop(tx);
-    let sched = scheduler::Scheduler::new(
-        cfg,
-        identity.run_id,
-        rx,
-        split.train.len(),
-        split.test,
+    let inputs = scheduler::Inputs {
+        events: rx,
+        events_tx: tx,
+        train: Arc::new(split.train),
+        test: split.test,
         traffic,
-    )?;
+        banned,
+        check_key: blake3::derive_key("dtrain spot-check key v1", &identity.secret),
+    };
+    let sched = scheduler::Scheduler::new(cfg, identity.run_id, inputs)?;
     let outcome = tokio::task::spawn_blocking(move || sched.run()).await??;
     // Let the shutdown messages reach the workers before the endpoint goes away.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

@@ -1,77 +1,38 @@
 //! The scheduler: synchronous data parallelism (or DiLoCo rounds) over whichever workers are
-//! connected.
+//! connected, with spot checks of their results.
 //!
-//! Each step (round) splits its global batch (its H global batches) over the idle workers,
-//! sends every part with the current parameters, and waits for all parts. With H = 1 a part
-//! answers with its mean gradient; with H > 1 with its pseudo-gradient after H inner steps. A part whose worker leaves, answers with an
-//! invalid result, or misses its deadline goes to another idle worker (the first valid answer
-//! wins). Gradients are averaged weighted by sample count, in part order, and the optimizer
-//! is applied here, so the result does not depend on arrival order.
+//! Each round splits its global batch (its H global batches) over the idle workers (by speed
+//! when they differ much), sends every part with what the worker needs to hold the current
+//! parameters, and waits for all parts. A part whose worker leaves, answers with an invalid
+//! result, or misses its deadline goes to another idle worker (the first valid answer wins).
+//! The round is then committed to the ledger (aggregate, optimizer step, write-ahead log) in
+//! part order, so the result does not depend on arrival order. A random sample of accepted
+//! results is re-executed ([`crate::checks`]); a worker caught cheating is banned and its
+//! unverified contributions are rolled back.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::collections::HashSet;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use compression::{CodecConfig, CodecKind, DecodeLimits};
+use compression::DecodeLimits;
 use proto::{close, Task, TaskResult, ToCoordinator, ToWorker};
-use serde_bytes::ByteBuf;
 use serde_json::json;
 use tracing::{info, warn};
-use trainer::schedule::{split_exact, BatchSchedule};
+use trainer::schedule::BatchSchedule;
 use trainer::{Dataset, Net, Optimizer};
-use verify::WorkerId;
+use verify::{Evidence, SpotCheckPolicy, WorkerId};
 
-use crate::config::RunConfig;
+use crate::checks::{self, Checks, Out};
+use crate::config::{CheckMode, RunConfig};
+use crate::downlink::Downlink;
+use crate::ledger::{Contribution, Ledger, Meta, RoundRecord, Rules, TrainState};
 use crate::metrics::{Metrics, Traffic};
+use crate::parts::{self, Attempt, Part};
 use crate::progress::{Progress, StepLine};
-use crate::server::{Event, Outgoing};
-use crate::state::Checkpoint;
-
-struct WorkerState {
-    id: WorkerId,
-    name: String,
-    tx: tokio::sync::mpsc::UnboundedSender<Outgoing>,
-    traffic: Arc<Traffic>,
-    busy: Option<u64>,
-    ms_per_sample: Option<f64>,
-    tasks_ok: u64,
-}
-
-struct Attempt {
-    task_id: u64,
-    conn: u64,
-    started: Instant,
-    deadline: Instant,
-    live: bool,
-}
-
-struct Contribution {
-    grad: Vec<f32>,
-    loss_sum: f64,
-}
-
-struct Part {
-    indices: Vec<u32>,
-    /// Sizes of the micro-batches (one per global batch of the round).
-    micro: Vec<u32>,
-    done: Option<Contribution>,
-    attempts: Vec<Attempt>,
-}
-
-impl Part {
-    fn needs_worker(&self, now: Instant) -> bool {
-        self.done.is_none() && !self.attempts.iter().any(|a| a.live && a.deadline > now)
-    }
-}
-
-/// Everything a step hands to the workers.
-struct StepInput {
-    params: ByteBuf,
-    params_hash: [u8; 32],
-    indices_hash: Vec<[u8; 32]>,
-}
+use crate::registry::{Accepted, Conn, Registry};
+use crate::server::{Event, Joined, Outgoing};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,18 +43,27 @@ pub enum Outcome {
     Stopped,
 }
 
-/// Counters reported in the summary.
+/// Counters reported in the summary (this process's share; bytes come from the traffic).
 #[derive(Default)]
 struct Counts {
     tasks_sent: u64,
     tasks_ok: u64,
     rejected: u64,
     reassigned: u64,
-    /// Encoded bytes of accepted updates.
+    /// Encoded bytes of accepted updates, and what they would take as raw fp32.
     update_bytes: u64,
-    /// What those updates would take as raw fp32.
     update_raw: u64,
-    /// Traffic totals after the previous step.
+    /// Milliseconds workers spent on accepted results (as measured here).
+    work_ms: f64,
+    /// Spot checks: re-executions finished, passed, workers caught, checks abandoned.
+    checks: u64,
+    passed: u64,
+    caught: u64,
+    abandoned: u64,
+    /// Milliseconds of re-execution.
+    check_ms: f64,
+    rollbacks: u64,
+    removed: u64,
     last_in: u64,
     last_out: u64,
 }
@@ -104,32 +74,51 @@ impl Counts {
     }
 }
 
-/// The scheduler and the model state it owns.
+/// What the network and the checker thread give the scheduler.
+pub struct Inputs {
+    /// Events.
+    pub events: Receiver<Event>,
+    /// A sender of the same channel (for the checker thread).
+    pub events_tx: Sender<Event>,
+    /// Training set (re-execution).
+    pub train: Arc<Dataset>,
+    /// Test set (evaluation).
+    pub test: Dataset,
+    /// Traffic of all connections.
+    pub traffic: Arc<Traffic>,
+    /// Banned identities, shared with the accept loop.
+    pub banned: Arc<std::sync::RwLock<HashSet<WorkerId>>>,
+    /// Key of the spot-check draws (unpredictable to workers).
+    pub check_key: [u8; 32],
+}
+
+/// The scheduler and the run state it owns.
 pub struct Scheduler {
     cfg: RunConfig,
     run_id: [u8; 32],
     events: Receiver<Event>,
     test: Dataset,
     net: Net,
-    params: Vec<f32>,
-    opt: Optimizer,
+    ledger: Ledger,
+    downlink: Downlink,
     schedule: BatchSchedule,
-    /// Rounds (optimizer steps) done.
-    step: u64,
-    /// Rounds in the run.
     total_steps: u64,
-    /// Global batches per round.
     h: u64,
-    /// Global batches in the run.
     total_batches: u64,
-    workers: BTreeMap<u64, WorkerState>,
+    reg: Registry,
+    checks: Option<Checks>,
+    policy: SpotCheckPolicy,
+    check_key: [u8; 32],
+    next_check: u64,
+    /// Workers banned since the last round was committed (their contributions go).
+    to_remove: HashSet<WorkerId>,
+    /// Single results to remove (their check could not be completed).
+    to_drop: HashSet<u64>,
     seen: HashSet<WorkerId>,
-    seen_before: u64,
+    meta: Meta,
     metrics: Metrics,
     traffic: Arc<Traffic>,
-    next_task: u64,
     hyper: [u8; 32],
-    downlink: CodecConfig,
     limits: DecodeLimits,
     counts: Counts,
     progress: Progress,
@@ -138,20 +127,22 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Builds the scheduler, resuming from the checkpoint in the output directory if any.
-    pub fn new(
-        cfg: RunConfig,
-        run_id: [u8; 32],
-        events: Receiver<Event>,
-        train_len: usize,
-        test: Dataset,
-        traffic: Arc<Traffic>,
-    ) -> Result<Self> {
+    /// Builds the scheduler, resuming from the ledger in the output directory if any.
+    pub fn new(cfg: RunConfig, run_id: [u8; 32], inputs: Inputs) -> Result<Self> {
+        let Inputs {
+            events,
+            events_tx,
+            train,
+            test,
+            traffic,
+            banned,
+            check_key,
+        } = inputs;
         let net = Net::new(cfg.model.kind, tch::Device::Cpu, cfg.run.seed);
-        let n = if cfg.data.train_limit > 0 {
-            cfg.data.train_limit.min(train_len)
-        } else {
-            train_len
+        let n_params = net.n_params();
+        let n = match cfg.data.train_limit {
+            0 => train.len(),
+            l => l.min(train.len()),
         };
         let schedule = BatchSchedule::new(n, cfg.training.global_batch, cfg.run.seed);
         let total_batches = cfg
@@ -160,65 +151,80 @@ impl Scheduler {
             .unwrap_or(cfg.training.epochs * schedule.steps_per_epoch());
         let h = u64::from(cfg.training.local_steps.max(1));
         let total_steps = total_batches.div_ceil(h);
-        let dir = &cfg.run.output_dir;
-        let ck = if cfg.run.resume {
-            Checkpoint::load(dir, &run_id, net.n_params())?
-        } else {
-            None
-        };
-        let (params, opt, step, wall, seen_before) = match ck {
-            Some(ck) => {
-                info!(step = ck.step, "resuming from checkpoint");
-                traffic.add_in(ck.bytes_in);
-                traffic.add_out(ck.bytes_out);
-                (ck.params, ck.optimizer, ck.step, ck.wall_s, ck.workers_seen)
-            }
-            None => (
-                net.flat_params(),
-                Optimizer::new(cfg.optimizer.clone()),
-                0,
-                0.0,
-                0,
-            ),
-        };
-        let mut metrics = Metrics::open(dir, wall)?;
-        metrics.emit(
-            if step > 0 { "resume" } else { "start" },
-            json!({"step": step, "total_steps": total_steps, "local_steps": h, "total_batches": total_batches, "n_params": net.n_params(),
-                   "steps_per_epoch": schedule.steps_per_epoch(), "global_batch": cfg.training.global_batch,
-                   "codec": cfg.compression}),
-        );
-        let downlink = CodecConfig {
-            codec: CodecKind::Fp32,
-            zstd_level: cfg.compression.zstd_level,
-            ..CodecConfig::default()
-        };
         let limits = DecodeLimits {
-            max_values: net.n_params(),
+            max_values: n_params,
             max_encoded_bytes: cfg.network.max_frame_bytes as usize,
         };
+        let fresh = TrainState {
+            round: 0,
+            params: net.flat_params(),
+            opt: Optimizer::new(cfg.optimizer.clone()),
+            downlink_residual: Vec::new(),
+        };
+        let rules = Rules {
+            aggregation: cfg.aggregation.clone(),
+            downlink: cfg.downlink.clone(),
+            limits,
+        };
+        let dir = &cfg.run.output_dir;
+        let (ledger, recovered) = Ledger::open(
+            dir,
+            run_id,
+            fresh,
+            cfg.run.resume,
+            rules,
+            cfg.ledger.clone(),
+        )?;
+        let meta = recovered.meta.clone().unwrap_or_default();
+        traffic.add_in(meta.bytes_in);
+        traffic.add_out(meta.bytes_out);
+        let step = ledger.state.round;
+        let mut metrics = Metrics::open(dir, meta.wall_s)?;
+        metrics.emit(
+            if step > 0 { "resume" } else { "start" },
+            json!({"step": step, "total_steps": total_steps, "local_steps": h, "total_batches": total_batches,
+                   "n_params": n_params, "steps_per_epoch": schedule.steps_per_epoch(),
+                   "global_batch": cfg.training.global_batch, "codec": cfg.compression, "downlink": cfg.downlink,
+                   "replayed": recovered.replayed, "verification": cfg.verification, "aggregation": cfg.aggregation}),
+        );
+        let checks = cfg.verification.enabled().then(|| {
+            checks::start(
+                cfg.model.kind,
+                train.clone(),
+                cfg.inner_optimizer.clone(),
+                cfg.compression.clone(),
+                limits,
+                events_tx.clone(),
+                Duration::from_secs_f64(cfg.verification.challenge_timeout_s),
+            )
+        });
+        drop(events_tx);
+        let downlink = Downlink::new(ledger.state.params.clone(), &cfg.downlink);
         let (last_in, last_out) = traffic.get();
         Ok(Scheduler {
             hyper: hyperparams_digest(&cfg),
             progress: Progress::new(total_steps, step),
+            policy: cfg.verification.policy(),
             run_id,
             events,
             test,
             net,
-            params,
-            opt,
+            ledger,
+            downlink,
             schedule,
-            step,
             total_steps,
             h,
             total_batches,
-            workers: BTreeMap::new(),
+            reg: Registry::new(recovered.standings, banned),
+            checks,
+            check_key,
+            next_check: 1,
+            to_remove: HashSet::new(),
+            to_drop: HashSet::new(),
             seen: HashSet::new(),
-            seen_before,
+            meta,
             metrics,
             traffic,
-            next_task: step * 1_000_000,
-            downlink,
             limits,
             counts: Counts {
                 last_in,
@@ -231,14 +237,18 @@ impl Scheduler {
         })
     }
 
+    fn step(&self) -> u64 {
+        self.ledger.state.round
+    }
+
     /// Runs until every step is done or the operator stops the run.
     pub fn run(mut self) -> Result<Outcome> {
-        while self.step < self.total_steps {
+        while self.step() < self.total_steps {
             if !self.train_step()? {
                 self.save_checkpoint()?;
-                self.metrics.emit("stopped", json!({"step": self.step}));
-                for w in self.workers.values() {
-                    let _ = w.tx.send(Outgoing::Close(
+                self.metrics.emit("stopped", json!({"step": self.step()}));
+                for c in self.reg.conns.values() {
+                    let _ = c.tx.send(Outgoing::Close(
                         close::GOING_AWAY,
                         "coordinator stopping; the run will resume".into(),
                     ));
@@ -257,99 +267,89 @@ impl Scheduler {
         (round * self.h).min(self.total_batches)
     }
 
-    fn idle_workers(&self) -> Vec<u64> {
-        self.workers
-            .iter()
-            .filter(|(_, w)| w.busy.is_none())
-            .map(|(&c, _)| c)
-            .collect()
+    /// Waits for an event (at most `wait`) and handles it; false on a stop request.
+    fn pump(&mut self, wait: Duration, parts: &mut [Part]) -> Result<bool> {
+        let ok = match self.events.recv_timeout(wait) {
+            Ok(ev) => self.handle(ev, parts)?,
+            Err(RecvTimeoutError::Timeout) => true,
+            Err(RecvTimeoutError::Disconnected) => bail!("network side ended"),
+        };
+        if let Some(c) = self.checks.as_mut() {
+            let outs = c.tick(Instant::now());
+            self.act(outs, parts)?;
+        }
+        Ok(ok)
     }
 
-    /// One synchronous step; false when the operator stopped the run.
+    /// One round; false when the operator stopped the run.
     fn train_step(&mut self) -> Result<bool> {
         let step_start = Instant::now();
-        let batches: Vec<Vec<u32>> = (self.batches_done(self.step)
-            ..self.batches_done(self.step + 1))
+        let step = self.step();
+        let batches: Vec<Vec<u32>> = (self.batches_done(step)..self.batches_done(step + 1))
             .map(|b| self.schedule.batch(b))
             .collect();
-        let mut waited = Instant::now();
         let need = if self.started {
             1
         } else {
             self.cfg.run.min_workers.max(1)
         };
-        while self.idle_workers().len() < need {
+        let mut waited = Instant::now();
+        loop {
+            let backlog = self.checks.as_ref().map_or(0, Checks::len);
+            if self.reg.idle().len() >= need && backlog < self.cfg.verification.max_pending {
+                break;
+            }
             if waited.elapsed() > Duration::from_secs(10) {
                 info!(
-                    step = self.step,
-                    busy = self.workers.len(),
+                    step,
+                    connected = self.reg.conns.len(),
+                    backlog,
                     "waiting for workers"
                 );
                 waited = Instant::now();
             }
-            match self.events.recv_timeout(Duration::from_millis(500)) {
-                Ok(ev) => {
-                    if !self.handle(ev, &mut [], None)? {
-                        return Ok(false);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => bail!("network side ended"),
+            if !self.pump(Duration::from_millis(200), &mut [])? {
+                return Ok(false);
             }
         }
         self.started = true;
-        let idle = self.idle_workers();
+        let idle = self.reg.idle();
         // Never more parts than the round's first (largest) batch has samples.
         let n = idle.len().min(batches.first().map_or(1, Vec::len)).max(1);
-        let per_batch: Vec<Vec<Vec<u32>>> = batches.iter().map(|b| split_exact(b, n)).collect();
-        let mut parts: Vec<Part> = (0..n)
-            .map(|i| Part {
-                indices: per_batch
-                    .iter()
-                    .flat_map(|pb| pb[i].iter().copied())
-                    .collect(),
-                micro: per_batch.iter().map(|pb| pb[i].len() as u32).collect(),
-                done: None,
-                attempts: Vec::new(),
-            })
-            .collect();
-        let input = StepInput {
-            params: ByteBuf::from(compression::encode(&self.params, &self.downlink, 0)?),
-            params_hash: verify::hash_f32(&self.params),
-            indices_hash: parts
-                .iter()
-                .map(|p| verify::hash_indices(&p.indices))
-                .collect(),
-        };
+        let speeds: Option<Vec<f64>> = self.cfg.workers.balance_by_speed.then(|| {
+            idle.iter()
+                .take(n)
+                .map(|c| {
+                    self.reg.conns[c]
+                        .ms_per_sample
+                        .map_or(0.0, |ms| 1000.0 / ms.max(1e-3))
+                })
+                .collect()
+        });
+        let mut parts = parts::split(&batches, n, speeds.as_deref());
         for (i, &conn) in idle.iter().enumerate().take(parts.len()) {
-            self.assign(&mut parts[i], i, conn, &input);
+            self.assign(&mut parts[i], conn)?;
         }
         while parts.iter().any(|p| p.done.is_none()) {
-            self.dispatch(&mut parts, &input);
+            self.dispatch(&mut parts)?;
             let now = Instant::now();
             let wait = parts
                 .iter()
                 .flat_map(|p| p.attempts.iter().filter(|a| a.live))
                 .map(|a| a.deadline.saturating_duration_since(now))
                 .min()
-                .unwrap_or(Duration::from_millis(500))
-                .clamp(Duration::from_millis(5), Duration::from_millis(500));
-            match self.events.recv_timeout(wait) {
-                Ok(ev) => {
-                    if !self.handle(ev, &mut parts, Some(&input))? {
-                        return Ok(false);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => bail!("network side ended"),
+                .unwrap_or(Duration::from_millis(200))
+                .clamp(Duration::from_millis(5), Duration::from_millis(200));
+            if !self.pump(wait, &mut parts)? {
+                return Ok(false);
             }
         }
-        self.apply(parts, step_start)?;
+        self.commit_round(parts, step_start)?;
         Ok(true)
     }
 
     /// Gives every part that has no live, in-time attempt to an idle worker not already on it.
-    fn dispatch(&mut self, parts: &mut [Part], input: &StepInput) {
+    fn dispatch(&mut self, parts: &mut [Part]) -> Result<()> {
         let now = Instant::now();
         for (i, part) in parts.iter_mut().enumerate() {
             if !part.needs_worker(now) {
@@ -361,32 +361,31 @@ impl Scheduler {
                 .filter(|a| a.live)
                 .map(|a| a.conn)
                 .collect();
-            let Some(conn) = self
-                .workers
-                .iter()
-                .find(|(c, w)| w.busy.is_none() && !on_it.contains(c))
-                .map(|(&c, _)| c)
-            else {
+            let Some(conn) = self.reg.idle().into_iter().find(|c| !on_it.contains(c)) else {
                 continue;
             };
             if !part.attempts.is_empty() {
                 self.counts.reassigned += 1;
-                info!(step = self.step, part = i, to = conn, "reassigning part");
+                info!(step = self.step(), part = i, to = conn, "reassigning part");
                 self.metrics.emit(
                     "reassigned",
-                    json!({"step": self.step, "part": i, "to_conn": conn}),
+                    json!({"step": self.step(), "part": i, "to_conn": conn}),
                 );
             }
-            self.assign(part, i, conn, input);
+            self.assign(part, conn)?;
         }
+        Ok(())
     }
 
-    fn assign(&mut self, part: &mut Part, index: usize, conn: u64, input: &StepInput) {
-        let Some(w) = self.workers.get_mut(&conn) else {
-            return;
+    fn assign(&mut self, part: &mut Part, conn: u64) -> Result<()> {
+        let Some(w) = self.reg.conns.get(&conn) else {
+            return Ok(());
         };
-        self.next_task += 1;
-        let task_id = self.next_task;
+        let held = w.held_version;
+        let ef_base = self.reg.ef_base(&w.id);
+        let params = self.downlink.payload(held)?;
+        self.meta.next_task += 1;
+        let task_id = self.meta.next_task;
         let n = part.indices.len() as f64;
         let timeout = match w.ms_per_sample {
             None => self.cfg.network.first_task_timeout_s,
@@ -394,26 +393,25 @@ impl Scheduler {
         };
         let task = Task {
             task_id,
-            step: self.step,
-            params_version: self.step,
-            params: Some(input.params.clone()),
-            params_hash: input.params_hash,
+            step: self.step(),
+            params_version: self.downlink.version(),
+            params,
+            params_hash: self.downlink.hash(),
             indices: part.indices.clone(),
             micro_batches: part.micro.clone(),
             seed: self.cfg.run.seed ^ task_id,
             hyperparams: self.hyper,
+            ef_base,
         };
-        debug_assert_eq!(
-            verify::hash_indices(&part.indices),
-            input.indices_hash[index]
-        );
+        let w = self.reg.conns.get_mut(&conn).expect("checked above");
         if w.tx
             .send(Outgoing::Msg(Box::new(ToWorker::Task(task))))
             .is_err()
         {
-            return;
+            return Ok(());
         }
         w.busy = Some(task_id);
+        w.held_version = Some(self.downlink.version());
         self.counts.tasks_sent += 1;
         let now = Instant::now();
         part.attempts.push(Attempt {
@@ -422,46 +420,31 @@ impl Scheduler {
             started: now,
             deadline: now + Duration::from_secs_f64(timeout),
             live: true,
+            ef_base,
         });
+        Ok(())
     }
 
     /// Handles one event; false on a stop request.
-    fn handle(&mut self, ev: Event, parts: &mut [Part], input: Option<&StepInput>) -> Result<bool> {
+    fn handle(&mut self, ev: Event, parts: &mut [Part]) -> Result<bool> {
         match ev {
             Event::Stop => return Ok(false),
-            Event::Joined {
+            Event::Joined(j) => self.on_join(*j)?,
+            Event::Left {
                 conn,
-                worker,
-                name,
-                tx,
-                traffic,
+                reason,
+                offence,
             } => {
-                self.seen.insert(worker);
-                self.metrics.emit(
-                    "worker_joined",
-                    json!({"conn": conn, "worker": worker.to_string(), "name": name, "step": self.step}),
-                );
-                self.workers.insert(
-                    conn,
-                    WorkerState {
-                        id: worker,
-                        name,
-                        tx,
-                        traffic,
-                        busy: None,
-                        ms_per_sample: None,
-                        tasks_ok: 0,
-                    },
-                );
-            }
-            Event::Left { conn, reason } => {
-                if let Some(w) = self.workers.remove(&conn) {
-                    let (bin, bout) = w.traffic.get();
+                if let Some(c) = self.reg.conns.remove(&conn) {
+                    let (bin, bout) = c.traffic.get();
                     self.metrics.emit(
                         "worker_left",
-                        json!({"conn": conn, "worker": w.id.to_string(), "name": w.name, "reason": reason,
-                               "tasks_ok": w.tasks_ok, "bytes_in": bin, "bytes_out": bout, "step": self.step}),
+                        json!({"conn": conn, "worker": c.id.to_string(), "name": c.name, "reason": reason,
+                               "tasks_ok": c.tasks_ok, "bytes_in": bin, "bytes_out": bout, "step": self.step()}),
                     );
+                    if offence {
+                        self.strike(c.id, conn, &reason, parts)?;
+                    }
                 }
                 for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
                     if a.conn == conn {
@@ -469,15 +452,32 @@ impl Scheduler {
                     }
                 }
             }
-            Event::Message { conn, msg } => match *msg {
-                ToCoordinator::Result(res) => self.on_result(conn, *res, parts, input),
-                ToCoordinator::TaskFailed { task_id, reason } => {
+            Event::Checked(done) => {
+                if let Some(c) = self.checks.as_mut() {
+                    let outs = c.on_done(*done);
+                    self.act(outs, parts)?;
+                }
+            }
+            Event::Message { conn, msg, .. } => match *msg {
+                ToCoordinator::Result(res) => self.on_result(conn, *res, parts)?,
+                ToCoordinator::TaskFailed {
+                    task_id,
+                    reason,
+                    need_full_params,
+                } => {
                     let reason: String = reason.chars().take(256).collect();
-                    warn!(conn, task_id, "worker could not do its task: {reason}");
-                    if let Some(w) = self.workers.get_mut(&conn) {
-                        if w.busy == Some(task_id) {
-                            w.busy = None;
-                        }
+                    let Some(w) = self.reg.conns.get_mut(&conn) else {
+                        return Ok(true);
+                    };
+                    warn!(
+                        conn,
+                        task_id, need_full_params, "worker could not do its task: {reason}"
+                    );
+                    if w.busy == Some(task_id) {
+                        w.busy = None;
+                    }
+                    if need_full_params {
+                        w.held_version = None;
                     }
                     for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
                         if a.task_id == task_id && a.conn == conn {
@@ -485,25 +485,72 @@ impl Scheduler {
                         }
                     }
                 }
-                ToCoordinator::Hello(_) => self.drop_worker(conn, "unexpected Hello".into()),
+                ToCoordinator::ChallengeReply {
+                    challenge_id,
+                    answer,
+                } => {
+                    if let Some(c) = self.checks.as_mut() {
+                        let outs = c.on_reply(conn, challenge_id, answer);
+                        self.act(outs, parts)?;
+                    }
+                }
+                ToCoordinator::Hello(_) => self.offend(conn, "unexpected Hello".into(), parts)?,
             },
         }
         Ok(true)
     }
 
-    fn on_result(
-        &mut self,
-        conn: u64,
-        res: TaskResult,
-        parts: &mut [Part],
-        input: Option<&StepInput>,
-    ) {
-        let Some(w) = self.workers.get_mut(&conn) else {
-            return;
-        };
-        if w.busy == Some(res.task_id) {
-            w.busy = None;
+    fn on_join(&mut self, j: Joined) -> Result<()> {
+        if self.reg.is_banned(&j.worker) {
+            let _ = j.tx.send(Outgoing::Close(
+                close::AUTH,
+                "this worker is banned from the run".into(),
+            ));
+            return Ok(());
         }
+        self.seen.insert(j.worker);
+        self.metrics.emit(
+            "worker_joined",
+            json!({"conn": j.conn, "worker": j.worker.to_string(), "name": j.name, "step": self.step()}),
+        );
+        let bitwise = match self.cfg.verification.mode {
+            CheckMode::Bitwise => true,
+            CheckMode::Tolerance => false,
+            CheckMode::Auto => {
+                self.cfg.workers.deterministic_threads.is_some() && j.device == "cpu"
+            }
+        };
+        self.reg.conns.insert(
+            j.conn,
+            Conn {
+                id: j.worker,
+                name: j.name,
+                bitwise,
+                tx: j.tx,
+                traffic: j.traffic,
+                busy: None,
+                ms_per_sample: None,
+                tasks_ok: 0,
+                held_version: None,
+            },
+        );
+        if let Some(c) = self.checks.as_mut() {
+            let outs = c.retarget(&j.worker, j.conn);
+            self.act(outs, &mut [])?;
+        }
+        Ok(())
+    }
+
+    fn on_result(&mut self, conn: u64, res: TaskResult, parts: &mut [Part]) -> Result<()> {
+        let Some(w) = self.reg.conns.get_mut(&conn) else {
+            return Ok(());
+        };
+        if w.busy != Some(res.task_id) {
+            let reason = format!("result for task {} that is not this connection's current task (replayed or out of order)", res.task_id);
+            return self.offend(conn, reason, parts);
+        }
+        w.busy = None;
+        let worker = w.id;
         let found = parts.iter_mut().enumerate().find_map(|(i, p)| {
             let a = p
                 .attempts
@@ -511,60 +558,98 @@ impl Scheduler {
                 .position(|a| a.task_id == res.task_id && a.conn == conn)?;
             Some((i, a))
         });
-        let (Some((pi, ai)), Some(input)) = (found, input) else {
+        let Some((pi, ai)) = found else {
             tracing::debug!(
                 task = res.task_id,
-                "late result for an earlier step, ignored"
+                "late result for an earlier round, ignored"
             );
-            return;
+            return Ok(());
         };
         let part = &mut parts[pi];
         part.attempts[ai].live = false;
+        let ef_base = part.attempts[ai].ef_base;
         let elapsed = part.attempts[ai].started.elapsed().as_secs_f64() * 1000.0;
-        let worker = self.workers[&conn].id;
-        match self.validate(
-            &worker,
-            &res,
-            part,
-            &input.params_hash,
-            &input.indices_hash[pi],
-        ) {
-            Ok(c) => {
-                let w = self.workers.get_mut(&conn).expect("worker present");
-                w.tasks_ok += 1;
-                let per = elapsed / part.indices.len().max(1) as f64;
-                w.ms_per_sample = Some(match w.ms_per_sample {
-                    Some(old) => 0.7 * old + 0.3 * per,
-                    None => per,
-                });
-                self.counts.tasks_ok += 1;
-                self.counts.update_bytes += res.update.len() as u64;
-                self.counts.update_raw += 4 * self.params.len() as u64;
-                if part.done.is_none() {
-                    part.done = Some(c);
-                }
-            }
-            Err(reason) => {
-                self.counts.rejected += 1;
-                warn!(worker = %worker.short(), task = res.task_id, "rejected result: {reason}");
-                self.metrics.emit(
-                    "rejected_result",
-                    json!({"conn": conn, "worker": worker.to_string(), "task_id": res.task_id, "step": self.step, "reason": reason}),
-                );
-                self.drop_worker(conn, format!("invalid result: {reason}"));
-            }
+        if let Err(reason) = self.validate(&worker, &res, part, ef_base) {
+            self.counts.rejected += 1;
+            warn!(worker = %worker.short(), task = res.task_id, "rejected result: {reason}");
+            self.metrics.emit(
+                "rejected_result",
+                json!({"conn": conn, "worker": worker.to_string(), "task_id": res.task_id, "step": self.step(), "reason": reason}),
+            );
+            return self.offend(conn, format!("invalid result: {reason}"), parts);
         }
+        let w = self.reg.conns.get_mut(&conn).expect("worker present");
+        w.tasks_ok += 1;
+        let per = elapsed / part.indices.len().max(1) as f64;
+        w.ms_per_sample = Some(match w.ms_per_sample {
+            Some(old) => 0.7 * old + 0.3 * per,
+            None => per,
+        });
+        let bitwise = w.bitwise;
+        self.counts.tasks_ok += 1;
+        self.counts.work_ms += elapsed;
+        self.counts.update_bytes += res.update.len() as u64;
+        self.counts.update_raw += 4 * self.downlink.params().len() as u64;
+        if part.done.is_some() {
+            return Ok(());
+        }
+        let res = Arc::new(res);
+        self.reg.accept(
+            worker,
+            Accepted {
+                task_id: res.task_id,
+                commitment: res.commitment.clone(),
+                update: Arc::new(res.update.clone()),
+            },
+        );
+        let standing = self.reg.update(worker, |s| s.rep.tasks += 1);
+        let check = self.checks.is_some()
+            && self
+                .policy
+                .should_check(&standing.rep, &self.check_key, res.task_id);
+        part.done = Some(parts::Answer {
+            worker,
+            result: res.clone(),
+        });
+        if check {
+            let base = match res.commitment.ef_base {
+                0 => None,
+                b => self.reg.accepted(&worker, b).map(|a| checks::Base {
+                    commitment: a.commitment,
+                    update: a.update,
+                }),
+            };
+            self.next_check += 1;
+            let job = checks::Job::new(
+                self.next_check,
+                worker,
+                conn,
+                self.downlink.params().clone(),
+                part.indices.clone(),
+                part.micro.clone(),
+                self.cfg.run.seed ^ res.task_id,
+                res,
+                base,
+                (!bitwise).then_some(self.cfg.verification.tolerance),
+            );
+            let outs = self
+                .checks
+                .as_mut()
+                .map(|c| c.submit(job))
+                .unwrap_or_default();
+            self.act(outs, parts)?;
+        }
+        Ok(())
     }
 
-    /// Checks an untrusted result against what was asked; returns the decoded gradient.
+    /// Checks an untrusted result against what was asked, before anything uses it.
     fn validate(
         &self,
         worker: &WorkerId,
         res: &TaskResult,
         part: &Part,
-        params_hash: &[u8; 32],
-        indices_hash: &[u8; 32],
-    ) -> Result<Contribution, String> {
+        ef_base: u64,
+    ) -> Result<(), String> {
         let c = &res.commitment;
         if res.n_samples as usize != part.indices.len() || c.n_samples != res.n_samples {
             return Err(format!(
@@ -578,10 +663,13 @@ impl Scheduler {
         }
         if c.run_id != self.run_id
             || c.task_id != res.task_id
-            || c.step != self.step
-            || &c.input_params != params_hash
-            || &c.indices != indices_hash
+            || c.step != self.step()
+            || c.input_params != self.downlink.hash()
+            || c.indices != verify::hash_indices(&part.indices)
+            || c.seed != self.cfg.run.seed ^ res.task_id
             || c.hyperparams != self.hyper
+            || (c.ef_base != 0 && c.ef_base != ef_base)
+            || (part.micro.len() == 1 && c.step_root != [0; 32])
         {
             return Err("commitment does not match the task".into());
         }
@@ -590,60 +678,221 @@ impl Scheduler {
         }
         verify::verify_signature(worker, c, &res.signature)
             .map_err(|e| format!("signature: {e}"))?;
-        let grad = compression::decode_exact(&res.update, self.params.len(), &self.limits)
+        compression::decode_exact(&res.update, self.downlink.params().len(), &self.limits)
             .map_err(|e| format!("update: {e}"))?;
-        Ok(Contribution {
-            grad,
-            loss_sum: res.loss_sum,
-        })
+        Ok(())
     }
 
-    fn drop_worker(&mut self, conn: u64, reason: String) {
-        if let Some(w) = self.workers.remove(&conn) {
-            let _ = w.tx.send(Outgoing::Close(close::PROTOCOL, reason));
-        }
-    }
-
-    /// Averages the parts' gradients (weighted by samples, in part order) and steps.
-    fn apply(&mut self, parts: Vec<Part>, started: Instant) -> Result<()> {
-        let total: usize = parts.iter().map(|p| p.indices.len()).sum();
-        let mut grad = vec![0f32; self.params.len()];
-        let mut loss_sum = 0.0;
-        for p in &parts {
-            let c = p.done.as_ref().expect("all parts done");
-            let w = p.indices.len() as f32 / total as f32;
-            for (g, x) in grad.iter_mut().zip(&c.grad) {
-                *g += w * x;
+    /// Carries out what the checks decided.
+    fn act(&mut self, outs: Vec<Out>, parts: &mut [Part]) -> Result<()> {
+        for o in outs {
+            match o {
+                Out::Challenge {
+                    conn,
+                    challenge_id,
+                    task_id,
+                    query,
+                } => {
+                    if let Some(c) = self.reg.conns.get(&conn) {
+                        let msg = ToWorker::Challenge {
+                            challenge_id,
+                            task_id,
+                            query,
+                        };
+                        let _ = c.tx.send(Outgoing::Msg(Box::new(msg)));
+                    }
+                }
+                Out::Passed {
+                    worker,
+                    task_id,
+                    ms,
+                } => {
+                    self.counts.checks += 1;
+                    self.counts.passed += 1;
+                    self.counts.check_ms += ms;
+                    self.ledger.mark_verified(task_id)?;
+                    let s = self.reg.update(worker, |s| s.rep.checks_passed += 1);
+                    self.ledger.log_standing(worker, &s)?;
+                    self.metrics.emit(
+                        "check_passed",
+                        json!({"worker": worker.to_string(), "task_id": task_id, "ms": ms, "step": self.step()}),
+                    );
+                }
+                Out::Caught { evidence, ms } => {
+                    self.counts.checks += 1;
+                    self.counts.caught += 1;
+                    self.counts.check_ms += ms;
+                    self.on_caught(*evidence, parts)?;
+                }
+                Out::Abandoned {
+                    worker,
+                    task_id,
+                    reason,
+                } => {
+                    self.counts.abandoned += 1;
+                    warn!(worker = %worker.short(), task_id, "check abandoned: {reason}");
+                    self.metrics.emit(
+                        "check_abandoned",
+                        json!({"worker": worker.to_string(), "task_id": task_id, "reason": reason, "step": self.step()}),
+                    );
+                    // An unconfirmable result does not stay in the model.
+                    self.to_drop.insert(task_id);
+                    for p in parts.iter_mut() {
+                        if p.done.as_ref().is_some_and(|d| d.result.task_id == task_id) {
+                            p.done = None;
+                        }
+                    }
+                    let conn = self.reg.conns_of(&worker).first().copied().unwrap_or(0);
+                    self.strike(worker, conn, &reason, parts)?;
+                }
             }
-            loss_sum += c.loss_sum;
         }
-        self.opt.step(&mut self.params, &grad)?;
-        self.step += 1;
-        let loss = loss_sum / total.max(1) as f64;
+        Ok(())
+    }
+
+    fn on_caught(&mut self, e: Evidence, parts: &mut [Part]) -> Result<()> {
+        let worker = e.worker;
+        warn!(worker = %worker.short(), task = e.commitment.task_id, "cheat detected: {}", e.reason);
+        self.metrics.emit(
+            "cheat_detected",
+            json!({"worker": worker.to_string(), "task_id": e.commitment.task_id, "step": self.step(),
+                   "reason": e.reason, "divergent_step": e.divergent_step, "evidence_valid": e.check(), "evidence": e}),
+        );
+        self.ban(worker, format!("caught cheating: {}", e.reason), parts)
+    }
+
+    /// A protocol offence: the connection is closed and the worker gets a strike.
+    fn offend(&mut self, conn: u64, reason: String, parts: &mut [Part]) -> Result<()> {
+        let Some(c) = self.reg.conns.remove(&conn) else {
+            return Ok(());
+        };
+        warn!(conn, worker = %c.id.short(), "offence: {reason}");
+        let _ = c.tx.send(Outgoing::Close(close::PROTOCOL, reason.clone()));
+        for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
+            if a.conn == conn {
+                a.live = false;
+            }
+        }
+        self.strike(c.id, conn, &reason, parts)
+    }
+
+    fn strike(
+        &mut self,
+        worker: WorkerId,
+        conn: u64,
+        reason: &str,
+        parts: &mut [Part],
+    ) -> Result<()> {
+        let s = self.reg.update(worker, |s| s.strikes += 1);
+        self.ledger.log_standing(worker, &s)?;
+        self.metrics.emit(
+            "offence",
+            json!({"conn": conn, "worker": worker.to_string(), "reason": reason, "strikes": s.strikes, "step": self.step()}),
+        );
+        if s.strikes >= self.cfg.verification.max_strikes && !s.rep.banned {
+            self.ban(
+                worker,
+                format!("{} strikes, the last: {reason}", s.strikes),
+                parts,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Bans a worker: refuses its key from now on, closes its connections, drops its parts of
+    /// this round, and schedules the removal of its unverified contributions.
+    fn ban(&mut self, worker: WorkerId, reason: String, parts: &mut [Part]) -> Result<()> {
+        let s = self.reg.update(worker, |s| {
+            s.rep.banned = true;
+            s.rep.checks_failed += 1;
+            s.ban_reason = Some(reason.clone());
+        });
+        self.ledger.log_standing(worker, &s)?;
+        self.metrics.emit(
+            "banned",
+            json!({"worker": worker.to_string(), "reason": reason, "step": self.step()}),
+        );
+        for conn in self.reg.conns_of(&worker) {
+            if let Some(c) = self.reg.conns.remove(&conn) {
+                let _ =
+                    c.tx.send(Outgoing::Close(close::AUTH, format!("banned: {reason}")));
+            }
+            for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
+                if a.conn == conn {
+                    a.live = false;
+                }
+            }
+        }
+        for p in parts.iter_mut() {
+            if p.done.as_ref().is_some_and(|d| d.worker == worker) {
+                p.done = None;
+            }
+        }
+        if let Some(c) = self.checks.as_mut() {
+            c.forget(&worker);
+        }
+        self.to_remove.insert(worker);
+        Ok(())
+    }
+
+    /// Applies a finished round: contributions in part order to the ledger (durably), then
+    /// the downlink, the accounting and the live line.
+    fn commit_round(&mut self, parts: Vec<Part>, started: Instant) -> Result<()> {
+        let round = self.step();
+        let contributions: Vec<Contribution> = parts
+            .iter()
+            .filter_map(|p| p.done.as_ref())
+            .map(|d| Contribution {
+                worker: d.worker,
+                task_id: d.result.task_id,
+                n_samples: d.result.n_samples,
+                loss_sum: d.result.loss_sum,
+                update: d.result.update.clone(),
+                verified: false,
+            })
+            .collect();
+        for c in &contributions {
+            self.reg.used(c.worker, c.task_id);
+        }
+        self.meta.wall_s = self.metrics.wall_s();
+        (self.meta.bytes_in, self.meta.bytes_out) = self.traffic.get();
+        self.meta.workers_seen = self.workers_seen();
+        let record = RoundRecord {
+            round,
+            contributions,
+        };
+        let parts_used = record.contributions.len();
+        let applied = self.ledger.commit(record, &self.meta)?;
+        self.downlink
+            .advance(self.ledger.state.params.clone(), applied.delta);
+        let loss = applied.loss_sum / applied.n.max(1) as f64;
         let (bin, bout) = self.traffic.get();
         let per_worker: Vec<serde_json::Value> = self
-            .workers
+            .reg
+            .conns
             .iter()
             .map(|(conn, w)| {
                 let (i, o) = w.traffic.get();
                 json!({"conn": conn, "bytes_in": i, "bytes_out": o})
             })
             .collect();
+        let step = self.step();
         self.metrics.emit(
             "step",
-            json!({"step": self.step, "batches": self.batches_done(self.step), "loss": loss,
-                   "parts": parts.len(), "workers": self.workers.len(),
+            json!({"step": step, "batches": self.batches_done(step), "loss": loss,
+                   "parts": parts_used, "workers": self.reg.conns.len(),
                    "bytes_in": bin, "bytes_out": bout,
                    "round_bytes_in": bin - self.counts.last_in, "round_bytes_out": bout - self.counts.last_out,
                    "uplink_ratio": self.counts.uplink_ratio(), "per_worker": per_worker,
+                   "clipped": applied.report.clipped,
                    "step_ms": started.elapsed().as_secs_f64() * 1000.0}),
         );
         (self.counts.last_in, self.counts.last_out) = (bin, bout);
         self.progress.update(
-            self.step,
+            step,
             &StepLine {
                 loss,
-                workers: self.workers.len(),
+                workers: self.reg.conns.len(),
                 bytes_in: bin,
                 bytes_out: bout,
                 uplink_ratio: self.counts.uplink_ratio(),
@@ -653,19 +902,49 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Removes the contributions of banned workers and of unconfirmable results.
+    fn roll_back(&mut self) -> Result<()> {
+        if self.to_remove.is_empty() && self.to_drop.is_empty() {
+            return Ok(());
+        }
+        let banned = std::mem::take(&mut self.to_remove);
+        let dropped = std::mem::take(&mut self.to_drop);
+        let rb = self.ledger.remove(|c| {
+            (banned.contains(&c.worker) && !c.verified) || dropped.contains(&c.task_id)
+        })?;
+        let Some(rb) = rb else {
+            return Ok(());
+        };
+        self.counts.rollbacks += 1;
+        self.counts.removed += rb.removed;
+        warn!(
+            from = rb.from_round,
+            replayed = rb.replayed,
+            removed = rb.removed,
+            "rolled back"
+        );
+        self.metrics.emit(
+            "rolled_back",
+            json!({"step": self.step(), "from_round": rb.from_round, "replayed": rb.replayed, "removed": rb.removed,
+                   "workers": banned.iter().map(|w| w.to_string()).collect::<Vec<_>>(), "tasks": dropped}),
+        );
+        self.downlink
+            .advance(self.ledger.state.params.clone(), None);
+        self.save_checkpoint()
+    }
+
     fn after_step(&mut self) -> Result<()> {
+        self.roll_back()?;
         let spe = self.schedule.steps_per_epoch();
         let every = self.cfg.training.eval_every;
-        let epoch_ended =
-            self.batches_done(self.step - 1) / spe != self.batches_done(self.step) / spe;
-        if epoch_ended
-            || self.step == self.total_steps
-            || (every > 0 && self.step.is_multiple_of(every))
-        {
+        let step = self.step();
+        let epoch_ended = self.batches_done(step - 1) / spe != self.batches_done(step) / spe;
+        if epoch_ended || step == self.total_steps || (every > 0 && step.is_multiple_of(every)) {
             self.evaluate()?;
             self.save_checkpoint()?;
-        } else if self.cfg.training.checkpoint_every > 0
-            && self.step.is_multiple_of(self.cfg.training.checkpoint_every)
+        } else if (self.cfg.training.checkpoint_every > 0
+            && step.is_multiple_of(self.cfg.training.checkpoint_every))
+            || self.ledger.wal_bytes() > self.cfg.ledger.wal_max_bytes
         {
             self.save_checkpoint()?;
         }
@@ -673,50 +952,53 @@ impl Scheduler {
     }
 
     fn evaluate(&mut self) -> Result<()> {
-        self.net.set_flat_params(&self.params)?;
+        self.net.set_flat_params(&self.ledger.state.params)?;
         let e = trainer::evaluate(&self.net, &self.test)?;
-        let epoch = self.batches_done(self.step) as f64 / self.schedule.steps_per_epoch() as f64;
-        self.last_eval = Some((self.step, e.accuracy));
+        let step = self.step();
+        let epoch = self.batches_done(step) as f64 / self.schedule.steps_per_epoch() as f64;
+        self.last_eval = Some((step, e.accuracy));
         self.metrics.emit(
             "eval",
-            json!({"epoch": (epoch * 1000.0).round() / 1000.0, "step": self.step, "test_acc": e.accuracy, "test_loss": e.loss}),
+            json!({"epoch": (epoch * 1000.0).round() / 1000.0, "step": step, "test_acc": e.accuracy, "test_loss": e.loss}),
         );
         self.progress.message(&format!(
-            "step {} epoch {epoch:.2}: test accuracy {:.4}, test loss {:.4}",
-            self.step, e.accuracy, e.loss
+            "step {step} epoch {epoch:.2}: test accuracy {:.4}, test loss {:.4}",
+            e.accuracy, e.loss
         ));
         Ok(())
     }
 
     fn save_checkpoint(&mut self) -> Result<()> {
-        let (bytes_in, bytes_out) = self.traffic.get();
-        Checkpoint {
-            version: 1,
-            run_id: self.run_id,
-            step: self.step,
-            params: self.params.clone(),
-            optimizer: self.opt.clone(),
-            bytes_in,
-            bytes_out,
-            wall_s: self.metrics.wall_s(),
-            workers_seen: self.workers_seen(),
-        }
-        .save(&self.cfg.run.output_dir)
+        self.meta.wall_s = self.metrics.wall_s();
+        (self.meta.bytes_in, self.meta.bytes_out) = self.traffic.get();
+        self.meta.workers_seen = self.workers_seen();
+        let standings = self.reg.standings();
+        self.ledger.checkpoint(&self.meta, standings)
     }
 
     fn workers_seen(&self) -> u64 {
-        self.seen_before.max(self.seen.len() as u64)
+        self.meta.workers_seen.max(self.seen.len() as u64)
+    }
+
+    /// Waits (a bounded time) for the checks still running, so the summary counts them.
+    fn drain_checks(&mut self) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(30);
+        while self.checks.as_ref().is_some_and(|c| !c.is_empty()) && Instant::now() < until {
+            self.pump(Duration::from_millis(100), &mut [])?;
+        }
+        self.roll_back()
     }
 
     fn finish(&mut self) -> Result<()> {
-        if self.last_eval.map(|e| e.0) != Some(self.step) {
+        self.drain_checks()?;
+        if self.last_eval.map(|e| e.0) != Some(self.step()) || self.counts.rollbacks > 0 {
             self.evaluate()?;
-            self.save_checkpoint()?;
         }
+        self.save_checkpoint()?;
         let acc = self.last_eval.map(|e| e.1).unwrap_or(0.0);
         let meta = [
             ("model".to_string(), self.cfg.model.kind.name().to_string()),
-            ("steps".to_string(), self.step.to_string()),
+            ("steps".to_string(), self.step().to_string()),
             ("test_acc".to_string(), format!("{acc:.4}")),
         ]
         .into_iter()
@@ -724,45 +1006,48 @@ impl Scheduler {
         trainer::export::write_safetensors(
             &self.cfg.run.output_dir.join("model.safetensors"),
             &self.net.layout(),
-            &self.params,
+            &self.ledger.state.params,
             meta,
         )?;
         let (bin, bout) = self.traffic.get();
         let c = &self.counts;
+        let step = self.step();
         self.metrics.emit(
             "summary",
-            json!({"steps": self.step, "batches": self.batches_done(self.step), "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
+            json!({"steps": step, "batches": self.batches_done(step), "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
                    "workers_seen": self.workers_seen(), "final_test_acc": acc, "tasks_sent": c.tasks_sent,
                    "tasks_ok": c.tasks_ok, "rejected": c.rejected, "uplink_ratio": c.uplink_ratio(), "reassigned": c.reassigned,
-                   "params_blake3": hex::encode(verify::hash_f32(&self.params))}),
+                   "checks": c.checks, "checks_passed": c.passed, "cheats_caught": c.caught, "checks_abandoned": c.abandoned,
+                   "check_ms": c.check_ms, "work_ms": c.work_ms, "verify_overhead": c.check_ms / c.work_ms.max(1e-9),
+                   "rollbacks": c.rollbacks, "removed_contributions": c.removed,
+                   "banned": self.reg.standings().iter().filter(|(_, s)| s.rep.banned).map(|(w, _)| w.to_string()).collect::<Vec<_>>(),
+                   "params_blake3": hex::encode(verify::hash_f32(&self.ledger.state.params))}),
         );
         self.progress.finish();
         info!(
-            steps = self.step,
+            steps = step,
             test_acc = acc,
             wall_s = self.metrics.wall_s(),
             "run complete"
         );
-        self.shutdown_workers("run complete");
-        Ok(())
-    }
-
-    fn shutdown_workers(&mut self, reason: &str) {
-        for w in self.workers.values() {
+        for w in self.reg.conns.values() {
             let _ = w.tx.send(Outgoing::Msg(Box::new(ToWorker::Shutdown {
-                reason: reason.to_string(),
+                reason: "run complete".into(),
             })));
-            let _ = w.tx.send(Outgoing::Close(close::DONE, reason.to_string()));
+            let _ =
+                w.tx.send(Outgoing::Close(close::DONE, "run complete".into()));
         }
+        Ok(())
     }
 }
 
 /// What every result's commitment binds as hyperparameters: the outer optimizer, and for
-/// multi-step rounds the inner optimizer and H.
+/// multi-step rounds the inner optimizer and H, and the uplink codec.
 fn hyperparams_digest(cfg: &RunConfig) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("dtrain hyperparams v1");
+    let mut h = blake3::Hasher::new_derive_key("dtrain hyperparams v2");
     h.update(&cfg.optimizer.digest());
     h.update(&cfg.inner_optimizer.digest());
     h.update(&cfg.training.local_steps.to_le_bytes());
+    h.update(&serde_json::to_vec(&cfg.compression).unwrap_or_default());
     *h.finalize().as_bytes()
 }

@@ -1,41 +1,50 @@
 //! The QUIC side of the coordinator: accepts connections, runs the handshake, then relays
 //! frames between each worker and the scheduler thread.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use proto::{
     close, read_frame, read_preamble, write_frame, write_preamble, ToCoordinator, ToWorker, Welcome,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 use verify::WorkerId;
 
 use crate::metrics::Traffic;
 
-/// What the connection tasks tell the scheduler.
+/// A worker that completed the handshake.
+pub struct Joined {
+    /// Connection number (unique within this coordinator process).
+    pub conn: u64,
+    /// Its public key.
+    pub worker: WorkerId,
+    /// Its self-reported name and device.
+    pub name: String,
+    /// Its device (`cpu`, `cuda:0`, ...).
+    pub device: String,
+    /// Where to send it messages.
+    pub tx: UnboundedSender<Outgoing>,
+    /// Its traffic counters.
+    pub traffic: Arc<Traffic>,
+}
+
+/// What the connection tasks and the checker thread tell the scheduler.
 pub enum Event {
     /// A worker completed the handshake.
-    Joined {
-        /// Connection number (unique within this coordinator process).
-        conn: u64,
-        /// Its public key.
-        worker: WorkerId,
-        /// Its self-reported name and device.
-        name: String,
-        /// Where to send it messages.
-        tx: UnboundedSender<Outgoing>,
-        /// Its traffic counters.
-        traffic: Arc<Traffic>,
-    },
+    Joined(Box<Joined>),
     /// A worker's connection ended.
     Left {
         /// Connection number.
         conn: u64,
         /// Why.
         reason: String,
+        /// Whether the worker broke the protocol.
+        offence: bool,
     },
     /// A worker sent a message.
     Message {
@@ -43,7 +52,12 @@ pub enum Event {
         conn: u64,
         /// The message.
         msg: Box<ToCoordinator>,
+        /// Held until the scheduler is done with the message: bounds what one connection
+        /// can have queued.
+        permit: OwnedSemaphorePermit,
     },
+    /// The checker thread finished a re-execution.
+    Checked(Box<crate::checks::Done>),
     /// The operator asked the run to stop (Ctrl-C).
     Stop,
 }
@@ -56,6 +70,26 @@ pub enum Outgoing {
     Close(u32, String),
 }
 
+/// Limits applied to every connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// Largest frame accepted from a worker.
+    pub max_frame: u64,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+    /// Most workers at once.
+    pub max_workers: usize,
+    /// Handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Frames per second (burst: twice that).
+    pub frames_per_s: f64,
+    /// Bytes per second (burst: twice that).
+    pub bytes_per_s: f64,
+}
+
+/// Messages of one connection the scheduler may have queued.
+const QUEUED_PER_CONN: usize = 4;
+
 /// Settings and shared state of the accept loop.
 pub struct ServerCtx {
     /// Expected join secret.
@@ -64,14 +98,13 @@ pub struct ServerCtx {
     pub welcome: Welcome,
     /// Where events go.
     pub events: Sender<Event>,
-    /// Largest frame accepted from a worker.
-    pub max_frame: u64,
-    /// Time allowed for the handshake.
-    pub handshake_timeout: Duration,
-    /// Most workers at once.
-    pub max_workers: usize,
+    /// Limits.
+    pub limits: ConnLimits,
     /// Traffic of all connections.
     pub traffic: Arc<Traffic>,
+    /// Identities refused at the handshake.
+    pub banned: Arc<RwLock<HashSet<WorkerId>>>,
+    handshakes: Arc<Semaphore>,
     next_conn: AtomicU64,
     live: AtomicUsize,
 }
@@ -82,34 +115,70 @@ impl ServerCtx {
         secret: [u8; 32],
         welcome: Welcome,
         events: Sender<Event>,
-        max_frame: u64,
-        handshake_timeout: Duration,
-        max_workers: usize,
+        limits: ConnLimits,
         traffic: Arc<Traffic>,
+        banned: Arc<RwLock<HashSet<WorkerId>>>,
     ) -> Self {
         ServerCtx {
             secret,
             welcome,
             events,
-            max_frame,
-            handshake_timeout,
-            max_workers,
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            limits,
             traffic,
+            banned,
             next_conn: AtomicU64::new(1),
             live: AtomicUsize::new(0),
         }
     }
 }
 
-/// Accepts connections until the endpoint is closed.
+/// A token bucket: `rate` tokens a second, holding at most `2 * rate`.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Self {
+        Bucket {
+            rate,
+            tokens: 2.0 * rate,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes `n` tokens; returns how long to wait before going on (zero when they were there).
+    fn take(&mut self, n: f64) -> Duration {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
+            .min(2.0 * self.rate);
+        self.at = now;
+        self.tokens -= n;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// Accepts connections until the endpoint is closed. Beyond `max_handshakes` handshakes in
+/// progress, new connections are refused at once (cheaply, before any cryptography).
 pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = ctx.handshakes.clone().try_acquire_owned() else {
+            debug!(peer = %incoming.remote_address(), "too many handshakes in progress; refused");
+            incoming.refuse();
+            continue;
+        };
         let ctx = ctx.clone();
         let conn_no = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", n = conn_no, peer = %incoming.remote_address());
         tokio::spawn(
             async move {
-                if let Err(reason) = serve(incoming, conn_no, &ctx).await {
+                if let Err(reason) = serve(incoming, conn_no, &ctx, permit).await {
                     debug!("connection ended: {reason}");
                 }
             }
@@ -123,8 +192,13 @@ fn secret_ok(a: &[u8; 32], b: &[u8; 32]) -> bool {
     blake3::hash(a) == blake3::hash(b)
 }
 
-async fn serve(incoming: quinn::Incoming, conn_no: u64, ctx: &ServerCtx) -> Result<(), String> {
-    let conn = tokio::time::timeout(ctx.handshake_timeout, incoming)
+async fn serve(
+    incoming: quinn::Incoming,
+    conn_no: u64,
+    ctx: &ServerCtx,
+    handshake: OwnedSemaphorePermit,
+) -> Result<(), String> {
+    let conn = tokio::time::timeout(ctx.limits.handshake_timeout, incoming)
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| {
@@ -136,7 +210,7 @@ async fn serve(incoming: quinn::Incoming, conn_no: u64, ctx: &ServerCtx) -> Resu
         conn.close(code.into(), reason.as_bytes());
         Err::<(), String>(reason)
     };
-    let hs = tokio::time::timeout(ctx.handshake_timeout, async {
+    let hs = tokio::time::timeout(ctx.limits.handshake_timeout, async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let v = read_preamble(&mut recv).await.map_err(|e| e.to_string())?;
         if v != proto::PROTOCOL_VERSION {
@@ -173,17 +247,26 @@ async fn serve(incoming: quinn::Incoming, conn_no: u64, ctx: &ServerCtx) -> Resu
     if !secret_ok(&hello.secret, &ctx.secret) {
         return reject(close::AUTH, "wrong join secret".into());
     }
-    if ctx.live.fetch_add(1, Ordering::SeqCst) >= ctx.max_workers {
+    let banned = ctx
+        .banned
+        .read()
+        .map(|b| b.contains(&hello.worker_id))
+        .unwrap_or(true);
+    if banned {
+        return reject(close::AUTH, "this worker is banned from the run".into());
+    }
+    drop(handshake);
+    if ctx.live.fetch_add(1, Ordering::SeqCst) >= ctx.limits.max_workers {
         ctx.live.fetch_sub(1, Ordering::SeqCst);
         return reject(
             close::FULL,
-            format!("run is full ({} workers)", ctx.max_workers),
+            format!("run is full ({} workers)", ctx.limits.max_workers),
         );
     }
+    let device: String = hello.device.chars().take(16).collect();
     let name: String = format!(
-        "{}@{}",
-        hello.name.chars().take(64).collect::<String>(),
-        hello.device.chars().take(16).collect::<String>()
+        "{}@{device}",
+        hello.name.chars().take(64).collect::<String>()
     );
     let traffic = Arc::new(Traffic::default());
     let welcome = ToWorker::Welcome(ctx.welcome.clone());
@@ -196,13 +279,14 @@ async fn serve(incoming: quinn::Incoming, conn_no: u64, ctx: &ServerCtx) -> Resu
         let (tx, rx) = unbounded_channel();
         info!(worker = %hello.worker_id.short(), %name, "worker joined");
         ctx.events
-            .send(Event::Joined {
+            .send(Event::Joined(Box::new(Joined {
                 conn: conn_no,
                 worker: hello.worker_id,
                 name,
+                device,
                 tx,
                 traffic: traffic.clone(),
-            })
+            })))
             .map_err(|_| "scheduler gone".to_string())?;
         let writer = tokio::spawn(write_loop(
             conn.clone(),
@@ -211,19 +295,30 @@ async fn serve(incoming: quinn::Incoming, conn_no: u64, ctx: &ServerCtx) -> Resu
             ctx.traffic.clone(),
             traffic.clone(),
         ));
-        let reason = read_loop(&conn, &mut recv, conn_no, ctx, &traffic).await;
+        let ended = read_loop(&conn, &mut recv, conn_no, ctx, &traffic).await;
         writer.abort();
-        Ok::<String, String>(reason)
+        Ok::<Ended, String>(ended)
     }
     .await;
     ctx.live.fetch_sub(1, Ordering::SeqCst);
-    let reason = result.unwrap_or_else(|e| e);
-    info!("worker left: {reason}");
+    let ended = result.unwrap_or_else(|reason| Ended {
+        reason,
+        offence: false,
+    });
+    info!("worker left: {}", ended.reason);
     let _ = ctx.events.send(Event::Left {
         conn: conn_no,
-        reason: reason.clone(),
+        reason: ended.reason.clone(),
+        offence: ended.offence,
     });
-    Err(reason)
+    Err(ended.reason)
+}
+
+/// How a connection ended.
+struct Ended {
+    reason: String,
+    /// The peer broke the protocol.
+    offence: bool,
 }
 
 async fn read_loop(
@@ -232,34 +327,61 @@ async fn read_loop(
     conn_no: u64,
     ctx: &ServerCtx,
     traffic: &Traffic,
-) -> String {
+) -> Ended {
+    let queued = Arc::new(Semaphore::new(QUEUED_PER_CONN));
+    let mut frames = Bucket::new(ctx.limits.frames_per_s);
+    let mut bytes = Bucket::new(ctx.limits.bytes_per_s);
+    let offence = |reason: String| {
+        warn!("{reason}");
+        conn.close(close::PROTOCOL.into(), reason.as_bytes());
+        Ended {
+            reason,
+            offence: true,
+        }
+    };
     loop {
-        match read_frame::<_, ToCoordinator>(recv, ctx.max_frame).await {
+        // At most QUEUED_PER_CONN messages of this connection wait for the scheduler; until
+        // one is handled nothing more is read, and QUIC flow control holds the peer back.
+        let Ok(permit) = queued.clone().acquire_owned().await else {
+            return Ended {
+                reason: "closing".into(),
+                offence: false,
+            };
+        };
+        match read_frame::<_, ToCoordinator>(recv, ctx.limits.max_frame).await {
             Ok((ToCoordinator::Hello(_), _)) => {
-                conn.close(close::PROTOCOL.into(), b"unexpected second Hello");
-                return "protocol error: second Hello".into();
+                return offence("protocol error: second Hello".into());
             }
             Ok((msg, n)) => {
                 ctx.traffic.add_in(n);
                 traffic.add_in(n);
+                let pause = frames.take(1.0).max(bytes.take(n as f64));
+                if !pause.is_zero() {
+                    debug!(?pause, "rate cap: slowing this connection down");
+                    tokio::time::sleep(pause).await;
+                }
                 if ctx
                     .events
                     .send(Event::Message {
                         conn: conn_no,
                         msg: Box::new(msg),
+                        permit,
                     })
                     .is_err()
                 {
-                    return "scheduler gone".into();
+                    return Ended {
+                        reason: "scheduler gone".into(),
+                        offence: false,
+                    };
                 }
             }
-            Err(proto::FrameError::Io(e)) => return format!("connection lost: {e}"),
-            Err(e) => {
-                let reason = format!("protocol error: {e}");
-                warn!("{reason}");
-                conn.close(close::PROTOCOL.into(), reason.as_bytes());
-                return reason;
+            Err(proto::FrameError::Io(e)) => {
+                return Ended {
+                    reason: format!("connection lost: {e}"),
+                    offence: false,
+                }
             }
+            Err(e) => return offence(format!("protocol error: {e}")),
         }
     }
 }

@@ -1,13 +1,12 @@
-//! Files the coordinator keeps in its output directory: its identity (TLS certificate,
-//! join secret, run id) and checkpoints. Every write is atomic: temp file, fsync, rename,
-//! fsync of the directory.
+//! The run's identity file (TLS certificate, join secret, run id) in the output directory,
+//! and the atomic write (temp file, fsync, rename, fsync of the directory) every file of the
+//! coordinator goes through.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use trainer::Optimizer;
 
 /// Writes `bytes` to `path` atomically and durably.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -94,84 +93,9 @@ impl RunIdentity {
     }
 }
 
-/// Everything needed to continue a run where it stopped.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Format version.
-    pub version: u32,
-    /// The run it belongs to.
-    pub run_id: [u8; 32],
-    /// Steps completed.
-    pub step: u64,
-    /// Parameters after `step` steps.
-    pub params: Vec<f32>,
-    /// Optimizer state.
-    pub optimizer: Optimizer,
-    /// Application bytes received so far.
-    pub bytes_in: u64,
-    /// Application bytes sent so far.
-    pub bytes_out: u64,
-    /// Wall seconds spent before this checkpoint.
-    pub wall_s: f64,
-    /// Distinct workers seen.
-    pub workers_seen: u64,
-}
-
-const CHECKPOINT_VERSION: u32 = 1;
-
-/// Path of the checkpoint in an output directory.
-pub fn checkpoint_path(dir: &Path) -> PathBuf {
-    dir.join("checkpoint.bin")
-}
-
-impl Checkpoint {
-    /// Saves the checkpoint atomically; the blake3 of the body is appended for integrity.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let mut body = bincode::serialize(&(CHECKPOINT_VERSION, self))?;
-        let sum = blake3::hash(&body);
-        body.extend_from_slice(sum.as_bytes());
-        atomic_write(&checkpoint_path(dir), &body)
-    }
-
-    /// Loads the checkpoint of `dir`, if any, checking its integrity and run id.
-    pub fn load(dir: &Path, run_id: &[u8; 32], n_params: usize) -> Result<Option<Self>> {
-        let path = checkpoint_path(dir);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let bytes = std::fs::read(&path)?;
-        if bytes.len() < 32 {
-            bail!("{} is truncated", path.display());
-        }
-        let (body, sum) = bytes.split_at(bytes.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            bail!("{} fails its checksum", path.display());
-        }
-        let (version, ck): (u32, Checkpoint) = bincode::deserialize(body)?;
-        if version != CHECKPOINT_VERSION || ck.version != CHECKPOINT_VERSION {
-            bail!(
-                "{}: unsupported checkpoint version {version}",
-                path.display()
-            );
-        }
-        if &ck.run_id != run_id {
-            bail!("{} belongs to another run", path.display());
-        }
-        if ck.params.len() != n_params {
-            bail!(
-                "{}: {} parameters, the model has {n_params}",
-                path.display(),
-                ck.params.len()
-            );
-        }
-        Ok(Some(ck))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trainer::OptimizerConfig;
 
     #[test]
     fn identity_persists() {
@@ -180,32 +104,5 @@ mod tests {
         let b = RunIdentity::load_or_create(dir.path()).unwrap();
         assert_eq!(a.secret, b.secret);
         assert_eq!(a.tls.fingerprint(), b.tls.fingerprint());
-    }
-
-    #[test]
-    fn checkpoint_round_trip_and_corruption() {
-        let dir = tempfile::tempdir().unwrap();
-        let ck = Checkpoint {
-            version: CHECKPOINT_VERSION,
-            run_id: [1; 32],
-            step: 7,
-            params: vec![1.0, 2.0],
-            optimizer: Optimizer::new(OptimizerConfig::default()),
-            bytes_in: 3,
-            bytes_out: 4,
-            wall_s: 1.5,
-            workers_seen: 2,
-        };
-        ck.save(dir.path()).unwrap();
-        let back = Checkpoint::load(dir.path(), &[1; 32], 2).unwrap().unwrap();
-        assert_eq!(back.step, 7);
-        assert_eq!(back.params, vec![1.0, 2.0]);
-        assert!(Checkpoint::load(dir.path(), &[2; 32], 2).is_err());
-        assert!(Checkpoint::load(dir.path(), &[1; 32], 3).is_err());
-        let p = checkpoint_path(dir.path());
-        let mut bytes = std::fs::read(&p).unwrap();
-        bytes[10] ^= 1;
-        std::fs::write(&p, bytes).unwrap();
-        assert!(Checkpoint::load(dir.path(), &[1; 32], 2).is_err());
     }
 }

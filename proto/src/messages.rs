@@ -4,7 +4,7 @@
 use compression::CodecConfig;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
-use verify::{Commitment, Signature, WorkerId};
+use verify::{Commitment, MerkleProof, Signature, WorkerId};
 
 /// First message of a worker, right after the stream preamble.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -64,19 +64,45 @@ pub struct InnerOptimizer {
     pub nesterov: bool,
 }
 
-/// One unit of work: compute the mean gradient of the loss over `indices` at the
-/// parameters of version `params_version`.
+/// How the starting parameters of a task reach the worker. Every variant ends with the
+/// worker holding parameters whose [`verify::hash_f32`] is the task's `params_hash`; a worker
+/// that cannot get there answers [`ToCoordinator::TaskFailed`] with `need_full_params`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ParamsPayload {
+    /// The worker already holds version `params_version` (its previous task used it).
+    Held,
+    /// The whole parameter vector, encoded losslessly (compression format, fp32 codec).
+    Full(ByteBuf),
+    /// A lossless XOR delta (`compression::apply_xor_delta`) from version `base`.
+    Xor {
+        /// Version the delta applies to.
+        base: u64,
+        /// The delta payload.
+        delta: ByteBuf,
+    },
+    /// Lossy additive deltas from version `base`, applied in order: each `p[i] += d[i]` in
+    /// f32, with `d` decoded from the payload (compression format).
+    Add {
+        /// Version the first delta applies to.
+        base: u64,
+        /// The deltas, oldest first.
+        deltas: Vec<ByteBuf>,
+    },
+}
+
+/// One unit of work: compute the update of the samples `indices` from the parameters of
+/// version `params_version`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Task {
-    /// Unique id of this task in the run.
+    /// Unique id of this task in the run (never 0).
     pub task_id: u64,
-    /// Optimizer step the task belongs to.
+    /// Optimizer step (round) the task belongs to.
     pub step: u64,
     /// Version of the parameters the task starts from.
     pub params_version: u64,
-    /// The encoded parameters (compression format), when the worker lacks this version.
-    pub params: Option<ByteBuf>,
-    /// blake3 (`verify::hash_f32`) of the decoded parameters.
+    /// How the worker gets those parameters.
+    pub params: ParamsPayload,
+    /// blake3 (`verify::hash_f32`) of the parameters of version `params_version`.
     pub params_hash: [u8; 32],
     /// Indices into the training set.
     pub indices: Vec<u32>,
@@ -84,10 +110,13 @@ pub struct Task {
     /// the mean gradient. Several (a DiLoCo round): take one inner optimizer step on each and
     /// return the pseudo-gradient, start parameters minus end parameters.
     pub micro_batches: Vec<u32>,
-    /// Seed for any randomness of the task.
+    /// Seed for any randomness of the task (stochastic rounding).
     pub seed: u64,
     /// Canonical hash of the hyperparameters the task must use.
     pub hyperparams: [u8; 32],
+    /// The worker's last result that the coordinator used: continue the error-feedback
+    /// residual left by that task (0: start from a zero residual).
+    pub ef_base: u64,
 }
 
 /// The answer to a [`Task`].
@@ -109,6 +138,35 @@ pub struct TaskResult {
     pub compute_ms: u64,
 }
 
+/// What the coordinator asks a worker to reveal about a result it committed to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    /// The exact values the worker encoded for the task (`commitment.encoded_input`).
+    EncodedInput,
+    /// The state hash after inner step `index` of a multi-step task, with its Merkle proof
+    /// against `commitment.step_root`.
+    Leaf {
+        /// Inner step (0-based).
+        index: u32,
+    },
+}
+
+/// A worker's answer to a [`Query`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Answer {
+    /// Values, encoded losslessly (compression format, fp32 codec).
+    Values(ByteBuf),
+    /// A leaf and its proof.
+    Leaf {
+        /// The state hash.
+        leaf: [u8; 32],
+        /// Its path to the committed root.
+        proof: MerkleProof,
+    },
+    /// The worker no longer holds what was asked (e.g. it restarted).
+    Unavailable(String),
+}
+
 /// Coordinator to worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ToWorker {
@@ -116,6 +174,15 @@ pub enum ToWorker {
     Welcome(Welcome),
     /// Work to do.
     Task(Task),
+    /// Reveal something about an earlier result (spot checks, disputes).
+    Challenge {
+        /// Id to quote in the reply.
+        challenge_id: u64,
+        /// The task the question is about.
+        task_id: u64,
+        /// What to reveal.
+        query: Query,
+    },
     /// The run is over (or the coordinator is stopping); the worker should exit.
     Shutdown {
         /// Why.
@@ -130,11 +197,20 @@ pub enum ToCoordinator {
     Hello(Hello),
     /// A finished task.
     Result(Box<TaskResult>),
-    /// The worker could not do a task (bad input on its side); the part goes elsewhere.
+    /// The worker could not do a task; the part goes elsewhere.
     TaskFailed {
         /// The task.
         task_id: u64,
         /// Why, for the coordinator's log (at most 256 bytes are kept).
         reason: String,
+        /// The worker lacks the base of the parameter delta: send full parameters.
+        need_full_params: bool,
+    },
+    /// The answer to a [`ToWorker::Challenge`].
+    ChallengeReply {
+        /// The challenge answered.
+        challenge_id: u64,
+        /// The answer.
+        answer: Answer,
     },
 }

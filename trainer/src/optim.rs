@@ -151,6 +151,21 @@ impl Optimizer {
         }
     }
 
+    /// blake3 of the optimizer's state (hyperparameters, step count, moment buffers): two
+    /// optimizers with equal digests make the same next step.
+    pub fn state_digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("dtrain optimizer state v1");
+        h.update(&self.cfg.digest());
+        h.update(&self.steps.to_le_bytes());
+        for buf in [&self.m, &self.v] {
+            h.update(&(buf.len() as u64).to_le_bytes());
+            for x in buf.iter() {
+                h.update(&x.to_le_bytes());
+            }
+        }
+        *h.finalize().as_bytes()
+    }
+
     /// Applies one update to `params` with gradient `grad`.
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) -> Result<(), TrainError> {
         if params.len() != grad.len() {

@@ -67,15 +67,22 @@ pub struct Commitment {
     pub step_root: Hash,
     /// Number of data samples the update covers.
     pub n_samples: u32,
+    /// The task whose error-feedback residual this result continues (0: none, the residual
+    /// started from zero).
+    pub ef_base: u64,
+    /// [`hash_f32`] of the exact values that were encoded: the computed update plus the
+    /// error-feedback residual taken over from `ef_base`.
+    pub encoded_input: Hash,
 }
 
 impl Commitment {
-    /// One blake3 (context `"dtrain commitment v1"`) over a fixed 220-byte layout, in
+    /// One blake3 (context `"dtrain commitment v2"`) over a fixed 260-byte layout, in
     /// declaration order: `run_id`, `task_id` (u64 LE), `step` (u64 LE), `input_params`,
     /// `indices`, `seed` (u64 LE), `hyperparams`, `update`, `step_root`, `n_samples`
-    /// (u32 LE). Independent of serde, so changing a wire format cannot change signatures.
+    /// (u32 LE), `ef_base` (u64 LE), `encoded_input`. Independent of serde, so changing a
+    /// wire format cannot change signatures.
     pub fn digest(&self) -> Hash {
-        let mut h = blake3::Hasher::new_derive_key("dtrain commitment v1");
+        let mut h = blake3::Hasher::new_derive_key("dtrain commitment v2");
         h.update(&self.run_id);
         h.update(&self.task_id.to_le_bytes());
         h.update(&self.step.to_le_bytes());
@@ -86,6 +93,8 @@ impl Commitment {
         h.update(&self.update);
         h.update(&self.step_root);
         h.update(&self.n_samples.to_le_bytes());
+        h.update(&self.ef_base.to_le_bytes());
+        h.update(&self.encoded_input);
         *h.finalize().as_bytes()
     }
 }
@@ -106,6 +115,8 @@ pub(crate) mod tests {
             update: [8; 32],
             step_root: [9; 32],
             n_samples: 10,
+            ef_base: 11,
+            encoded_input: [12; 32],
         }
     }
 
@@ -155,6 +166,14 @@ pub(crate) mod tests {
                 n_samples: 0,
                 ..sample()
             },
+            Commitment {
+                ef_base: 0,
+                ..sample()
+            },
+            Commitment {
+                encoded_input: [0; 32],
+                ..sample()
+            },
         ];
         for v in variants {
             assert_ne!(v.digest(), d, "{v:?}");
@@ -166,7 +185,7 @@ pub(crate) mod tests {
         // Fixed vector: a change of the encoding must be deliberate (and versioned).
         assert_eq!(
             hex::encode(sample().digest()),
-            "b4007f3da105bc46f5e11927371b840d2a96a2bcd9399592c7c4a8861e475356"
+            "439bd671e7776172fcd7e1b7c1e787f0b2ad9de4ae637ae3e52e0138ffea6c71"
         );
     }
 
@@ -200,8 +219,10 @@ pub(crate) mod tests {
         buf.extend_from_slice(&c.update);
         buf.extend_from_slice(&c.step_root);
         buf.extend_from_slice(&c.n_samples.to_le_bytes());
-        assert_eq!(buf.len(), 220);
-        assert_eq!(c.digest(), blake3::derive_key("dtrain commitment v1", &buf));
+        buf.extend_from_slice(&c.ef_base.to_le_bytes());
+        buf.extend_from_slice(&c.encoded_input);
+        assert_eq!(buf.len(), 260);
+        assert_eq!(c.digest(), blake3::derive_key("dtrain commitment v2", &buf));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! * [`merkle`]: Merkle trees over per-step state hashes, proofs, and dispute bisection.
 //! * [`policy`]: reputation and the adaptive spot-check probability.
 //! * [`evidence`]: signed, independently checkable evidence of a cheat.
+//! * [`aggregate`](mod@aggregate): robust combination of worker updates (mean, trimmed mean,
+//!   median, norm clipping), a second line of defence against cheating workers.
 //!
 //! The flow: a worker computes an update, fills a [`Commitment`] (hashes of everything
 //! the result depends on, plus the hash of the exact update bytes) and signs it with its
@@ -30,6 +32,8 @@
 //!     update: hash_update(update),
 //!     step_root: [0; 32],
 //!     n_samples: 3,
+//!     ef_base: 0,
+//!     encoded_input: hash_f32(&[0.25, 0.5]),
 //! };
 //! let sig = key.sign(&c);
 //! assert!(verify_signature(&key.public(), &c, &sig).is_ok());
@@ -55,12 +59,14 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod aggregate;
 pub mod commit;
 pub mod evidence;
 pub mod identity;
 pub mod merkle;
 pub mod policy;
 
+pub use aggregate::{aggregate, AggregateError, AggregateReport, AggregationConfig, Rule};
 pub use commit::{hash_f32, hash_indices, hash_update, Commitment, Hash};
 pub use evidence::Evidence;
 pub use identity::{verify_signature, Signature, WorkerId, WorkerKey};

@@ -1,177 +1,241 @@
-//! The compute side of a worker: turns a task into a signed, committed result.
+//! The compute side of a worker: turns a task into a signed, committed result, and answers
+//! the coordinator's challenges about recent results.
 
-use compression::{CodecConfig, DecodeLimits, ErrorFeedback};
-use proto::{Task, TaskResult};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use compression::{CodecConfig, DecodeLimits};
+use executor::params::{rebuild, Held};
+use executor::{encode_update, Executor, RawUpdate};
+use proto::{Answer, ParamsPayload, Query, Task, TaskResult};
 use serde_bytes::ByteBuf;
-use trainer::{gradient, Dataset, ModelKind, Net, Optimizer, OptimizerConfig};
-use verify::{Commitment, MerkleTree, WorkerKey};
+use trainer::{Dataset, ModelKind, OptimizerConfig};
+use verify::{Commitment, Hash, MerkleTree, WorkerKey};
 
-/// Largest number of sample indices accepted in one task.
-const MAX_TASK_SAMPLES: usize = 1 << 20;
-/// Most micro-batches (inner steps) in one task.
-const MAX_MICRO_BATCHES: usize = 10_000;
+use crate::adversary::Adversary;
 
-/// What a task produced before encoding.
-struct Update {
-    values: Vec<f32>,
-    loss_sum: f64,
-    n: usize,
-    step_root: [u8; 32],
+/// Recent results kept to continue error feedback and answer challenges.
+const KEEP_RESULTS: usize = 8;
+
+/// Why a task was not done; reported to the coordinator.
+#[derive(Debug)]
+pub struct Failure {
+    /// For the coordinator's log.
+    pub reason: String,
+    /// Full parameters would let the worker do it.
+    pub need_full_params: bool,
 }
 
-/// Model, data and identity of a worker for one run.
+impl Failure {
+    fn new(reason: impl ToString) -> Self {
+        Failure {
+            reason: reason.to_string(),
+            need_full_params: false,
+        }
+    }
+}
+
+/// What the worker remembers of a result it sent.
+struct Sent {
+    task_id: u64,
+    /// The exact values encoded (kept only when error feedback is on).
+    encoded_input: Vec<f32>,
+    /// Error-feedback residual left by the task (empty when off).
+    residual: Vec<f32>,
+    /// Inner-step state hashes (multi-step tasks).
+    tree: Option<MerkleTree>,
+    leaves: Vec<Hash>,
+}
+
+/// Model, data, parameters and identity of a worker for one run. Kept across reconnects to
+/// the same run, so error feedback continues where it stopped.
 pub struct Compute {
-    net: Net,
-    data: Dataset,
+    exec: Executor,
     key: WorkerKey,
     run_id: [u8; 32],
     codec: CodecConfig,
+    inner: OptimizerConfig,
     limits: DecodeLimits,
-    feedback: ErrorFeedback,
-    version: Option<(u64, [u8; 32])>,
-    inner: Optimizer,
+    held: Option<Held>,
+    sent: VecDeque<Sent>,
+    adversary: Option<Adversary>,
 }
 
 impl Compute {
     /// Sets up the model for a run.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: ModelKind,
         device: tch::Device,
-        data: Dataset,
+        data: Arc<Dataset>,
         key: WorkerKey,
         run_id: [u8; 32],
         codec: CodecConfig,
         inner: OptimizerConfig,
+        adversary: Option<Adversary>,
     ) -> Self {
-        let net = Net::new(model, device, 0);
+        let exec = Executor::new(model, device, data, inner.clone());
         let limits = DecodeLimits {
-            max_values: net.n_params(),
+            max_values: exec.n_params(),
             ..DecodeLimits::default()
         };
         Compute {
-            net,
-            data,
+            exec,
             key,
             run_id,
             codec,
+            inner,
             limits,
-            feedback: ErrorFeedback::new(),
-            version: None,
-            inner: Optimizer::new(inner),
+            held: None,
+            sent: VecDeque::new(),
+            adversary,
         }
     }
 
     /// Number of model parameters.
     pub fn n_params(&self) -> usize {
-        self.net.n_params()
+        self.exec.n_params()
+    }
+
+    /// Whether this state belongs to the run described (so it can be kept on reconnecting).
+    pub fn same_run(
+        &self,
+        run_id: &[u8; 32],
+        codec: &CodecConfig,
+        inner: &OptimizerConfig,
+    ) -> bool {
+        &self.run_id == run_id && &self.codec == codec && &self.inner == inner
     }
 
     /// Runs one task. Errors are reasons to report back, not reasons to disconnect.
-    pub fn run(&mut self, task: Task) -> Result<TaskResult, String> {
+    pub fn run(&mut self, task: Task) -> Result<TaskResult, Failure> {
         let start = std::time::Instant::now();
-        if task.indices.len() > MAX_TASK_SAMPLES {
-            return Err(format!(
-                "task has {} samples, limit {MAX_TASK_SAMPLES}",
-                task.indices.len()
-            ));
+        executor::check_shape(&task.indices, &task.micro_batches).map_err(Failure::new)?;
+        self.load_params(&task)?;
+        let params = &self.held.as_ref().expect("loaded").values;
+        let raw = match self.adversary.as_mut() {
+            Some(a) => a.compute(&mut self.exec, params, &task),
+            None => self
+                .exec
+                .compute(params, &task.indices, &task.micro_batches),
         }
-        let micro_total: u64 = task.micro_batches.iter().map(|&m| u64::from(m)).sum();
-        if task.micro_batches.is_empty()
-            || task.micro_batches.len() > MAX_MICRO_BATCHES
-            || micro_total != task.indices.len() as u64
+        .map_err(Failure::new)?;
+        self.commit(task, raw, start)
+    }
+
+    fn load_params(&mut self, task: &Task) -> Result<(), Failure> {
+        if matches!(task.params, ParamsPayload::Held)
+            && self.held.as_ref().map(|h| h.version) == Some(task.params_version)
         {
-            return Err("micro-batch sizes do not cover the indices".into());
+            return Ok(());
         }
-        if let Some(p) = &task.params {
-            let params = compression::decode_exact(p, self.net.n_params(), &self.limits)
-                .map_err(|e| format!("parameters: {e}"))?;
-            let h = verify::hash_f32(&params);
-            if h != task.params_hash {
-                return Err("parameters do not match their announced hash".into());
+        match rebuild(
+            self.held.as_ref(),
+            &task.params,
+            task.params_version,
+            &task.params_hash,
+            self.exec.n_params(),
+            &self.limits,
+        ) {
+            Ok(h) => {
+                self.held = Some(h);
+                Ok(())
             }
-            self.net
-                .set_flat_params(&params)
-                .map_err(|e| e.to_string())?;
-            self.version = Some((task.params_version, h));
+            Err(e) => {
+                if e.needs_full() {
+                    self.held = None;
+                }
+                Err(Failure {
+                    reason: e.to_string(),
+                    need_full_params: e.needs_full(),
+                })
+            }
         }
-        let input_params = match self.version {
-            Some((v, h)) if v == task.params_version => h,
-            _ => {
-                return Err(format!(
-                    "parameters of version {} are missing",
-                    task.params_version
-                ))
-            }
-        };
-        let u = if task.micro_batches.len() == 1 {
-            let g =
-                gradient(&mut self.net, &self.data, &task.indices).map_err(|e| e.to_string())?;
-            Update {
-                values: g.grad,
-                loss_sum: g.loss_sum,
-                n: g.n,
-                step_root: [0; 32],
-            }
+    }
+
+    /// Error feedback, encoding, commitment and signature.
+    fn commit(
+        &mut self,
+        task: Task,
+        raw: RawUpdate,
+        start: std::time::Instant,
+    ) -> Result<TaskResult, Failure> {
+        let base = self
+            .sent
+            .iter()
+            .find(|s| s.task_id == task.ef_base && task.ef_base != 0);
+        let residual_in = base
+            .filter(|s| !s.residual.is_empty())
+            .map(|s| s.residual.as_slice());
+        let ef_base = if residual_in.is_some() {
+            task.ef_base
         } else {
-            self.local_round(&task.indices, &task.micro_batches)?
+            0
         };
-        let (update, _) = self
-            .feedback
-            .encode(&u.values, &self.codec, task.seed)
-            .map_err(|e| format!("encode: {e}"))?;
+        let enc = encode_update(&raw.values, residual_in, &self.codec, task.seed)
+            .map_err(Failure::new)?;
+        let tree = (!raw.leaves.is_empty()).then(|| MerkleTree::new(raw.leaves.clone()));
         let commitment = Commitment {
             run_id: self.run_id,
             task_id: task.task_id,
             step: task.step,
-            input_params,
+            input_params: task.params_hash,
             indices: verify::hash_indices(&task.indices),
             seed: task.seed,
             hyperparams: task.hyperparams,
-            update: verify::hash_update(&update),
-            step_root: u.step_root,
-            n_samples: u.n as u32,
+            update: verify::hash_update(&enc.bytes),
+            step_root: tree.as_ref().map_or([0; 32], MerkleTree::root),
+            n_samples: raw.n as u32,
+            ef_base,
+            encoded_input: verify::hash_f32(&enc.encoded_input),
         };
         let signature = self.key.sign(&commitment);
+        let keep_input = !enc.residual.is_empty();
+        self.sent.push_back(Sent {
+            task_id: task.task_id,
+            encoded_input: if keep_input {
+                enc.encoded_input
+            } else {
+                Vec::new()
+            },
+            residual: enc.residual,
+            tree,
+            leaves: raw.leaves,
+        });
+        while self.sent.len() > KEEP_RESULTS {
+            self.sent.pop_front();
+        }
         Ok(TaskResult {
             task_id: task.task_id,
-            n_samples: u.n as u32,
-            loss_sum: u.loss_sum,
-            update: ByteBuf::from(update),
+            n_samples: raw.n as u32,
+            loss_sum: raw.loss_sum,
+            update: ByteBuf::from(enc.bytes),
             commitment,
             signature,
             compute_ms: start.elapsed().as_millis() as u64,
         })
     }
 
-    /// A DiLoCo round: one inner optimizer step per micro-batch from the current parameters;
-    /// returns start minus end parameters and a Merkle root over the per-step parameter hashes.
-    fn local_round(&mut self, indices: &[u32], micro: &[u32]) -> Result<Update, String> {
-        let start = self.net.flat_params();
-        let mut params = start.clone();
-        let mut leaves = Vec::with_capacity(micro.len());
-        let (mut o, mut loss_sum) = (0usize, 0f64);
-        for &m in micro {
-            let idx = &indices[o..o + m as usize];
-            o += m as usize;
-            if idx.is_empty() {
-                continue;
+    /// Answers a challenge about a recent result.
+    pub fn answer(&self, task_id: u64, query: &Query) -> Answer {
+        let Some(s) = self.sent.iter().find(|s| s.task_id == task_id) else {
+            return Answer::Unavailable(format!("task {task_id} is no longer held"));
+        };
+        match query {
+            Query::EncodedInput if !s.encoded_input.is_empty() => {
+                match compression::encode(&s.encoded_input, &CodecConfig::lossless(), 0) {
+                    Ok(b) => Answer::Values(ByteBuf::from(b)),
+                    Err(e) => Answer::Unavailable(e.to_string()),
+                }
             }
-            let g = gradient(&mut self.net, &self.data, idx).map_err(|e| e.to_string())?;
-            loss_sum += g.loss_sum;
-            self.inner
-                .step(&mut params, &g.grad)
-                .map_err(|e| e.to_string())?;
-            self.net
-                .set_flat_params(&params)
-                .map_err(|e| e.to_string())?;
-            leaves.push(verify::hash_f32(&params));
+            Query::EncodedInput => Answer::Unavailable("no error-feedback input kept".into()),
+            Query::Leaf { index } => match (&s.tree, s.leaves.get(*index as usize)) {
+                (Some(t), Some(leaf)) => match t.proof(*index as usize) {
+                    Some(proof) => Answer::Leaf { leaf: *leaf, proof },
+                    None => Answer::Unavailable("no such leaf".into()),
+                },
+                _ => Answer::Unavailable("no such leaf".into()),
+            },
         }
-        let values = start.iter().zip(&params).map(|(s, e)| s - e).collect();
-        Ok(Update {
-            values,
-            loss_sum,
-            n: indices.len(),
-            step_root: MerkleTree::new(leaves).root(),
-        })
     }
 }

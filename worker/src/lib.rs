@@ -1,9 +1,12 @@
 //! A volunteer worker: joins a run with a join string, computes its share of every step,
 //! and reconnects with backoff when the link drops.
 
+pub mod adversary;
 pub mod compute;
+pub mod hostile;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::{
@@ -15,6 +18,7 @@ use trainer::{Dataset, ModelKind};
 use verify::WorkerKey;
 
 use compute::Compute;
+use hostile::Send;
 
 /// How a worker was started.
 #[derive(Clone, Debug)]
@@ -37,6 +41,10 @@ pub struct WorkerOptions {
     pub protocol_version: u32,
     /// TEST ONLY: exit abruptly (like `kill -9`, no goodbye) on receiving this many tasks.
     pub crash_at_task: Option<u64>,
+    /// TEST ONLY: cheat with this mode on this fraction of the tasks.
+    pub adversary: Option<(adversary::Mode, f64)>,
+    /// TEST ONLY: break the protocol in this way.
+    pub hostile: Option<hostile::Hostile>,
 }
 
 /// Why a session ended.
@@ -74,14 +82,16 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
     trainer::runtime::set_threads(opts.threads);
     let key = WorkerKey::load_or_create(&opts.key_path)
         .map_err(|e| WorkerError::Setup(format!("key {}: {e}", opts.key_path.display())))?;
-    let data = Dataset::load_idx(&opts.data_dir, "train")
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let data = Arc::new(
+        Dataset::load_idx(&opts.data_dir, "train")
+            .map_err(|e| WorkerError::Setup(e.to_string()))?,
+    );
     let digest = data.digest();
     let device = trainer::runtime::pick_device(opts.allow_cuda);
     info!(id = %key.public().short(), device = %trainer::runtime::device_name(device), "worker starting");
     let mut backoff = Duration::from_millis(250);
     let mut failing_since: Option<Instant> = None;
-    let mut tasks_seen = 0u64;
+    let mut state = SessionState::default();
     loop {
         let mut progressed = false;
         match session(
@@ -91,7 +101,7 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
             digest,
             device,
             &mut progressed,
-            &mut tasks_seen,
+            &mut state,
         )
         .await
         {
@@ -150,14 +160,24 @@ fn classify(e: &quinn::ConnectionError) -> SessionError {
     }
 }
 
+/// What outlives one connection.
+#[derive(Default)]
+struct SessionState {
+    tasks_seen: u64,
+    /// The run's compute state (model, parameters, error feedback), reused on reconnecting to
+    /// the same run.
+    compute: Option<Compute>,
+    tamper: Option<hostile::Tamper>,
+}
+
 async fn session(
     opts: &WorkerOptions,
     key: &WorkerKey,
-    data: &Dataset,
+    data: &Arc<Dataset>,
     digest: [u8; 32],
     device: tch::Device,
     progressed: &mut bool,
-    tasks_seen: &mut u64,
+    state: &mut SessionState,
 ) -> Result<Exit, SessionError> {
     let retry = |m: String| SessionError::Retry(m);
     let addr = tokio::net::lookup_host(&opts.ticket.addr)
@@ -226,19 +246,31 @@ async fn session(
         .validate()
         .map_err(|e| SessionError::Fatal(format!("coordinator sent an invalid codec: {e}")))?;
     let inner = inner_optimizer(&welcome.inner_optimizer).map_err(SessionError::Fatal)?;
-    let mut compute = Some(Compute::new(
-        model,
-        device,
-        data.clone(),
-        key.clone(),
-        welcome.run_id,
-        welcome.codec,
-        inner,
-    ));
-    if compute.as_ref().map(|c| c.n_params() as u64) != Some(welcome.n_params) {
+    if !state
+        .compute
+        .as_ref()
+        .is_some_and(|c| c.same_run(&welcome.run_id, &welcome.codec, &inner))
+    {
+        state.compute = Some(Compute::new(
+            model,
+            device,
+            data.clone(),
+            key.clone(),
+            welcome.run_id,
+            welcome.codec,
+            inner,
+            opts.adversary
+                .map(|(m, rate)| adversary::Adversary::new(m, rate)),
+        ));
+    }
+    let n_params = state.compute.as_ref().map_or(0, |c| c.n_params());
+    if n_params as u64 != welcome.n_params {
         return Err(SessionError::Fatal(
             "model size differs from the coordinator's; update the worker".into(),
         ));
+    }
+    if state.tamper.is_none() {
+        state.tamper = opts.hostile.map(hostile::Tamper::new);
     }
     info!(run = %hex::encode(&welcome.run_id[..8]), model = %welcome.model, "joined run");
     loop {
@@ -246,15 +278,16 @@ async fn session(
             Ok((m, _)) => m,
             Err(e) => return Err(closed(&conn, e.to_string())),
         };
-        match msg {
+        let replies = match msg {
             ToWorker::Task(task) => {
-                *tasks_seen += 1;
-                if opts.crash_at_task == Some(*tasks_seen) {
-                    warn!("test-only crash at task {}", *tasks_seen);
+                state.tasks_seen += 1;
+                if opts.crash_at_task == Some(state.tasks_seen) {
+                    warn!("test-only crash at task {}", state.tasks_seen);
                     std::process::exit(137);
                 }
                 let task_id = task.task_id;
-                let mut c = compute
+                let mut c = state
+                    .compute
                     .take()
                     .ok_or_else(|| retry("compute state lost".into()))?;
                 let (c, res) = tokio::task::spawn_blocking(move || {
@@ -263,18 +296,34 @@ async fn session(
                 })
                 .await
                 .map_err(|e| SessionError::Fatal(format!("compute thread failed: {e}")))?;
-                compute = Some(c);
-                let reply = match res {
-                    Ok(r) => ToCoordinator::Result(Box::new(r)),
-                    Err(reason) => {
-                        warn!(task_id, "task failed: {reason}");
-                        ToCoordinator::TaskFailed { task_id, reason }
-                    }
-                };
-                write_frame(&mut send, &reply, cap)
-                    .await
-                    .map_err(|e| closed(&conn, e.to_string()))?;
+                state.compute = Some(c);
                 *progressed = true;
+                match (res, state.tamper.as_mut()) {
+                    (Ok(r), Some(t)) => t.tamper(r, n_params, key),
+                    (Ok(r), None) => vec![Send::Msg(ToCoordinator::Result(Box::new(r)))],
+                    (Err(f), _) => {
+                        warn!(task_id, "task failed: {}", f.reason);
+                        vec![Send::Msg(ToCoordinator::TaskFailed {
+                            task_id,
+                            reason: f.reason,
+                            need_full_params: f.need_full_params,
+                        })]
+                    }
+                }
+            }
+            ToWorker::Challenge {
+                challenge_id,
+                task_id,
+                query,
+            } => {
+                let answer = match &state.compute {
+                    Some(c) => c.answer(task_id, &query),
+                    None => proto::Answer::Unavailable("no state".into()),
+                };
+                vec![Send::Msg(ToCoordinator::ChallengeReply {
+                    challenge_id,
+                    answer,
+                })]
             }
             ToWorker::Shutdown { reason } => {
                 info!("coordinator: {reason}");
@@ -282,6 +331,16 @@ async fn session(
                 return Ok(Exit::Done(reason));
             }
             ToWorker::Welcome(_) => return Err(retry("unexpected second Welcome".into())),
+        };
+        for reply in replies {
+            let sent = match reply {
+                Send::Msg(m) => write_frame(&mut send, &m, cap).await.map(|_| ()),
+                Send::Raw(bytes) => send
+                    .write_all(&bytes)
+                    .await
+                    .map_err(|e| proto::FrameError::Io(e.into())),
+            };
+            sent.map_err(|e| closed(&conn, e.to_string()))?;
         }
     }
 }

@@ -39,6 +39,17 @@ struct Cli {
     /// TEST ONLY: exit abruptly on receiving the N-th task, as if killed mid-step.
     #[arg(long, hide = true)]
     test_crash_at_task: Option<u64>,
+    /// TEST ONLY, never on a real run: cheat on tasks (noise, scaled, sign-flip, zero, stale,
+    /// wrong-data, copy, partial), to test and measure the coordinator's spot checks.
+    #[arg(long)]
+    test_adversary: Option<worker::adversary::Mode>,
+    /// TEST ONLY: fraction of tasks the adversary cheats on.
+    #[arg(long, default_value_t = 1.0)]
+    test_cheat_rate: f64,
+    /// TEST ONLY, never on a real run: break the protocol (nan, wrong-shape, truncated, replay,
+    /// unknown-task, bad-signature, junk-frame, oversized), to test the coordinator's defences.
+    #[arg(long)]
+    test_hostile: Option<worker::hostile::Hostile>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -77,7 +88,12 @@ async fn main() -> Result<()> {
         retry_for: Duration::from_secs_f64(cli.retry_for.max(0.0)),
         protocol_version: cli.test_protocol_version,
         crash_at_task: cli.test_crash_at_task,
+        adversary: cli.test_adversary.map(|m| (m, cli.test_cheat_rate)),
+        hostile: cli.test_hostile,
     };
+    if opts.adversary.is_some() || opts.hostile.is_some() {
+        tracing::warn!("TEST ONLY adversarial mode: this worker misbehaves on purpose");
+    }
     match worker::run(opts).await {
         Ok(worker::Exit::Done(reason)) => {
             tracing::info!("finished: {reason}");

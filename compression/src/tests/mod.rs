@@ -1,5 +1,5 @@
 //! Unit tests: round trips and error bounds, stochastic rounding, error feedback, hostile
-//! input, config parsing, and property tests.
+//! input, config parsing, property tests, and lossless XOR parameter deltas.
 
 mod config;
 mod feedback;
@@ -7,6 +7,7 @@ mod hostile;
 mod props;
 mod roundtrip;
 mod stochastic;
+mod xor_delta;
 
 use crate::*;
 

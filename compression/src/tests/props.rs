@@ -48,6 +48,7 @@ fn config() -> impl Strategy<Value = CodecConfig> {
                     topk_values,
                     zstd_level,
                     stochastic_rounding,
+                    error_feedback: true,
                 }
             },
         )

@@ -1,0 +1,267 @@
+use compression::{CodecConfig, CodecKind, DecodeLimits};
+use serde_bytes::ByteBuf;
+use trainer::{Optimizer, OptimizerConfig};
+use verify::{AggregationConfig, WorkerKey};
+
+use super::*;
+
+const N: usize = 40;
+
+fn rules(downlink: CodecConfig) -> Rules {
+    Rules {
+        aggregation: AggregationConfig::default(),
+        downlink,
+        limits: DecodeLimits::default(),
+    }
+}
+
+fn fresh() -> TrainState {
+    TrainState {
+        round: 0,
+        params: (0..N).map(|i| (i as f32 * 0.1).cos()).collect(),
+        opt: Optimizer::new(OptimizerConfig::default()),
+        downlink_residual: Vec::new(),
+    }
+}
+
+fn worker(i: u8) -> WorkerId {
+    WorkerKey::from_seed([i; 32]).public()
+}
+
+/// Round `r` with one contribution per worker in `who`.
+fn record(r: u64, who: &[u8]) -> RoundRecord {
+    RoundRecord {
+        round: r,
+        contributions: who
+            .iter()
+            .map(|&w| {
+                let g: Vec<f32> = (0..N)
+                    .map(|i| {
+                        ((i as u64 * 7 + r * 13 + u64::from(w) * 29) % 17) as f32 * 0.01 - 0.08
+                    })
+                    .collect();
+                Contribution {
+                    worker: worker(w),
+                    task_id: r * 100 + u64::from(w),
+                    n_samples: 8 + u32::from(w),
+                    loss_sum: 1.0,
+                    update: ByteBuf::from(
+                        compression::encode(&g, &CodecConfig::default(), 0).unwrap(),
+                    ),
+                    verified: false,
+                }
+            })
+            .collect(),
+    }
+}
+
+fn cfg() -> LedgerSection {
+    LedgerSection {
+        snapshot_every: 3,
+        ..Default::default()
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn a_restart_replays_the_log_to_the_same_bits() {
+    for downlink in [
+        CodecConfig::lossless(),
+        CodecConfig {
+            codec: CodecKind::Int8,
+            ..Default::default()
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = [3; 32];
+        let (mut l, rec) = Ledger::open(
+            dir.path(),
+            run,
+            fresh(),
+            true,
+            rules(downlink.clone()),
+            cfg(),
+        )
+        .unwrap();
+        assert!(rec.meta.is_none());
+        for r in 0..4 {
+            l.commit(record(r, &[1, 2]), &Meta::default()).unwrap();
+        }
+        l.checkpoint(&Meta::default(), vec![]).unwrap();
+        for r in 4..9 {
+            let meta = Meta {
+                next_task: r,
+                ..Default::default()
+            };
+            l.commit(record(r, &[1, 2, 3]), &meta).unwrap();
+        }
+        l.mark_verified(801).unwrap();
+        let want = l.state.clone();
+        drop(l);
+        // As if killed: reopen from checkpoint + log.
+        let (l2, rec) = Ledger::open(
+            dir.path(),
+            run,
+            fresh(),
+            true,
+            rules(downlink.clone()),
+            cfg(),
+        )
+        .unwrap();
+        assert_eq!(rec.replayed, 5);
+        assert_eq!(rec.meta.unwrap().next_task, 8);
+        assert_eq!(l2.state.round, 9);
+        assert_eq!(bits(&l2.state.params), bits(&want.params));
+        assert_eq!(
+            bits(&l2.state.downlink_residual),
+            bits(&want.downlink_residual)
+        );
+        assert!(l2.holds(|c| c.task_id == 801 && c.verified));
+        // resume = false starts over.
+        let (l3, rec) =
+            Ledger::open(dir.path(), run, fresh(), false, rules(downlink), cfg()).unwrap();
+        assert_eq!((l3.state.round, rec.replayed), (0, 0));
+    }
+}
+
+#[test]
+fn a_rollback_equals_never_having_had_the_removed_contributions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut l, _) = Ledger::open(
+        dir.path(),
+        [1; 32],
+        fresh(),
+        true,
+        rules(CodecConfig::lossless()),
+        cfg(),
+    )
+    .unwrap();
+    let (clean_dir, run) = (tempfile::tempdir().unwrap(), [1; 32]);
+    let (mut clean, _) = Ledger::open(
+        clean_dir.path(),
+        run,
+        fresh(),
+        true,
+        rules(CodecConfig::lossless()),
+        cfg(),
+    )
+    .unwrap();
+    for r in 0..10 {
+        // Worker 9 joins at round 4, and its round-6 result was spot-checked and confirmed.
+        let who: &[u8] = if r >= 4 { &[1, 9, 2] } else { &[1, 2] };
+        l.commit(record(r, who), &Meta::default()).unwrap();
+        let mut honest = record(r, who);
+        honest
+            .contributions
+            .retain(|c| c.worker != worker(9) || c.task_id == 609);
+        clean.commit(honest, &Meta::default()).unwrap();
+    }
+    l.mark_verified(609).unwrap();
+    let rb = l
+        .remove(|c| c.worker == worker(9) && !c.verified)
+        .unwrap()
+        .unwrap();
+    assert_eq!(rb.removed, 5, "rounds 4,5,7,8,9");
+    assert_eq!(rb.from_round, 3, "the last snapshot before round 4");
+    assert_eq!(rb.replayed, 7);
+    assert_eq!(bits(&l.state.params), bits(&clean.state.params));
+    assert_eq!(l.state.round, 10);
+    assert!(l
+        .remove(|c| c.worker == worker(9) && !c.verified)
+        .unwrap()
+        .is_none());
+    // The rolled-back state survives a restart once checkpointed.
+    l.checkpoint(&Meta::default(), vec![]).unwrap();
+    drop(l);
+    let (back, _) = Ledger::open(
+        dir.path(),
+        [1; 32],
+        fresh(),
+        true,
+        rules(CodecConfig::lossless()),
+        cfg(),
+    )
+    .unwrap();
+    assert_eq!(bits(&back.state.params), bits(&clean.state.params));
+}
+
+#[test]
+fn history_is_bounded_by_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = LedgerSection {
+        snapshot_every: 2,
+        rollback_window: 6,
+        ..Default::default()
+    };
+    let (mut l, _) = Ledger::open(
+        dir.path(),
+        [1; 32],
+        fresh(),
+        true,
+        rules(CodecConfig::lossless()),
+        small,
+    )
+    .unwrap();
+    for r in 0..20 {
+        l.commit(record(r, &[1]), &Meta::default()).unwrap();
+    }
+    assert!(l.history_start() >= 20 - 8, "{}", l.history_start());
+    assert!(
+        !l.holds(|c| c.task_id == 101),
+        "round 1 is out of the window"
+    );
+    assert!(l.holds(|c| c.task_id == 1901));
+}
+
+#[test]
+fn a_checkpoint_of_another_run_or_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut l, _) = Ledger::open(
+        dir.path(),
+        [1; 32],
+        fresh(),
+        true,
+        rules(CodecConfig::lossless()),
+        cfg(),
+    )
+    .unwrap();
+    l.commit(record(0, &[1]), &Meta::default()).unwrap();
+    l.checkpoint(&Meta::default(), vec![]).unwrap();
+    drop(l);
+    let other = Ledger::open(
+        dir.path(),
+        [2; 32],
+        fresh(),
+        true,
+        rules(CodecConfig::lossless()),
+        cfg(),
+    );
+    assert!(other.is_err());
+    let mut small = fresh();
+    small.params.pop();
+    assert!(Ledger::open(
+        dir.path(),
+        [1; 32],
+        small,
+        true,
+        rules(CodecConfig::lossless()),
+        cfg()
+    )
+    .is_err());
+    let p = checkpoint_path(dir.path());
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[20] ^= 1;
+    std::fs::write(&p, bytes).unwrap();
+    assert!(Ledger::open(
+        dir.path(),
+        [1; 32],
+        fresh(),
+        true,
+        rules(CodecConfig::lossless()),
+        cfg()
+    )
+    .is_err());
+}
