@@ -208,8 +208,8 @@ impl Default for NetworkSection {
 pub struct WorkersSection {
     /// Force this many compute threads on every worker (deterministic mode); unset: their choice.
     pub deterministic_threads: Option<u32>,
-    /// Give a worker a share of each batch proportional to its measured speed once the
-    /// fastest is more than 1.5x the slowest (equal shares otherwise, or when false).
+    /// Size the workers' shares of each batch so that they finish at the same time (by their
+    /// compute times; false: equal shares).
     pub balance_by_speed: bool,
 }
 

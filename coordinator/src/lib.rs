@@ -69,6 +69,7 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     };
     let limits = proto::tls::TransportLimits {
         idle_timeout: Duration::from_secs_f64(cfg.network.idle_timeout_s),
+        keep_alive: Duration::from_secs_f64((cfg.network.idle_timeout_s / 3.0).min(5.0)),
         ..Default::default()
     };
     let endpoint = proto::tls::server_endpoint(&identity.tls, cfg.run.listen, &limits)?;

@@ -1,6 +1,7 @@
 //! A round's parts: how its global batches are split over the workers, and the attempts at
 //! each part.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,6 +21,8 @@ pub struct Attempt {
     pub live: bool,
     /// The error-feedback base the task was given.
     pub ef_base: u64,
+    /// Milliseconds the worker computed, once it answered validly.
+    pub compute_ms: Option<f64>,
 }
 
 /// An accepted result of a part.
@@ -49,49 +52,36 @@ impl Part {
     }
 }
 
-/// Sizes of `parts` shares of `len` samples. Equal (differing by at most one) unless
-/// `speeds` (samples per second, one per part) says the fastest is more than 1.5x the
-/// slowest; then proportional to speed (largest remainder), at least one sample each when
-/// there are enough.
-pub fn shares(len: usize, speeds: Option<&[f64]>) -> Vec<usize> {
-    let n = speeds.map_or(0, <[f64]>::len);
-    let usable = speeds.filter(|s| {
-        let (lo, hi) = s
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-        n > 1 && lo > 0.0 && lo.is_finite() && hi.is_finite() && hi > 1.5 * lo
-    });
-    let Some(speeds) = usable else {
-        let parts = n.max(1);
-        return (0..parts)
-            .map(|i| len / parts + usize::from(i < len % parts))
-            .collect();
-    };
+/// Sizes of shares of `len` samples proportional to `weights` (largest remainder, ties to
+/// the earlier part), at least one sample each when there are enough. Equal weights give
+/// sizes that differ by at most one.
+pub fn shares(len: usize, weights: &[f64]) -> Vec<usize> {
+    let n = weights.len().max(1);
+    let ok = weights.len() == n && weights.iter().all(|w| w.is_finite() && *w > 0.0);
+    let equal = vec![1.0; n];
+    let weights = if ok { weights } else { &equal[..] };
     let min_each = usize::from(len >= n);
     let rest = len - min_each * n;
-    let total: f64 = speeds.iter().sum();
-    let exact: Vec<f64> = speeds.iter().map(|s| s / total * rest as f64).collect();
+    let total: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| w / total * rest as f64).collect();
     let mut out: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
-    let mut left = rest - out.iter().sum::<usize>();
+    let left = rest - out.iter().sum::<usize>().min(rest);
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| {
         let fa = exact[a] - exact[a].floor();
         let fb = exact[b] - exact[b].floor();
         fb.total_cmp(&fa).then(a.cmp(&b))
     });
-    for &i in order.iter().cycle() {
-        if left == 0 {
-            break;
-        }
+    for &i in order.iter().cycle().take(left) {
         out[i] += 1;
-        left -= 1;
     }
     out.iter().map(|s| s + min_each).collect()
 }
 
-/// Splits a round's batches into `n` parts, each batch cut by `shares`.
-pub fn split(batches: &[Vec<u32>], n: usize, speeds: Option<&[f64]>) -> Vec<Part> {
-    let mut parts: Vec<Part> = (0..n)
+/// Splits a round's batches into one part per weight, each batch cut by [`shares`].
+pub fn split(batches: &[Vec<u32>], weights: &[f64]) -> Vec<Part> {
+    let mut parts: Vec<Part> = weights
+        .iter()
         .map(|_| Part {
             indices: Vec::new(),
             micro: Vec::new(),
@@ -100,16 +90,8 @@ pub fn split(batches: &[Vec<u32>], n: usize, speeds: Option<&[f64]>) -> Vec<Part
         })
         .collect();
     for b in batches {
-        let sizes = shares(b.len(), speeds.filter(|s| s.len() == n));
-        let sizes = if sizes.len() == n {
-            sizes
-        } else {
-            (0..n)
-                .map(|i| b.len() / n + usize::from(i < b.len() % n))
-                .collect()
-        };
         let mut o = 0;
-        for (p, s) in parts.iter_mut().zip(sizes) {
+        for (p, s) in parts.iter_mut().zip(shares(b.len(), weights)) {
             p.indices.extend_from_slice(&b[o..o + s]);
             p.micro.push(s as u32);
             o += s;
@@ -118,31 +100,108 @@ pub fn split(batches: &[Vec<u32>], n: usize, speeds: Option<&[f64]>) -> Vec<Part
     parts
 }
 
+/// Relative shares of the connected workers, adjusted so that they finish their parts at the
+/// same time: after each round the weight of a worker more than 20% off the median time is
+/// multiplied by `sqrt(median / its time)` (damped); the weights of the others drift toward
+/// equal. A worker's time includes a fixed overhead, so weights from per-sample speed would
+/// wander with the noise; these converge.
+#[derive(Default)]
+pub struct Balancer {
+    weights: HashMap<u64, f64>,
+}
+
+impl Balancer {
+    /// Weights of `conns` (a newcomer gets the mean weight of the others).
+    pub fn weights(&self, conns: &[u64]) -> Vec<f64> {
+        let known: Vec<f64> = conns
+            .iter()
+            .filter_map(|c| self.weights.get(c).copied())
+            .collect();
+        let mean = if known.is_empty() {
+            1.0
+        } else {
+            known.iter().sum::<f64>() / known.len() as f64
+        };
+        conns
+            .iter()
+            .map(|c| self.weights.get(c).copied().unwrap_or(mean))
+            .collect()
+    }
+
+    /// Takes the compute times (ms) of a round's parts, one per connection that did one.
+    pub fn observe(&mut self, times: &[(u64, f64)]) {
+        let valid: Vec<(u64, f64)> = times.iter().copied().filter(|(_, t)| *t > 0.0).collect();
+        if valid.len() < 2 {
+            return;
+        }
+        let mut sorted: Vec<f64> = valid.iter().map(|(_, t)| *t).collect();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let conns: Vec<u64> = valid.iter().map(|(c, _)| *c).collect();
+        let before = self.weights(&conns);
+        let in_band = |t: f64| (t / median - 1.0).abs() <= 0.2;
+        // Workers whose times agree with the median drift toward equal shares among them
+        // (where overhead dominates, shares barely change times and would wander with noise);
+        // the others move toward the median time.
+        let band: Vec<f64> = before
+            .iter()
+            .zip(&valid)
+            .filter(|(_, (_, t))| in_band(*t))
+            .map(|(w, _)| w.ln())
+            .collect();
+        let centre = band.iter().sum::<f64>() / band.len().max(1) as f64;
+        let after: Vec<f64> = before
+            .iter()
+            .zip(&valid)
+            .map(|(w, (_, t))| {
+                if in_band(*t) {
+                    (centre + 0.8 * (w.ln() - centre)).exp()
+                } else {
+                    w * (median / t).sqrt().clamp(0.5, 2.0)
+                }
+            })
+            .collect();
+        let scale = before.iter().sum::<f64>() / after.iter().sum::<f64>();
+        for (c, w) in conns.iter().zip(after) {
+            self.weights.insert(*c, (w * scale).clamp(1e-3, 1e3));
+        }
+    }
+
+    /// Forgets a connection.
+    pub fn remove(&mut self, conn: u64) {
+        self.weights.remove(&conn);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn equal_speeds_give_equal_shares() {
-        assert_eq!(shares(10, Some(&[1.0, 1.2, 1.4])), vec![4, 3, 3]);
-        assert_eq!(shares(10, None), vec![10]);
-        assert_eq!(shares(2, Some(&[1.0, 1.0, 1.0])), vec![1, 1, 0]);
+    fn equal_weights_give_equal_shares() {
+        assert_eq!(shares(10, &[1.0, 1.0, 1.0]), vec![4, 3, 3]);
+        assert_eq!(shares(10, &[1.0]), vec![10]);
+        assert_eq!(shares(2, &[1.0, 1.0, 1.0]), vec![1, 1, 0]);
+        assert_eq!(
+            shares(7, &[1.0, f64::NAN]),
+            vec![4, 3],
+            "bad weights: equal"
+        );
     }
 
     #[test]
-    fn a_slow_worker_gets_less() {
-        let s = shares(64, Some(&[100.0, 100.0, 25.0]));
+    fn weights_set_the_shares() {
+        let s = shares(64, &[4.0, 4.0, 1.0]);
         assert_eq!(s.iter().sum::<usize>(), 64);
-        assert!(s[2] < s[0] / 3 && s[2] >= 1, "{s:?}");
+        assert_eq!(s, vec![28, 28, 8]);
         // Never zero while there are enough samples.
-        let s = shares(3, Some(&[1000.0, 1.0, 1.0]));
-        assert_eq!(s, vec![1, 1, 1]);
+        assert_eq!(shares(3, &[1000.0, 1.0, 1.0]), vec![1, 1, 1]);
     }
 
     #[test]
     fn split_covers_every_batch_in_order() {
         let batches = vec![(0..10).collect::<Vec<u32>>(), (10..17).collect()];
-        let parts = split(&batches, 3, Some(&[10.0, 10.0, 2.0]));
+        let parts = split(&batches, &[5.0, 5.0, 1.0]);
         let mut all: Vec<u32> = parts.iter().flat_map(|p| p.indices.clone()).collect();
         all.sort();
         assert_eq!(all, (0..17).collect::<Vec<_>>());
@@ -151,5 +210,41 @@ mod tests {
             assert_eq!(p.micro.iter().sum::<u32>() as usize, p.indices.len());
         }
         assert!(parts[2].indices.len() < parts[0].indices.len());
+    }
+
+    /// Rounds of 96 samples over workers whose time is `overhead + n * cost`.
+    fn simulate(costs: &[f64], overhead: f64, rounds: usize) -> Vec<usize> {
+        let conns: Vec<u64> = (0..costs.len() as u64).collect();
+        let mut b = Balancer::default();
+        let mut sizes = Vec::new();
+        for _ in 0..rounds {
+            sizes = shares(96, &b.weights(&conns));
+            let times: Vec<(u64, f64)> = conns
+                .iter()
+                .zip(&sizes)
+                .zip(costs)
+                .map(|((c, n), k)| (*c, overhead + *n as f64 * k))
+                .collect();
+            b.observe(&times);
+        }
+        sizes
+    }
+
+    #[test]
+    fn shares_converge_to_equal_finish_times_without_drifting() {
+        // Equal workers with a large fixed overhead stay equal.
+        assert_eq!(simulate(&[1.0, 1.0, 1.0], 50.0, 50), vec![32, 32, 32]);
+        // A worker 5x slower ends with about a fifth of the others' share.
+        let s = simulate(&[1.0, 1.0, 5.0], 5.0, 50);
+        assert!(s[2] * 3 < s[0] && s[2] >= 5, "{s:?}");
+        let times: Vec<f64> = s
+            .iter()
+            .zip([1.0, 1.0, 5.0])
+            .map(|(n, k)| 5.0 + *n as f64 * k)
+            .collect();
+        let (lo, hi) = times
+            .iter()
+            .fold((f64::MAX, 0f64), |(l, h), t| (l.min(*t), h.max(*t)));
+        assert!(hi / lo < 1.3, "finish times {times:?}");
     }
 }

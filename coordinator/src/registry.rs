@@ -40,7 +40,7 @@ pub struct Conn {
     pub traffic: Arc<Traffic>,
     /// The task it is working on.
     pub busy: Option<u64>,
-    /// Measured milliseconds per sample (smoothed).
+    /// Milliseconds per sample from sending a task to its answer (smoothed): deadlines.
     pub ms_per_sample: Option<f64>,
     /// Results accepted on this connection.
     pub tasks_ok: u64,

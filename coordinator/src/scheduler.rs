@@ -106,6 +106,7 @@ pub struct Scheduler {
     h: u64,
     total_batches: u64,
     reg: Registry,
+    balancer: parts::Balancer,
     checks: Option<Checks>,
     policy: SpotCheckPolicy,
     check_key: [u8; 32],
@@ -175,7 +176,12 @@ impl Scheduler {
             rules,
             cfg.ledger.clone(),
         )?;
-        let meta = recovered.meta.clone().unwrap_or_default();
+        let mut meta = recovered.meta.clone().unwrap_or_default();
+        // Tasks sent after the last logged round may have used ids beyond the logged counter:
+        // skip well past them, so that a task id never names two tasks.
+        if recovered.meta.is_some() {
+            meta.next_task += 1 << 20;
+        }
         traffic.add_in(meta.bytes_in);
         traffic.add_out(meta.bytes_out);
         let step = ledger.state.round;
@@ -216,6 +222,7 @@ impl Scheduler {
             h,
             total_batches,
             reg: Registry::new(recovered.standings, banned),
+            balancer: parts::Balancer::default(),
             checks,
             check_key,
             next_check: 1,
@@ -316,17 +323,12 @@ impl Scheduler {
         let idle = self.reg.idle();
         // Never more parts than the round's first (largest) batch has samples.
         let n = idle.len().min(batches.first().map_or(1, Vec::len)).max(1);
-        let speeds: Option<Vec<f64>> = self.cfg.workers.balance_by_speed.then(|| {
-            idle.iter()
-                .take(n)
-                .map(|c| {
-                    self.reg.conns[c]
-                        .ms_per_sample
-                        .map_or(0.0, |ms| 1000.0 / ms.max(1e-3))
-                })
-                .collect()
-        });
-        let mut parts = parts::split(&batches, n, speeds.as_deref());
+        let weights = if self.cfg.workers.balance_by_speed {
+            self.balancer.weights(&idle[..n])
+        } else {
+            vec![1.0; n]
+        };
+        let mut parts = parts::split(&batches, &weights);
         for (i, &conn) in idle.iter().enumerate().take(parts.len()) {
             self.assign(&mut parts[i], conn)?;
         }
@@ -421,6 +423,7 @@ impl Scheduler {
             deadline: now + Duration::from_secs_f64(timeout),
             live: true,
             ef_base,
+            compute_ms: None,
         });
         Ok(())
     }
@@ -429,7 +432,7 @@ impl Scheduler {
     fn handle(&mut self, ev: Event, parts: &mut [Part]) -> Result<bool> {
         match ev {
             Event::Stop => return Ok(false),
-            Event::Joined(j) => self.on_join(*j)?,
+            Event::Joined(j) => self.on_join(*j, parts)?,
             Event::Left {
                 conn,
                 reason,
@@ -500,7 +503,7 @@ impl Scheduler {
         Ok(true)
     }
 
-    fn on_join(&mut self, j: Joined) -> Result<()> {
+    fn on_join(&mut self, j: Joined, parts: &mut [Part]) -> Result<()> {
         if self.reg.is_banned(&j.worker) {
             let _ = j.tx.send(Outgoing::Close(
                 close::AUTH,
@@ -509,6 +512,21 @@ impl Scheduler {
             return Ok(());
         }
         self.seen.insert(j.worker);
+        // One connection per identity: a worker that restarts replaces its old, dead one at
+        // once instead of after the idle timeout, and its part goes elsewhere now.
+        for old in self.reg.conns_of(&j.worker) {
+            if let Some(c) = self.reg.conns.remove(&old) {
+                let _ = c.tx.send(Outgoing::Close(
+                    close::PROTOCOL,
+                    "replaced by a newer connection".into(),
+                ));
+            }
+            for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
+                if a.conn == old {
+                    a.live = false;
+                }
+            }
+        }
         self.metrics.emit(
             "worker_joined",
             json!({"conn": j.conn, "worker": j.worker.to_string(), "name": j.name, "step": self.step()}),
@@ -536,7 +554,7 @@ impl Scheduler {
         );
         if let Some(c) = self.checks.as_mut() {
             let outs = c.retarget(&j.worker, j.conn);
-            self.act(outs, &mut [])?;
+            self.act(outs, parts)?;
         }
         Ok(())
     }
@@ -581,10 +599,8 @@ impl Scheduler {
         let w = self.reg.conns.get_mut(&conn).expect("worker present");
         w.tasks_ok += 1;
         let per = elapsed / part.indices.len().max(1) as f64;
-        w.ms_per_sample = Some(match w.ms_per_sample {
-            Some(old) => 0.7 * old + 0.3 * per,
-            None => per,
-        });
+        w.ms_per_sample = Some(w.ms_per_sample.map_or(per, |o| 0.7 * o + 0.3 * per));
+        part.attempts[ai].compute_ms = Some((res.compute_us as f64 / 1000.0).min(elapsed));
         let bitwise = w.bitwise;
         self.counts.tasks_ok += 1;
         self.counts.work_ms += elapsed;
@@ -839,6 +855,15 @@ impl Scheduler {
     /// the downlink, the accounting and the live line.
     fn commit_round(&mut self, parts: Vec<Part>, started: Instant) -> Result<()> {
         let round = self.step();
+        let times: Vec<(u64, f64)> = parts
+            .iter()
+            .filter_map(|p| {
+                let id = p.done.as_ref()?.result.task_id;
+                let a = p.attempts.iter().find(|a| a.task_id == id)?;
+                Some((a.conn, a.compute_ms?))
+            })
+            .collect();
+        self.balancer.observe(&times);
         let contributions: Vec<Contribution> = parts
             .iter()
             .filter_map(|p| p.done.as_ref())
@@ -862,6 +887,11 @@ impl Scheduler {
             contributions,
         };
         let parts_used = record.contributions.len();
+        let samples: Vec<serde_json::Value> = record
+            .contributions
+            .iter()
+            .map(|c| json!({"worker": c.worker.short(), "samples": c.n_samples}))
+            .collect();
         let applied = self.ledger.commit(record, &self.meta)?;
         self.downlink
             .advance(self.ledger.state.params.clone(), applied.delta);
@@ -880,7 +910,7 @@ impl Scheduler {
         self.metrics.emit(
             "step",
             json!({"step": step, "batches": self.batches_done(step), "loss": loss,
-                   "parts": parts_used, "workers": self.reg.conns.len(),
+                   "parts": parts_used, "workers": self.reg.conns.len(), "samples": samples,
                    "bytes_in": bin, "bytes_out": bout,
                    "round_bytes_in": bin - self.counts.last_in, "round_bytes_out": bout - self.counts.last_out,
                    "uplink_ratio": self.counts.uplink_ratio(), "per_worker": per_worker,

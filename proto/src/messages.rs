@@ -134,8 +134,8 @@ pub struct TaskResult {
     pub commitment: Commitment,
     /// The worker's signature over the commitment.
     pub signature: Signature,
-    /// Milliseconds of compute, as reported by the worker (used only for scheduling hints).
-    pub compute_ms: u64,
+    /// Microseconds of compute, as reported by the worker (used only to size its shares).
+    pub compute_us: u64,
 }
 
 /// What the coordinator asks a worker to reveal about a result it committed to.

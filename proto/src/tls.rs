@@ -84,7 +84,9 @@ impl Default for TransportLimits {
     fn default() -> Self {
         TransportLimits {
             idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
+            // Often enough for any idle timeout a coordinator may choose (it is negotiated
+            // down to the smaller of the two sides').
+            keep_alive: Duration::from_secs(1),
             stream_window: 16 << 20,
             max_udp_payload: 65_000,
         }

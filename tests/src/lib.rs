@@ -139,6 +139,24 @@ impl Coordinator {
             .collect()
     }
 
+    /// Worker names by their key (hex), from the `worker_joined` events.
+    pub fn names(&self) -> std::collections::HashMap<String, String> {
+        self.events("worker_joined")
+            .into_iter()
+            .filter_map(|e| {
+                let name = e["name"].as_str()?.split('@').next()?.to_string();
+                Some((e["worker"].as_str()?.to_string(), name))
+            })
+            .collect()
+    }
+
+    /// The last `summary` event; panics with the log when there is none.
+    pub fn summary(&self) -> Value {
+        self.events("summary")
+            .pop()
+            .unwrap_or_else(|| panic!("no summary; log:\n{}", self.log()))
+    }
+
     /// Steps completed according to the metrics.
     pub fn steps_done(&self) -> u64 {
         self.events("step")

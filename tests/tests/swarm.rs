@@ -230,3 +230,59 @@ fn diloco_rounds_train_as_well_on_the_same_samples_with_far_fewer_bytes() {
     let acc = |s: &serde_json::Value| s["final_test_acc"].as_f64().unwrap();
     assert!(acc(&diloco) > 0.7 && acc(&diloco) > acc(&sync) - 0.05);
 }
+
+#[test]
+fn a_permanently_slow_worker_gets_less_work() {
+    let cfg = quick_config("mlp", 80, 96, "127.0.0.1:0", "").replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nmin_workers = 3",
+    );
+    let mut c = Coordinator::start(&cfg);
+    let join = c.join_string();
+    let _a = Worker::start(&join, c.dir.path(), "a", &[]);
+    let _b = Worker::start(&join, c.dir.path(), "b", &[]);
+    let _slow = Worker::start(&join, c.dir.path(), "slow", &["--test-slowdown", "5"]);
+    assert!(c.wait(MINUTE * 3).success(), "{}", c.log());
+    let short: std::collections::HashMap<String, String> = c
+        .names()
+        .into_iter()
+        .map(|(k, name)| (k[..16].to_string(), name))
+        .collect();
+    // Mean share of each worker over the second half of the run.
+    let mut total = std::collections::HashMap::<String, (f64, f64)>::new();
+    for s in &c.events("step")[40..] {
+        for p in s["samples"].as_array().unwrap() {
+            let e = total
+                .entry(short[p["worker"].as_str().unwrap()].clone())
+                .or_default();
+            e.0 += p["samples"].as_f64().unwrap();
+            e.1 += 1.0;
+        }
+    }
+    let mean = |n: &str| total[n].0 / total[n].1;
+    eprintln!(
+        "mean samples per round: a {:.1}, b {:.1}, slow {:.1}",
+        mean("a"),
+        mean("b"),
+        mean("slow")
+    );
+    assert!(mean("slow") < 0.5 * mean("a").min(mean("b")));
+    assert!(
+        mean("a") < 2.0 * mean("b") && mean("b") < 2.0 * mean("a"),
+        "equals stay near equal"
+    );
+    assert_eq!(
+        c.steps_done(),
+        80,
+        "and every round still used its whole batch"
+    );
+    for s in c.events("step") {
+        let n: u64 = s["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["samples"].as_u64().unwrap())
+            .sum();
+        assert_eq!(n, 96);
+    }
+}

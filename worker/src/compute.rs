@@ -212,13 +212,13 @@ impl Compute {
             update: ByteBuf::from(enc.bytes),
             commitment,
             signature,
-            compute_ms: start.elapsed().as_millis() as u64,
+            compute_us: start.elapsed().as_micros() as u64,
         })
     }
 
     /// Answers a challenge about a recent result.
     pub fn answer(&self, task_id: u64, query: &Query) -> Answer {
-        let Some(s) = self.sent.iter().find(|s| s.task_id == task_id) else {
+        let Some(s) = self.sent.iter().rfind(|s| s.task_id == task_id) else {
             return Answer::Unavailable(format!("task {task_id} is no longer held"));
         };
         match query {

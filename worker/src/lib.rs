@@ -45,6 +45,8 @@ pub struct WorkerOptions {
     pub adversary: Option<(adversary::Mode, f64)>,
     /// TEST ONLY: break the protocol in this way.
     pub hostile: Option<hostile::Hostile>,
+    /// TEST ONLY: take this many times as long per task (a straggler).
+    pub slowdown: f64,
 }
 
 /// Why a session ended.
@@ -290,9 +292,20 @@ async fn session(
                     .compute
                     .take()
                     .ok_or_else(|| retry("compute state lost".into()))?;
+                let slowdown = opts.slowdown;
                 let (c, res) = tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
                     let r = c.run(task);
-                    (c, r)
+                    if slowdown > 1.0 {
+                        std::thread::sleep(started.elapsed().mul_f64(slowdown - 1.0));
+                    }
+                    (
+                        c,
+                        r.map(|mut r| {
+                            r.compute_us = started.elapsed().as_micros() as u64;
+                            r
+                        }),
+                    )
                 })
                 .await
                 .map_err(|e| SessionError::Fatal(format!("compute thread failed: {e}")))?;

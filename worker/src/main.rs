@@ -50,6 +50,9 @@ struct Cli {
     /// unknown-task, bad-signature, junk-frame, oversized), to test the coordinator's defences.
     #[arg(long)]
     test_hostile: Option<worker::hostile::Hostile>,
+    /// TEST ONLY: take this many times as long per task, as a slow machine would.
+    #[arg(long, hide = true, default_value_t = 1.0)]
+    test_slowdown: f64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -90,6 +93,7 @@ async fn main() -> Result<()> {
         crash_at_task: cli.test_crash_at_task,
         adversary: cli.test_adversary.map(|m| (m, cli.test_cheat_rate)),
         hostile: cli.test_hostile,
+        slowdown: cli.test_slowdown,
     };
     if opts.adversary.is_some() || opts.hostile.is_some() {
         tracing::warn!("TEST ONLY adversarial mode: this worker misbehaves on purpose");
