@@ -253,7 +253,12 @@ fn l2(v: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// Re-executes a job and compares.
-fn recheck(exec: &mut Executor, job: &Job, codec: &CodecConfig, limits: &DecodeLimits) -> Verdict {
+pub fn recheck(
+    exec: &mut Executor,
+    job: &Job,
+    codec: &CodecConfig,
+    limits: &DecodeLimits,
+) -> Verdict {
     let c = &job.result.commitment;
     let raw = match exec.compute(&job.params, &job.indices, &job.micro) {
         Ok(r) => r,

@@ -53,7 +53,8 @@ struct Counts {
     /// Encoded bytes of accepted updates, and what they would take as raw fp32.
     update_bytes: u64,
     update_raw: u64,
-    /// Milliseconds workers spent on accepted results (as measured here).
+    /// Milliseconds workers computed for accepted results (as they report it, at most the
+    /// time measured here).
     work_ms: f64,
     /// Spot checks: re-executions finished, passed, workers caught, checks abandoned.
     checks: u64,
@@ -603,7 +604,7 @@ impl Scheduler {
         part.attempts[ai].compute_ms = Some((res.compute_us as f64 / 1000.0).min(elapsed));
         let bitwise = w.bitwise;
         self.counts.tasks_ok += 1;
-        self.counts.work_ms += elapsed;
+        self.counts.work_ms += (res.compute_us as f64 / 1000.0).min(elapsed);
         self.counts.update_bytes += res.update.len() as u64;
         self.counts.update_raw += 4 * self.downlink.params().len() as u64;
         if part.done.is_some() {

@@ -1,7 +1,8 @@
 //! The QUIC side of the coordinator: accepts connections, runs the handshake, then relays
 //! frames between each worker and the scheduler thread.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, RwLock};
@@ -85,6 +86,8 @@ pub struct ConnLimits {
     pub frames_per_s: f64,
     /// Bytes per second (burst: twice that).
     pub bytes_per_s: f64,
+    /// New connections accepted per second from one IP address (burst: twice that).
+    pub handshakes_per_ip_per_s: f64,
 }
 
 /// Messages of one connection the scheduler may have queued.
@@ -149,12 +152,27 @@ impl Bucket {
         }
     }
 
-    /// Takes `n` tokens; returns how long to wait before going on (zero when they were there).
-    fn take(&mut self, n: f64) -> Duration {
+    fn refill(&mut self) {
         let now = Instant::now();
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
             .min(2.0 * self.rate);
         self.at = now;
+    }
+
+    /// Takes one token if there is one.
+    fn try_take(&mut self) -> bool {
+        self.refill();
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes `n` tokens; returns how long to wait before going on (zero when they were there).
+    fn take(&mut self, n: f64) -> Duration {
+        self.refill();
         self.tokens -= n;
         if self.tokens >= 0.0 {
             Duration::ZERO
@@ -165,9 +183,28 @@ impl Bucket {
 }
 
 /// Accepts connections until the endpoint is closed. Beyond `max_handshakes` handshakes in
-/// progress, new connections are refused at once (cheaply, before any cryptography).
+/// progress, or `handshakes_per_ip_per_s` from one address, new connections are refused at
+/// once (cheaply, before any cryptography).
 pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
+    let mut per_ip: HashMap<IpAddr, Bucket> = HashMap::new();
     while let Some(incoming) = endpoint.accept().await {
+        let ip = incoming.remote_address().ip();
+        if per_ip.len() > 10_000 {
+            per_ip.retain(|_, b| {
+                b.refill();
+                b.tokens < 2.0 * b.rate
+            });
+        }
+        let rate = ctx.limits.handshakes_per_ip_per_s;
+        if !per_ip
+            .entry(ip)
+            .or_insert_with(|| Bucket::new(rate))
+            .try_take()
+        {
+            debug!(peer = %incoming.remote_address(), "too many new connections from this address; refused");
+            incoming.refuse();
+            continue;
+        }
         let Ok(permit) = ctx.handshakes.clone().try_acquire_owned() else {
             debug!(peer = %incoming.remote_address(), "too many handshakes in progress; refused");
             incoming.refuse();

@@ -2,7 +2,10 @@
 //! network, no workers) with the same schedule and optimizer as a swarm run, the yardstick
 //! for the swarm's accuracy and wall time.
 
+mod flood;
+mod swarm;
 mod sweep;
+mod verify;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,18 +49,62 @@ enum Cmd {
         #[arg(long, default_value = "results/baseline.json")]
         out: PathBuf,
     },
-    /// Codec x H on a real swarm, same samples per row: CSV, Markdown and a PNG plot.
+    /// Honest training alone and beside a flood of connections and junk datagrams.
+    Flood {
+        /// Rounds per run.
+        #[arg(long, default_value_t = 200)]
+        rounds: u64,
+        /// Connection attempts per second.
+        #[arg(long, default_value_t = 200)]
+        conns_per_s: u64,
+        /// Junk datagrams per second.
+        #[arg(long, default_value_t = 5000)]
+        udp_per_s: u64,
+        /// Output folder.
+        #[arg(long, default_value = "results/flood")]
+        out: PathBuf,
+    },
+    /// The flooder of `flood` (runs until killed).
+    #[command(hide = true)]
+    Flooder {
+        /// Join string of the run to flood.
+        #[arg(long)]
+        join: String,
+        /// Connection attempts per second.
+        #[arg(long)]
+        conns_per_s: u64,
+        /// Junk datagrams per second.
+        #[arg(long)]
+        udp_per_s: u64,
+    },
+    /// Spot checks: detection per adversary and p, false positives, overhead, accuracy
+    /// with 25% cheaters: CSV, Markdown and a PNG plot.
+    Verify {
+        /// Check probabilities, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0.01,0.05,0.1,0.25")]
+        ps: Vec<f64>,
+        /// Trials per adversary and p.
+        #[arg(long, default_value_t = 200)]
+        trials: usize,
+        /// Honest results re-executed in the false-positive run (at least).
+        #[arg(long, default_value_t = 10_000)]
+        honest_checks: u64,
+        /// Global batches of the accuracy runs.
+        #[arg(long, default_value_t = 938)]
+        batches: u64,
+        /// Output folder.
+        #[arg(long, default_value = "results/verify")]
+        out: PathBuf,
+    },
+    /// Codecs and H on a real swarm, same samples per row: CSV, Markdown and a PNG plot.
     Sweep {
-        /// Codecs, comma-separated.
+        /// Configurations, `codec:H`, comma-separated.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "fp32,int8,int4,sign1,topk"
+            default_value = "fp32:1,int8:1,int4:1,sign1:1,topk:1,fp32:8,int8:8,int4:8,int8:32,int4:32"
         )]
-        codecs: Vec<String>,
-        /// Values of H (global batches per round), comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,8")]
-        h: Vec<u32>,
+        runs: Vec<String>,
         /// Model: cnn or mlp.
         #[arg(long, default_value = "cnn")]
         model: String,
@@ -70,6 +117,15 @@ enum Cmd {
         /// Worker processes.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Outer learning rate of DiLoCo rows (SGD, Nesterov momentum 0.9).
+        #[arg(long, default_value_t = 0.7)]
+        outer_lr: f64,
+        /// Inner learning rate of DiLoCo rows (AdamW).
+        #[arg(long, default_value_t = 1e-3)]
+        inner_lr: f64,
+        /// Downlink codec (fp32: lossless XOR deltas).
+        #[arg(long, default_value = "fp32")]
+        downlink: String,
         /// Output folder.
         #[arg(long, default_value = "results/sweep")]
         out: PathBuf,
@@ -79,21 +135,54 @@ enum Cmd {
 fn main() -> Result<()> {
     trainer::runtime::init_logging();
     match Cli::parse().cmd {
+        Cmd::Flood {
+            rounds,
+            conns_per_s,
+            udp_per_s,
+            out,
+        } => flood::run(&flood::Settings {
+            rounds,
+            conns_per_s,
+            udp_per_s,
+            out,
+        })?,
+        Cmd::Flooder {
+            join,
+            conns_per_s,
+            udp_per_s,
+        } => flood::flooder(&join, conns_per_s, udp_per_s)?,
+        Cmd::Verify {
+            ps,
+            trials,
+            honest_checks,
+            batches,
+            out,
+        } => verify::run(&verify::Settings {
+            ps,
+            trials,
+            honest_checks,
+            batches,
+            out,
+        })?,
         Cmd::Sweep {
-            codecs,
-            h,
+            runs,
             model,
             batches,
             batch,
             workers,
+            outer_lr,
+            inner_lr,
+            downlink,
             out,
         } => sweep::run(&sweep::Sweep {
-            codecs,
-            hs: h,
+            runs,
             model,
             batches,
             batch,
             workers,
+            outer_lr,
+            inner_lr,
+            downlink,
             out,
         })?,
         Cmd::Baseline {

@@ -1,21 +1,18 @@
-//! `experiments sweep`: codec x H on a real swarm (a coordinator and worker processes on
-//! loopback per configuration), on the same number of training samples. Writes
+//! `experiments sweep`: codecs and DiLoCo's H on a real swarm (a coordinator and worker
+//! processes on loopback per configuration), every row on the same training samples. Writes
 //! `sweep.csv`, `sweep.md` and `sweep.png` (test accuracy against uplink bytes).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use plotters::prelude::*;
-use serde_json::Value;
+
+use crate::swarm;
 
 /// Settings of a sweep.
 pub struct Sweep {
-    /// Codec names (`[compression] codec`).
-    pub codecs: Vec<String>,
-    /// Values of H (`training.local_steps`).
-    pub hs: Vec<u32>,
+    /// Configurations as `codec:H` (`[compression] codec`, `training.local_steps`).
+    pub runs: Vec<String>,
     /// `cnn` or `mlp`.
     pub model: String,
     /// Global batches per configuration (the same samples for every row).
@@ -24,6 +21,12 @@ pub struct Sweep {
     pub batch: usize,
     /// Worker processes per configuration.
     pub workers: usize,
+    /// Outer learning rate (SGD, Nesterov momentum 0.9) of DiLoCo rows.
+    pub outer_lr: f64,
+    /// Inner learning rate (AdamW) of DiLoCo rows.
+    pub inner_lr: f64,
+    /// Downlink codec.
+    pub downlink: String,
     /// Output folder.
     pub out: PathBuf,
 }
@@ -38,151 +41,103 @@ struct Row {
     wall_s: f64,
 }
 
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let p = exe.parent().context("exe folder")?.join(name);
-    if !p.exists() {
-        bail!(
-            "{} is missing: build the workspace's binaries first",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
-fn config(s: &Sweep, codec: &str, h: u32, dir: &Path) -> String {
+fn config(s: &Sweep, codec: &str, h: u32) -> String {
     let optimizers = if h > 1 {
-        "[optimizer]\nkind = \"sgd\"\nlr = 0.7\nmomentum = 0.9\nnesterov = true\n\n\
-         [inner_optimizer]\nkind = \"adamw\"\nlr = 0.001\n"
+        format!(
+            "[optimizer]\nkind = \"sgd\"\nlr = {}\nmomentum = 0.9\nnesterov = true\n\n\
+             [inner_optimizer]\nkind = \"adamw\"\nlr = {}\n\n",
+            s.outer_lr, s.inner_lr
+        )
     } else {
-        "[optimizer]\nkind = \"adam\"\nlr = 0.001\n"
+        "[optimizer]\nkind = \"adam\"\nlr = 0.001\n\n".to_string()
     };
+    // Spot checks are off: this table measures the codecs (a check with error feedback also
+    // uploads an fp32 vector; see `experiments verify`).
     format!(
-        "[run]\noutput_dir = \"{}\"\nseed = 1\nlisten = \"127.0.0.1:0\"\nresume = false\nmin_workers = {}\n\n\
-         [model]\nkind = \"{}\"\n\n[training]\nglobal_batch = {}\nsteps = {}\nlocal_steps = {h}\nthreads = 1\n\n\
-         {optimizers}\n[compression]\ncodec = \"{codec}\"\nzstd_level = 1\n\n\
-         [workers]\ndeterministic_threads = 1\n",
-        dir.display(),
-        s.workers,
-        s.model,
-        s.batch,
-        s.batches
+        "{}{optimizers}[compression]\ncodec = \"{codec}\"\nzstd_level = 1\n\n\
+         [downlink]\ncodec = \"{}\"\nzstd_level = 1\n\n[verification]\np = 0.0\nnew_worker_p = 0.0\n",
+        swarm::base_config(&s.model, s.batches, s.batch, h, s.workers),
+        s.downlink
     )
 }
 
-fn run_one(s: &Sweep, codec: &str, h: u32) -> Result<Row> {
-    // Absolute: the coordinator takes relative paths from the config file's folder.
-    let dir = std::path::absolute(&s.out)?
-        .join("runs")
-        .join(format!("{codec}-h{h}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let cfg = dir.join("run.toml");
-    std::fs::write(&cfg, config(s, codec, h, &dir))?;
-    let log = std::fs::File::create(dir.join("coordinator.log"))?;
-    let mut coord = Command::new(sibling("coordinator")?)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let join_path = dir.join("join.txt");
-    let start = Instant::now();
-    while !join_path.exists() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = coord.kill();
-            bail!("coordinator of {codec}-h{h} did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let join = std::fs::read_to_string(&join_path)?.trim().to_string();
-    let mut workers: Vec<Child> = (0..s.workers)
-        .map(|i| {
-            Command::new(sibling("worker")?)
-                .args([
-                    "--join",
-                    &join,
-                    "--threads",
-                    "1",
-                    "--device",
-                    "cpu",
-                    "--retry-for",
-                    "30",
-                ])
-                .arg("--key")
-                .arg(dir.join(format!("w{i}.key")))
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join(format!("w{i}.log")))?)
-                .spawn()
-                .map_err(anyhow::Error::from)
-        })
-        .collect::<Result<_>>()?;
-    let status = coord.wait()?;
-    for w in &mut workers {
-        let _ = w.kill();
-        let _ = w.wait();
-    }
-    if !status.success() {
-        bail!("coordinator of {codec}-h{h} failed; see {}", dir.display());
-    }
-    let summary: Value = std::fs::read_to_string(dir.join("metrics.jsonl"))?
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .rfind(|e| e["event"] == "summary")
-        .context("no summary")?;
-    Ok(Row {
-        codec: codec.to_string(),
-        h,
-        up: summary["bytes_in"].as_u64().unwrap_or(0),
-        down: summary["bytes_out"].as_u64().unwrap_or(0),
-        acc: summary["final_test_acc"].as_f64().unwrap_or(0.0),
-        wall_s: summary["wall_s"].as_f64().unwrap_or(0.0),
-    })
+fn parse(run: &str) -> Result<(String, u32)> {
+    let (codec, h) = run
+        .split_once(':')
+        .with_context(|| format!("{run:?}: a run is CODEC:H, e.g. int8:8"))?;
+    Ok((
+        codec.to_string(),
+        h.parse().with_context(|| format!("{run:?}: H"))?,
+    ))
 }
 
 /// Runs every configuration and writes the table and the plot.
 pub fn run(s: &Sweep) -> Result<()> {
     std::fs::create_dir_all(&s.out)?;
     let mut rows = Vec::new();
-    for h in &s.hs {
-        for codec in &s.codecs {
-            let r = run_one(s, codec, *h)?;
-            println!(
-                "{codec:>6} H={h:<3} up {:>12} B  down {:>12} B  acc {:.4}  {:.1} s",
-                r.up, r.down, r.acc, r.wall_s
+    let mut n_params = 0u64;
+    for r in &s.runs {
+        let (codec, h) = parse(r)?;
+        let dir = s.out.join("runs").join(format!("{codec}-h{h}"));
+        let done = swarm::run(
+            &dir,
+            &config(s, &codec, h),
+            &vec![Vec::new(); s.workers],
+            &[],
+        )?;
+        let sum = done.summary()?;
+        n_params = done
+            .events("start")
+            .first()
+            .and_then(|e| e["n_params"].as_u64())
+            .unwrap_or(0);
+        if sum["batches"].as_u64() != Some(s.batches) {
+            bail!(
+                "{r}: trained on {} batches, not {}",
+                sum["batches"],
+                s.batches
             );
-            rows.push(r);
         }
+        let row = Row {
+            codec,
+            h,
+            up: sum["bytes_in"].as_u64().unwrap_or(0),
+            down: sum["bytes_out"].as_u64().unwrap_or(0),
+            acc: sum["final_test_acc"].as_f64().unwrap_or(0.0),
+            wall_s: sum["wall_s"].as_f64().unwrap_or(0.0),
+        };
+        println!(
+            "{:>6} H={:<3} up {:>13} B  down {:>13} B  acc {:.4}  {:.1} s",
+            row.codec, row.h, row.up, row.down, row.acc, row.wall_s
+        );
+        rows.push(row);
     }
-    let base = rows
-        .iter()
-        .find(|r| r.codec == "fp32" && r.h == 1)
-        .map(|r| r.up as f64)
-        .unwrap_or(f64::NAN);
-    let base_acc = rows
-        .iter()
-        .find(|r| r.codec == "fp32" && r.h == 1)
-        .map(|r| r.acc)
-        .unwrap_or(f64::NAN);
+    // Uncompressed synchronous fp32: every worker sends 4 bytes per parameter every batch.
+    let raw = 4.0 * n_params as f64 * s.batches as f64 * s.workers as f64;
+    let base = rows.iter().find(|r| r.codec == "fp32" && r.h == 1);
+    let (base_up, base_acc) = base.map_or((f64::NAN, f64::NAN), |r| (r.up as f64, r.acc));
     let mut csv = String::from(
-        "codec,h,bytes_up,bytes_down,up_vs_fp32_sync,test_acc,acc_delta_points,wall_s\n",
+        "codec,h,bytes_up,bytes_down,up_vs_fp32_sync,up_vs_raw_fp32,test_acc,acc_delta_points,wall_s\n",
     );
     let mut md = format!(
-        "{} model, {} global batches of {} on {} workers (the same samples in every row); \
-         `experiments sweep` writes this table.\n\n\
-         | codec | H | uplink bytes | downlink bytes | uplink vs fp32 H=1 | test acc | Δ acc (points) | wall s |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
-        s.model, s.batches, s.batch, s.workers
+        "{} model, {} global batches of {} on {} workers (the same samples in every row), \
+         downlink {}; written by `experiments sweep`. \"vs fp32 sync\" divides the fp32 H=1 row's \
+         uplink bytes (zstd included) by the row's; \"vs raw\" divides 4 bytes x parameters x \
+         batches x workers.\n\n\
+         | codec | H | uplink bytes | downlink bytes | vs fp32 sync | vs raw fp32 | test acc | Δ acc (points) | wall s |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        s.model, s.batches, s.batch, s.workers, s.downlink
     );
     for r in &rows {
-        let rel = base / r.up.max(1) as f64;
+        let rel = base_up / r.up.max(1) as f64;
+        let vs_raw = raw / r.up.max(1) as f64;
         let delta = (r.acc - base_acc) * 100.0;
         csv += &format!(
-            "{},{},{},{},{rel:.2},{:.4},{delta:.2},{:.1}\n",
+            "{},{},{},{},{rel:.2},{vs_raw:.2},{:.4},{delta:.2},{:.1}\n",
             r.codec, r.h, r.up, r.down, r.acc, r.wall_s
         );
         md += &format!(
-            "| {} | {} | {} | {} | {rel:.1}x fewer | {:.4} | {delta:+.2} | {:.1} |\n",
+            "| {} | {} | {} | {} | {rel:.1}x | {vs_raw:.1}x | {:.4} | {delta:+.2} | {:.1} |\n",
             r.codec, r.h, r.up, r.down, r.acc, r.wall_s
         );
     }
@@ -217,6 +172,7 @@ fn plot(rows: &[Row], path: &Path) -> Result<()> {
         .draw()?;
     let hs: Vec<u32> = {
         let mut v: Vec<u32> = rows.iter().map(|r| r.h).collect();
+        v.sort_unstable();
         v.dedup();
         v
     };

@@ -1,0 +1,143 @@
+//! Runs a real swarm for an experiment: a coordinator and worker processes on loopback
+//! (the release binaries next to this one), and reads back its metrics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// Path of a binary of this workspace next to the running one.
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.parent().context("exe folder")?.join(name);
+    if !p.exists() {
+        bail!(
+            "{} is missing: build the workspace's binaries first",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A finished run: its folder and its `metrics.jsonl` events.
+pub struct Finished {
+    /// The run's folder (config, logs, `out/`).
+    pub dir: PathBuf,
+    /// Every event.
+    pub events: Vec<Value>,
+}
+
+impl Finished {
+    /// Events named `name`.
+    pub fn events(&self, name: &str) -> Vec<&Value> {
+        self.events.iter().filter(|e| e["event"] == name).collect()
+    }
+
+    /// The summary event.
+    pub fn summary(&self) -> Result<&Value> {
+        self.events("summary")
+            .pop()
+            .with_context(|| format!("no summary in {}", self.dir.display()))
+    }
+}
+
+/// Kills its processes when dropped.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `config` (TOML; its `output_dir` must be `out`) in a fresh `dir` with one worker per
+/// entry of `workers` (extra arguments for each) and the `sidecars` (program and arguments,
+/// `{join}` replaced by the join string) beside them, waits for the run to end, and returns
+/// its metrics.
+pub fn run(
+    dir: &Path,
+    config: &str,
+    workers: &[Vec<String>],
+    sidecars: &[Vec<String>],
+) -> Result<Finished> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let dir = std::path::absolute(dir)?;
+    std::fs::write(dir.join("run.toml"), config)?;
+    let mut coord = Command::new(sibling("coordinator")?)
+        .args(["run", "--config"])
+        .arg(dir.join("run.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("coordinator.log"))?)
+        .spawn()?;
+    let join_path = dir.join("out/join.txt");
+    let start = Instant::now();
+    while !join_path.exists() {
+        if start.elapsed() > Duration::from_secs(60) || coord.try_wait()?.is_some() {
+            let _ = coord.kill();
+            bail!("coordinator in {} did not start", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let join = std::fs::read_to_string(&join_path)?.trim().to_string();
+    let mut procs = Procs(Vec::new());
+    for (i, extra) in workers.iter().enumerate() {
+        procs.0.push(
+            Command::new(sibling("worker")?)
+                .args([
+                    "--join",
+                    &join,
+                    "--threads",
+                    "1",
+                    "--device",
+                    "cpu",
+                    "--retry-for",
+                    "30",
+                ])
+                .args(["--name", &format!("w{i}")])
+                .arg("--key")
+                .arg(dir.join(format!("w{i}.key")))
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("w{i}.log")))?)
+                .spawn()?,
+        );
+    }
+    for (i, cmd) in sidecars.iter().enumerate() {
+        let Some((prog, args)) = cmd.split_first() else {
+            continue;
+        };
+        procs.0.push(
+            Command::new(prog)
+                .args(args.iter().map(|a| a.replace("{join}", &join)))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("sidecar{i}.log")))?)
+                .spawn()?,
+        );
+    }
+    let status = coord.wait()?;
+    drop(procs);
+    if !status.success() {
+        bail!("coordinator failed; see {}", dir.display());
+    }
+    let events = std::fs::read_to_string(dir.join("out/metrics.jsonl"))?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    Ok(Finished { dir, events })
+}
+
+/// The `[run]`, `[model]`, `[training]` and `[workers]` tables every experiment starts from.
+pub fn base_config(model: &str, batches: u64, batch: usize, h: u32, min_workers: usize) -> String {
+    format!(
+        "[run]\noutput_dir = \"out\"\nseed = 1\nlisten = \"127.0.0.1:0\"\nresume = false\n\
+         min_workers = {min_workers}\n\n[model]\nkind = \"{model}\"\n\n\
+         [training]\nglobal_batch = {batch}\nsteps = {batches}\nlocal_steps = {h}\nthreads = 1\n\n\
+         [workers]\ndeterministic_threads = 1\n\n"
+    )
+}

@@ -1,0 +1,494 @@
+//! `experiments verify`: how well spot checks catch cheaters, and what they cost.
+//!
+//! * Detection, for each adversary and probability p: a cheating worker's task stream with
+//!   the coordinator's real check decisions (keyed draws, a fresh key per trial) and, for
+//!   every checked task, the worker's real result (the worker crate's `Compute` with its
+//!   adversary) re-executed by the coordinator's real check (`coordinator::checks::recheck`).
+//!   In process: no network, and only checked tasks (and what an adversary's memory needs)
+//!   are computed, so thousands of trials are affordable.
+//! * False positives: a real swarm in which every result of honest worker processes is
+//!   re-executed by the coordinator, with error feedback (reveals) and DiLoCo rounds.
+//! * Overhead: real swarms at fixed p, re-execution time over the workers' compute time.
+//! * Accuracy: real swarms with one cheater in four workers, against a clean run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use compression::{CodecConfig, DecodeLimits};
+use coordinator::checks::{recheck, Job, Verdict};
+use executor::Executor;
+use plotters::prelude::*;
+use proto::{ParamsPayload, Task};
+use rand::{Rng, RngCore, SeedableRng};
+use trainer::{Dataset, ModelKind, Net, OptimizerConfig};
+use verify::{Reputation, SpotCheckPolicy, WorkerKey};
+use worker::adversary::{Adversary, Mode};
+use worker::compute::Compute;
+
+use crate::swarm;
+
+/// Settings of the experiment.
+pub struct Settings {
+    /// Check probabilities.
+    pub ps: Vec<f64>,
+    /// Trials per adversary and p.
+    pub trials: usize,
+    /// Honest checks in the false-positive run (at least).
+    pub honest_checks: u64,
+    /// Global batches of the accuracy runs.
+    pub batches: u64,
+    /// Output folder.
+    pub out: PathBuf,
+}
+
+/// Samples per task in the detection streams and the swarms (global batch / 4 workers).
+const PART: usize = 16;
+
+/// Detection statistics of one adversary at one p.
+struct Detection {
+    mode: Mode,
+    p: f64,
+    /// Trials in which the cheater was caught within 10/p tasks.
+    caught: usize,
+    trials: usize,
+    /// Tasks until detection of the caught trials.
+    tasks: Vec<u64>,
+    /// Checks that passed although the task was cheated on (should be none).
+    missed_checks: u64,
+}
+
+impl Detection {
+    fn within(&self, n: f64) -> f64 {
+        self.tasks.iter().filter(|&&t| t as f64 <= n).count() as f64 / self.trials as f64
+    }
+
+    fn mean(&self) -> f64 {
+        self.tasks.iter().sum::<u64>() as f64 / self.tasks.len().max(1) as f64
+    }
+
+    fn p95(&self) -> u64 {
+        let mut t = self.tasks.clone();
+        t.sort_unstable();
+        t.get((t.len() as f64 * 0.95) as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// The task stream of one worker: task `k` starts from parameters that move a little every
+/// task (so an old model differs from the current one) and takes the next 16 samples.
+struct Stream {
+    start: Vec<f32>,
+    direction: Vec<f32>,
+    n_data: u32,
+}
+
+impl Stream {
+    fn params(&self, k: u64) -> Vec<f32> {
+        self.start
+            .iter()
+            .zip(&self.direction)
+            .map(|(s, d)| s + 1e-3 * k as f32 * d)
+            .collect()
+    }
+
+    fn task(&self, k: u64, run: &[u8; 32]) -> (Task, Vec<f32>) {
+        let params = self.params(k);
+        let bytes = compression::encode(&params, &CodecConfig::lossless(), 0).expect("finite");
+        let indices: Vec<u32> = (0..PART as u32)
+            .map(|i| ((k as u32).wrapping_mul(PART as u32) + i) % self.n_data)
+            .collect();
+        let _ = run;
+        let task = Task {
+            task_id: k,
+            step: k,
+            params_version: k,
+            params: ParamsPayload::Full(bytes.into()),
+            params_hash: verify::hash_f32(&params),
+            micro_batches: vec![indices.len() as u32],
+            indices,
+            seed: k,
+            hyperparams: [0; 32],
+            ef_base: 0,
+        };
+        (task, params)
+    }
+}
+
+fn detect(
+    mode: Mode,
+    p: f64,
+    trials: usize,
+    data: &Arc<Dataset>,
+    stream: &Stream,
+    checker: &mut Executor,
+) -> Detection {
+    let policy = SpotCheckPolicy {
+        base_p: p,
+        new_worker_p: p,
+        trusted_after: 0,
+    };
+    let codec = CodecConfig::lossless();
+    let limits = DecodeLimits::default();
+    let cap = (10.0 / p).ceil() as u64;
+    let mut d = Detection {
+        mode,
+        p,
+        caught: 0,
+        trials,
+        tasks: Vec::new(),
+        missed_checks: 0,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(p.to_bits() ^ mode as u64);
+    for _ in 0..trials {
+        let mut key = [0u8; 32];
+        rng.fill_bytes(&mut key);
+        let run = [7u8; 32];
+        let mut worker = Compute::new(
+            ModelKind::Mlp,
+            tch::Device::Cpu,
+            data.clone(),
+            WorkerKey::from_seed([9; 32]),
+            run,
+            codec.clone(),
+            OptimizerConfig::default(),
+            Some(Adversary::new(mode, 1.0)),
+        );
+        let mut rep = Reputation::default();
+        let mut last_computed = 0u64;
+        for k in 1..=cap {
+            if !policy.should_check(&rep, &key, k) {
+                continue;
+            }
+            // What the adversary's memory needs: its first task (stale), the one before (copy).
+            for need in [1, k - 1] {
+                if need >= 1 && need < k && need > last_computed {
+                    let _ = worker.run(stream.task(need, &run).0);
+                    last_computed = need;
+                }
+            }
+            let (task, params) = stream.task(k, &run);
+            let Ok(result) = worker.run(task.clone()) else {
+                continue;
+            };
+            last_computed = k;
+            let job = Job::new(
+                k,
+                WorkerKey::from_seed([9; 32]).public(),
+                0,
+                Arc::new(params),
+                task.indices,
+                task.micro_batches,
+                task.seed,
+                Arc::new(result),
+                None,
+                None,
+            );
+            match recheck(checker, &job, &codec, &limits) {
+                Verdict::Fail { .. } => {
+                    d.caught += 1;
+                    d.tasks.push(k);
+                    break;
+                }
+                Verdict::Pass => {
+                    rep.checks_passed += 1;
+                    d.missed_checks += 1;
+                }
+                Verdict::Error(_) => {}
+            }
+        }
+    }
+    d
+}
+
+/// Workers in every swarm of this experiment.
+const WORKERS: usize = 4;
+
+/// A real swarm of four worker processes (the first ones running the adversaries named in
+/// `cheaters`).
+fn swarm_run(
+    name: &str,
+    s: &Settings,
+    model: &str,
+    batches: u64,
+    h: u32,
+    extra: &str,
+    cheaters: &[&str],
+) -> Result<swarm::Finished> {
+    let workers = WORKERS;
+    let cfg = format!(
+        "{}[compression]\ncodec = \"int8\"\n\n{extra}",
+        swarm::base_config(model, batches, PART * workers, h, workers)
+    );
+    let args: Vec<Vec<String>> = (0..workers)
+        .map(|i| match cheaters.get(i) {
+            Some(m) => vec!["--test-adversary".to_string(), m.to_string()],
+            None => Vec::new(),
+        })
+        .collect();
+    swarm::run(&s.out.join("runs").join(name), &cfg, &args, &[])
+}
+
+fn policy_toml(p: f64, new_p: f64) -> String {
+    format!("[verification]\np = {p}\nnew_worker_p = {new_p}\ntrusted_after = 20\n\n")
+}
+
+/// Runs everything and writes `verify.csv`, `verify.md` and `verify.png`.
+pub fn run(s: &Settings) -> Result<()> {
+    std::fs::create_dir_all(&s.out)?;
+    tch::set_num_threads(1);
+    let data = Arc::new(Dataset::load_idx(
+        std::path::Path::new(trainer::data::DEFAULT_DIR),
+        "train",
+    )?);
+    let net = Net::new(ModelKind::Mlp, tch::Device::Cpu, 1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let stream = Stream {
+        start: net.flat_params(),
+        direction: (0..net.n_params())
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect(),
+        n_data: data.len() as u32,
+    };
+    let mut checker = Executor::new(
+        ModelKind::Mlp,
+        tch::Device::Cpu,
+        data.clone(),
+        OptimizerConfig::default(),
+    );
+
+    let mut det = Vec::new();
+    for mode in Mode::ALL {
+        for &p in &s.ps {
+            let d = detect(mode, p, s.trials, &data, &stream, &mut checker);
+            println!(
+                "{:>10} p={p:<5} caught {}/{} within 10/p, within 3/p {:.1}%, mean {:.1} tasks, p95 {}",
+                mode.name(),
+                d.caught,
+                d.trials,
+                100.0 * d.within(3.0 / p),
+                d.mean(),
+                d.p95()
+            );
+            det.push(d);
+        }
+    }
+
+    // False positives: every result of honest workers re-executed (int8 with error feedback,
+    // so checks include reveals; H = 2), until at least `honest_checks` checks.
+    let rounds = s.honest_checks.div_ceil(WORKERS as u64);
+    let fp = swarm_run(
+        "honest-p1",
+        s,
+        "mlp",
+        2 * rounds,
+        2,
+        &format!(
+            "[optimizer]\nkind = \"sgd\"\nlr = 0.7\nmomentum = 0.9\nnesterov = true\n\n{}",
+            policy_toml(1.0, 1.0)
+        ),
+        &[],
+    )?;
+    let fs = fp.summary()?;
+    let (checks, caught, abandoned) = (
+        fs["checks"].as_u64().unwrap_or(0),
+        fs["cheats_caught"].as_u64().unwrap_or(0),
+        fs["checks_abandoned"].as_u64().unwrap_or(0),
+    );
+    println!("honest: {checks} checks, {caught} false accusations, {abandoned} abandoned");
+
+    // Overhead: the CNN at fixed p, re-execution over the workers' compute.
+    let mut overhead = Vec::new();
+    for &p in &s.ps {
+        let r = swarm_run(
+            &format!("overhead-p{p}"),
+            s,
+            "cnn",
+            300,
+            1,
+            &policy_toml(p, p),
+            &[],
+        )?;
+        let sum = r.summary()?;
+        let frac = sum["verify_overhead"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "overhead at p={p}: {:.2}% of the workers' compute ({} checks)",
+            100.0 * frac,
+            sum["checks"]
+        );
+        overhead.push((p, frac, sum["checks"].as_u64().unwrap_or(0)));
+    }
+
+    // Accuracy: one cheater in four workers (25%), p = 0.1 (0.5 for new workers).
+    let acc_of = |r: &swarm::Finished| -> Result<f64> {
+        r.summary()?["final_test_acc"].as_f64().context("accuracy")
+    };
+    let clean = acc_of(&swarm_run(
+        "clean",
+        s,
+        "mlp",
+        s.batches,
+        1,
+        &policy_toml(0.1, 0.5),
+        &[],
+    )?)?;
+    let mut accuracy = Vec::new();
+    for mode in Mode::ALL {
+        let r = swarm_run(
+            &format!("cheater-{}", mode.name()),
+            s,
+            "mlp",
+            s.batches,
+            1,
+            &policy_toml(0.1, 0.5),
+            &[mode.name()],
+        )?;
+        let sum = r.summary()?;
+        let banned = sum["banned"].as_array().map_or(0, Vec::len);
+        let a = acc_of(&r)?;
+        println!(
+            "{:>10}: accuracy {a:.4} (clean {clean:.4}), banned {banned}",
+            mode.name()
+        );
+        accuracy.push((mode, a, banned));
+    }
+    write(
+        s,
+        &det,
+        (checks, caught, abandoned),
+        &overhead,
+        clean,
+        &accuracy,
+    )
+}
+
+fn write(
+    s: &Settings,
+    det: &[Detection],
+    honest: (u64, u64, u64),
+    overhead: &[(f64, f64, u64)],
+    clean: f64,
+    accuracy: &[(Mode, f64, usize)],
+) -> Result<()> {
+    let mut csv = String::from(
+        "adversary,p,trials,detection_rate,caught_within_3_over_p,mean_tasks_to_detection,p95_tasks,passed_cheated_checks\n",
+    );
+    let mut md = format!(
+        "Written by `experiments verify` ({} trials per cell; MLP, {PART} samples per task; a \
+         trial ends when the cheater is caught or after 10/p tasks).\n\n\
+         | adversary | p | detection rate | caught within 3/p | mean tasks to detection | 95th pct |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+        s.trials
+    );
+    for d in det {
+        csv += &format!(
+            "{},{},{},{:.4},{:.4},{:.2},{},{}\n",
+            d.mode.name(),
+            d.p,
+            d.trials,
+            d.caught as f64 / d.trials as f64,
+            d.within(3.0 / d.p),
+            d.mean(),
+            d.p95(),
+            d.missed_checks
+        );
+        md += &format!(
+            "| {} | {} | {:.1}% | {:.1}% | {:.1} | {} |\n",
+            d.mode.name(),
+            d.p,
+            100.0 * d.caught as f64 / d.trials as f64,
+            100.0 * d.within(3.0 / d.p),
+            d.mean(),
+            d.p95()
+        );
+    }
+    let (checks, caught, abandoned) = honest;
+    md += &format!(
+        "\nFalse positives: **{caught}** accusations (and {abandoned} abandoned checks) over \
+         **{checks}** re-executed results of honest worker processes (4 workers, int8 with \
+         error feedback, DiLoCo H = 2, every result checked).\n\n\
+         | p | re-execution / workers' compute | checks |\n| --- | --- | --- |\n"
+    );
+    for (p, frac, n) in overhead {
+        md += &format!("| {p} | {:.2}% | {n} |\n", 100.0 * frac);
+    }
+    md += &format!(
+        "\nOverhead: CNN, 4 workers, 300 rounds, int8, p fixed for every worker.\n\n\
+         Accuracy with one cheater among four workers (25%), p = 0.1 (0.5 for new workers), \
+         MLP, {} global batches of 64; clean run: **{clean:.4}**.\n\n\
+         | adversary | test accuracy | vs clean (points) | banned |\n| --- | --- | --- | --- |\n",
+        s.batches
+    );
+    for (m, a, banned) in accuracy {
+        md += &format!(
+            "| {} | {a:.4} | {:+.2} | {banned} |\n",
+            m.name(),
+            100.0 * (a - clean)
+        );
+    }
+    std::fs::write(s.out.join("verify.csv"), csv)?;
+    std::fs::write(s.out.join("verify.md"), &md)?;
+    plot(det, &s.out.join("verify.png"))?;
+    println!("\n{md}\nwritten to {}", s.out.display());
+    Ok(())
+}
+
+fn plot(det: &[Detection], path: &std::path::Path) -> Result<()> {
+    let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let ps: Vec<f64> = det.iter().map(|d| d.p).collect();
+    let (pmin, pmax) = (
+        ps.iter().cloned().fold(1.0, f64::min),
+        ps.iter().cloned().fold(0.0, f64::max),
+    );
+    let tmax = det
+        .iter()
+        .map(|d| d.mean())
+        .fold(1.0, f64::max)
+        .max(3.0 / pmin);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Tasks until a cheater is caught", ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(
+            (pmin / 1.5..pmax * 1.5).log_scale(),
+            (0.5..tmax * 2.0).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("check probability p")
+        .y_desc("mean tasks to detection")
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(
+            ps.iter().map(|&p| (p, 3.0 / p)),
+            BLACK.stroke_width(1),
+        ))?
+        .label("3/p")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK));
+    for (k, mode) in Mode::ALL.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        let pts: Vec<(f64, f64)> = det
+            .iter()
+            .filter(|d| d.mode == *mode)
+            .map(|d| (d.p, d.mean().max(0.6)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(mode.name())
+            .legend(move |(x, y)| Circle::new((x, y), 4, color.filled()));
+        chart.draw_series(
+            pts.iter()
+                .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
