@@ -5,7 +5,7 @@ export LIBTORCH := $(CURDIR)/.venv/torch
 export LD_LIBRARY_PATH := $(CURDIR)/.venv/torch/lib:$(LD_LIBRARY_PATH)
 CARGO ?= cargo
 
-.PHONY: setup build demo test lint bench fmt
+.PHONY: setup build demo test lint bench fuzz fmt
 
 setup:
 	@bash scripts/setup.sh
@@ -26,5 +26,15 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+## Codec throughput (criterion), then the README's table in results/bench-codecs.md.
 bench: setup
 	$(CARGO) bench -p compression
+	python3 scripts/bench_table.py > results/bench-codecs.md
+	cat results/bench-codecs.md
+
+## Every cargo-fuzz target for FUZZ_SECONDS each (installs cargo-fuzz when missing; the
+## sanitizer flags need nightly features, which RUSTC_BOOTSTRAP=1 enables on this toolchain).
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)

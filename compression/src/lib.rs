@@ -344,24 +344,8 @@ fn decode_with_header(
         )));
     }
     // body_len <= max_body, which fits in usize.
-    let body_len = h.body_len as usize;
-    let owned;
-    let body: &[u8] = if h.zstd {
-        owned = zstd_ctx::decompress_exact(rest, body_len)?;
-        &owned
-    } else {
-        if rest.len() != body_len {
-            return Err(CodecError::Malformed(format!(
-                "body is {} bytes, header says {body_len}",
-                rest.len()
-            )));
-        }
-        rest
-    };
-    if header::checksum(body) != h.checksum {
-        return Err(CodecError::Checksum);
-    }
-    let out = codecs::decode_body(h, body, n)?;
+    let body = zstd_ctx::checked_body(rest, h.zstd, h.body_len as usize, &h.checksum)?;
+    let out = codecs::decode_body(h, &body, n)?;
     if let Some(index) = codecs::first_non_finite(&out) {
         return Err(CodecError::NonFiniteOutput { index });
     }

@@ -245,27 +245,11 @@ pub fn apply_xor_delta(
             h.body_len
         )));
     }
-    let rest = &bytes[XOR_HEADER_LEN..];
-    let owned;
-    let body: &[u8] = if h.zstd {
-        owned = zstd_ctx::decompress_exact(rest, body_len)?;
-        &owned
-    } else {
-        if rest.len() != body_len {
-            return Err(CodecError::Malformed(format!(
-                "delta body is {} bytes, header says {body_len}",
-                rest.len()
-            )));
-        }
-        rest
-    };
-    if header::checksum(body) != h.checksum {
-        return Err(CodecError::Checksum);
-    }
+    let body = zstd_ctx::checked_body(&bytes[XOR_HEADER_LEN..], h.zstd, body_len, &h.checksum)?;
     let mut out = Vec::new();
     out.try_reserve_exact(n)
         .map_err(|_| CodecError::TooLarge(format!("cannot allocate {n} values")))?;
-    join_planes(base, body, &mut out);
+    join_planes(base, &body, &mut out);
     if let Some(index) = first_non_finite(&out) {
         return Err(CodecError::NonFiniteOutput { index });
     }

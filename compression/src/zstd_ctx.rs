@@ -1,5 +1,6 @@
 //! zstd with per-thread reused contexts and bounded output.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io::Cursor;
 
@@ -96,4 +97,29 @@ pub(crate) fn decompress_exact(src: &[u8], len: usize) -> Result<Vec<u8>, CodecE
         )));
     }
     Ok(out)
+}
+
+/// The raw body of a payload from what follows its header: decompressed to exactly `len`
+/// bytes when `zstd`, else exactly `len` bytes as they are; then checked against `checksum`
+/// (the first 8 bytes of its blake3).
+pub(crate) fn checked_body<'a>(
+    rest: &'a [u8],
+    zstd: bool,
+    len: usize,
+    checksum: &[u8; 8],
+) -> Result<Cow<'a, [u8]>, CodecError> {
+    let body = if zstd {
+        Cow::Owned(decompress_exact(rest, len)?)
+    } else if rest.len() == len {
+        Cow::Borrowed(rest)
+    } else {
+        return Err(CodecError::Malformed(format!(
+            "body is {} bytes, header says {len}",
+            rest.len()
+        )));
+    };
+    if &crate::header::checksum(&body) != checksum {
+        return Err(CodecError::Checksum);
+    }
+    Ok(body)
 }

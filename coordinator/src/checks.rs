@@ -7,7 +7,9 @@
 //! deterministic mode, within a relative tolerance otherwise. The residual comes from the
 //! worker's previous used result `b`: the worker reveals the values it encoded for `b`
 //! (which must hash to `b`'s signed commitment), and the residual is those values minus the
-//! decoding of `b`'s bytes. So every part of a result is checked, the residual included.
+//! decoding of `b`'s bytes. A passed check thus confirms the task's computation and encoding
+//! given `b`'s revealed values; `b`'s own honesty is confirmed only by a check of `b` (the
+//! scheduler counts a result as verified only when its base is).
 //!
 //! When a multi-step result disagrees, the coordinator bisects over the worker's committed
 //! inner-step hashes (each revealed with a Merkle proof against the signed root) to find
@@ -37,22 +39,31 @@ pub struct Base {
     pub update: Arc<ByteBuf>,
 }
 
+/// What a task asked for, besides its parameters.
+#[derive(Clone, Debug)]
+pub struct Work {
+    /// Its samples.
+    pub indices: Vec<u32>,
+    /// Its micro-batches.
+    pub micro: Vec<u32>,
+    /// Inner steps (DiLoCo) or one gradient.
+    pub inner_steps: bool,
+    /// Its seed.
+    pub seed: u64,
+}
+
 /// One result to re-execute.
 pub struct Job {
-    /// Check number.
-    pub id: u64,
+    /// Check number (given by [`Checks::submit`]).
+    id: u64,
     /// Who computed it.
     pub worker: WorkerId,
     /// The connection it came on (challenges go there, or to a later connection).
     pub conn: u64,
     /// Starting parameters of the task.
     pub params: Arc<Vec<f32>>,
-    /// Its samples.
-    pub indices: Vec<u32>,
-    /// Its micro-batches.
-    pub micro: Vec<u32>,
-    /// Its seed.
-    pub seed: u64,
+    /// The task.
+    pub work: Work,
     /// What the worker sent.
     pub result: Arc<TaskResult>,
     /// The error-feedback base, when the result continues one.
@@ -61,35 +72,32 @@ pub struct Job {
     base_input: Option<Vec<f32>>,
     /// Relative L2 tolerance (None: bitwise).
     pub tolerance: Option<f64>,
+    /// When the worker's answer to the pending challenge is due (kept across reconnects).
+    deadline: Option<Instant>,
 }
 
 impl Job {
     /// A job; `base` must be given when the commitment names an error-feedback base.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: u64,
         worker: WorkerId,
         conn: u64,
         params: Arc<Vec<f32>>,
-        indices: Vec<u32>,
-        micro: Vec<u32>,
-        seed: u64,
+        work: Work,
         result: Arc<TaskResult>,
         base: Option<Base>,
         tolerance: Option<f64>,
     ) -> Self {
         Job {
-            id,
+            id: 0,
             worker,
             conn,
             params,
-            indices,
-            micro,
-            seed,
+            work,
             result,
             base,
             base_input: None,
             tolerance,
+            deadline: None,
         }
     }
 
@@ -111,7 +119,8 @@ pub enum Verdict {
         /// The honest inner-step hashes (multi-step tasks), for bisection.
         leaves: Vec<Hash>,
     },
-    /// The check could not run (e.g. the revealed base does not decode).
+    /// The check could not run on the coordinator's side (e.g. the revealed base does not
+    /// decode, re-execution failed).
     Error(String),
 }
 
@@ -144,6 +153,8 @@ pub enum Out {
         worker: WorkerId,
         /// Its task.
         task_id: u64,
+        /// The error-feedback base it continued (0: none).
+        base: u64,
         /// Milliseconds of re-execution.
         ms: f64,
     },
@@ -154,39 +165,78 @@ pub enum Out {
         /// Milliseconds of re-execution.
         ms: f64,
     },
-    /// A check could not be completed (no answer to a challenge).
+    /// A check could not be completed; the result cannot stay in the model.
     Abandoned {
         /// The worker.
         worker: WorkerId,
         /// The task.
         task_id: u64,
+        /// The connection the question went to.
+        conn: u64,
         /// Why.
         reason: String,
+        /// Whether the worker is to blame (it did not answer, or answered that it cannot),
+        /// as opposed to the coordinator's side failing.
+        worker_fault: bool,
     },
 }
 
+/// A failed multi-step check being narrowed down to one inner step.
+struct Bisection {
+    /// Every step before `lo` agrees; step `hi` disagrees (or `hi` is the step count).
+    lo: usize,
+    hi: usize,
+    /// The honest inner-step hashes.
+    leaves: Vec<Hash>,
+    /// Why the check failed, and the update hash re-execution produced.
+    reason: String,
+    recomputed: Hash,
+    /// Milliseconds the re-execution took.
+    ms: f64,
+}
+
+impl Bisection {
+    fn mid(&self) -> usize {
+        self.lo + (self.hi - self.lo) / 2
+    }
+
+    /// The evidence as it stands, with the divergent step when it is known.
+    fn caught(self, job: &Job, step: Option<u64>) -> Out {
+        let reason = match step {
+            Some(s) => format!("{}; first divergent inner step {s}", self.reason),
+            None if self.lo >= self.hi => {
+                format!(
+                    "{}; every inner step agrees, the final update differs",
+                    self.reason
+                )
+            }
+            None => self.reason,
+        };
+        Out::Caught {
+            evidence: Box::new(evidence(job, self.recomputed, step, reason)),
+            ms: self.ms,
+        }
+    }
+}
+
+/// What a waiting check waits for.
 enum Stage {
-    /// Waiting for the worker to reveal the base's encoded values.
-    Reveal { challenge: u64, deadline: Instant },
-    /// Bisecting over inner steps: every step < lo agrees, step hi disagrees (or hi == len).
-    Bisect {
-        lo: usize,
-        hi: usize,
-        leaves: Vec<Hash>,
-        reason: String,
-        recomputed: Hash,
-        ms: f64,
-        challenge: u64,
-        deadline: Instant,
-    },
+    /// The worker to reveal the base's encoded values.
+    Reveal,
+    /// The worker to open an inner-step hash.
+    Bisect(Bisection),
 }
 
 /// A check in progress.
 enum Slot {
     /// On the checker thread.
     Running,
-    /// Waiting for a worker's answer.
-    Waiting(Box<Job>, Stage),
+    /// Waiting for a worker's answer to challenge `challenge`.
+    Waiting {
+        job: Box<Job>,
+        stage: Stage,
+        challenge: u64,
+    },
 }
 
 /// The checks in progress.
@@ -194,13 +244,13 @@ pub struct Checks {
     jobs: HashMap<u64, Slot>,
     challenges: HashMap<u64, u64>,
     next_challenge: u64,
+    next_job: u64,
     to_checker: Sender<Job>,
     timeout: Duration,
     limits: DecodeLimits,
 }
 
 /// Starts the checker thread; its verdicts come back as [`Event::Checked`].
-#[allow(clippy::too_many_arguments)]
 pub fn start(
     model: ModelKind,
     data: Arc<Dataset>,
@@ -219,6 +269,7 @@ pub fn start(
         jobs: HashMap::new(),
         challenges: HashMap::new(),
         next_challenge: 1,
+        next_job: 1,
         to_checker: tx,
         timeout,
         limits,
@@ -237,7 +288,10 @@ fn checker(
     let mut exec = Executor::new(model, tch::Device::Cpu, data, inner);
     for job in jobs {
         let t = Instant::now();
-        let verdict = recheck(&mut exec, &job, &codec, &limits);
+        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            recheck(&mut exec, &job, &codec, &limits)
+        }))
+        .unwrap_or_else(|_| Verdict::Error("re-execution panicked".into()));
         let ms = t.elapsed().as_secs_f64() * 1e3;
         if events
             .send(Event::Checked(Box::new(Done { job, verdict, ms })))
@@ -260,7 +314,8 @@ pub fn recheck(
     limits: &DecodeLimits,
 ) -> Verdict {
     let c = &job.result.commitment;
-    let raw = match exec.compute(&job.params, &job.indices, &job.micro) {
+    let w = &job.work;
+    let raw = match exec.compute(&job.params, &w.indices, &w.micro, w.inner_steps) {
         Ok(r) => r,
         Err(e) => return Verdict::Error(format!("re-execution failed: {e}")),
     };
@@ -277,7 +332,7 @@ pub fn recheck(
         },
         _ => None,
     };
-    let enc = match encode_update(&raw.values, residual.as_deref(), codec, job.seed) {
+    let enc = match encode_update(&raw.values, residual.as_deref(), codec, w.seed) {
         Ok(e) => e,
         Err(e) => return Verdict::Error(format!("re-encoding failed: {e}")),
     };
@@ -336,84 +391,109 @@ impl Checks {
         self.jobs.is_empty()
     }
 
-    fn challenge(&mut self, job: u64, conn: u64, task_id: u64, query: Query) -> (u64, Out) {
-        let id = self.next_challenge;
+    /// Whether a result of `worker` is being disputed (it gets no new work meanwhile).
+    pub fn disputed(&self, worker: &WorkerId) -> bool {
+        self.jobs.values().any(|s| {
+            matches!(s, Slot::Waiting { job, stage: Stage::Bisect(_), .. } if job.worker == *worker)
+        })
+    }
+
+    /// Sends `query` about `task_id` to the job's connection and parks the job until the
+    /// answer (or its deadline, which a reconnect does not move).
+    fn ask(&mut self, mut job: Job, stage: Stage, task_id: u64, query: Query) -> Vec<Out> {
+        let challenge = self.next_challenge;
         self.next_challenge += 1;
-        self.challenges.insert(id, job);
-        (
+        self.challenges.insert(challenge, job.id);
+        job.deadline.get_or_insert(Instant::now() + self.timeout);
+        let out = Out::Challenge {
+            conn: job.conn,
+            challenge_id: challenge,
+            task_id,
+            query,
+        };
+        let id = job.id;
+        self.jobs.insert(
             id,
-            Out::Challenge {
-                conn,
-                challenge_id: id,
-                task_id,
-                query,
+            Slot::Waiting {
+                job: Box::new(job),
+                stage,
+                challenge,
             },
-        )
+        );
+        vec![out]
     }
 
     /// Starts checking a job.
-    pub fn submit(&mut self, job: Job) -> Vec<Out> {
-        let id = job.id;
-        if let Some(base) = &job.base {
-            let (ch, out) =
-                self.challenge(id, job.conn, base.commitment.task_id, Query::EncodedInput);
-            let deadline = Instant::now() + self.timeout;
-            self.jobs.insert(
-                id,
-                Slot::Waiting(
-                    Box::new(job),
-                    Stage::Reveal {
-                        challenge: ch,
-                        deadline,
-                    },
-                ),
-            );
-            return vec![out];
+    pub fn submit(&mut self, mut job: Job) -> Vec<Out> {
+        job.id = self.next_job;
+        self.next_job += 1;
+        self.resume(job)
+    }
+
+    /// Asks for the base's reveal, or runs the job.
+    fn resume(&mut self, job: Job) -> Vec<Out> {
+        match &job.base {
+            Some(base) => {
+                let task = base.commitment.task_id;
+                self.ask(job, Stage::Reveal, task, Query::EncodedInput)
+            }
+            None => self.run(job),
         }
-        self.run(job);
+    }
+
+    fn run(&mut self, job: Job) -> Vec<Out> {
+        let (id, worker, task_id, conn) = (job.id, job.worker, job.task_id(), job.conn);
+        if self.to_checker.send(job).is_err() {
+            return vec![Out::Abandoned {
+                worker,
+                task_id,
+                conn,
+                reason: "the checker thread is gone".into(),
+                worker_fault: false,
+            }];
+        }
+        self.jobs.insert(id, Slot::Running);
         Vec::new()
     }
 
-    fn run(&mut self, job: Job) {
-        let id = job.id;
-        // The receiving thread lives as long as the coordinator; if it died, the job is dropped
-        // and the check is reported abandoned by `tick`.
-        let _ = self.to_checker.send(job);
-        self.jobs.insert(id, Slot::Running);
+    /// Removes a waiting job and its challenge.
+    fn take(&mut self, id: u64) -> Option<(Job, Stage)> {
+        match self.jobs.remove(&id)? {
+            Slot::Waiting {
+                job,
+                stage,
+                challenge,
+            } => {
+                self.challenges.remove(&challenge);
+                Some((*job, stage))
+            }
+            Slot::Running => {
+                self.jobs.insert(id, Slot::Running);
+                None
+            }
+        }
     }
 
-    /// A worker reconnected on `conn`: re-sends the challenges its checks wait on.
-    pub fn retarget(&mut self, worker: &WorkerId, conn: u64) -> Vec<Out> {
-        let ids: Vec<u64> = self
-            .jobs
+    fn waiting_of(&self, worker: &WorkerId) -> Vec<u64> {
+        self.jobs
             .iter()
-            .filter(|(_, s)| matches!(s, Slot::Waiting(j, _) if j.worker == *worker))
+            .filter(|(_, s)| matches!(s, Slot::Waiting { job, .. } if job.worker == *worker))
             .map(|(&id, _)| id)
-            .collect();
+            .collect()
+    }
+
+    /// A worker reconnected on `conn`: re-sends the challenges its checks wait on, with their
+    /// original deadlines.
+    pub fn retarget(&mut self, worker: &WorkerId, conn: u64) -> Vec<Out> {
         let mut out = Vec::new();
-        for id in ids {
-            let Some(Slot::Waiting(job, stage)) = self.jobs.remove(&id) else {
+        for id in self.waiting_of(worker) {
+            let Some((job, stage)) = self.take(id) else {
                 continue;
             };
-            let job = Job { conn, ..*job };
+            let job = Job { conn, ..job };
             out.extend(match stage {
-                Stage::Reveal { challenge, .. } => {
-                    self.challenges.remove(&challenge);
-                    self.submit(job)
-                }
-                Stage::Bisect {
-                    lo,
-                    hi,
-                    leaves,
-                    reason,
-                    recomputed,
-                    ms,
-                    challenge,
-                    ..
-                } => {
-                    self.challenges.remove(&challenge);
-                    self.bisect(job, lo, hi, leaves, reason, recomputed, ms)
-                }
+                Stage::Reveal => self.resume(job),
+                Stage::Bisect(b) => self.bisect(job, b),
             });
         }
         out
@@ -421,8 +501,9 @@ impl Checks {
 
     /// Drops every waiting check of `worker` (it was banned).
     pub fn forget(&mut self, worker: &WorkerId) {
-        self.jobs
-            .retain(|_, s| !matches!(s, Slot::Waiting(j, _) if j.worker == *worker));
+        for id in self.waiting_of(worker) {
+            self.take(id);
+        }
     }
 
     /// A worker answered a challenge.
@@ -430,25 +511,16 @@ impl Checks {
         let Some(&id) = self.challenges.get(&challenge_id) else {
             return Vec::new();
         };
-        match self.jobs.get(&id) {
-            Some(Slot::Waiting(job, _)) if job.conn == conn => {}
-            _ => return Vec::new(),
+        if !matches!(self.jobs.get(&id), Some(Slot::Waiting { job, .. }) if job.conn == conn) {
+            return Vec::new();
         }
-        self.challenges.remove(&challenge_id);
-        let Some(Slot::Waiting(job, stage)) = self.jobs.remove(&id) else {
+        let Some((mut job, stage)) = self.take(id) else {
             return Vec::new();
         };
+        job.deadline = None;
         match stage {
-            Stage::Reveal { .. } => self.on_reveal(*job, answer),
-            Stage::Bisect {
-                lo,
-                hi,
-                leaves,
-                reason,
-                recomputed,
-                ms,
-                ..
-            } => self.on_leaf(*job, answer, lo, hi, leaves, reason, recomputed, ms),
+            Stage::Reveal => self.on_reveal(job, answer),
+            Stage::Bisect(b) => self.on_leaf(job, answer, b),
         }
     }
 
@@ -463,7 +535,9 @@ impl Checks {
                 return vec![Out::Abandoned {
                     worker: job.worker,
                     task_id: job.task_id(),
+                    conn: job.conn,
                     reason: format!("could not reveal the error-feedback input: {why}"),
+                    worker_fault: true,
                 }]
             }
             Answer::Leaf { .. } => None,
@@ -471,8 +545,7 @@ impl Checks {
         match revealed {
             Some(v) if verify::hash_f32(&v) == base.commitment.encoded_input => {
                 job.base_input = Some(v);
-                self.run(job);
-                Vec::new()
+                self.run(job)
             }
             _ => {
                 let e = evidence(
@@ -489,94 +562,38 @@ impl Checks {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_leaf(
-        &mut self,
-        job: Job,
-        answer: Answer,
-        mut lo: usize,
-        mut hi: usize,
-        leaves: Vec<Hash>,
-        reason: String,
-        recomputed: Hash,
-        ms: f64,
-    ) -> Vec<Out> {
-        let mid = lo + (hi - lo) / 2;
+    fn on_leaf(&mut self, job: Job, answer: Answer, mut b: Bisection) -> Vec<Out> {
+        let mid = b.mid();
         let root = job.result.commitment.step_root;
         let agrees = match answer {
             Answer::Leaf { leaf, proof }
                 if proof.index == mid as u64
-                    && proof.leaf_count == leaves.len() as u64
+                    && proof.leaf_count == b.leaves.len() as u64
                     && proof.verify(&root, &leaf) =>
             {
-                leaf == leaves[mid]
+                leaf == b.leaves[mid]
             }
             // No valid opening of its own commitment: stop bisecting, the evidence stands.
-            _ => {
-                let e = evidence(&job, recomputed, None, reason);
-                return vec![Out::Caught {
-                    evidence: Box::new(e),
-                    ms,
-                }];
-            }
+            _ => return vec![b.caught(&job, None)],
         };
         if agrees {
-            lo = mid + 1;
+            b.lo = mid + 1;
         } else {
-            hi = mid;
+            b.hi = mid;
         }
-        if lo >= hi {
-            let step = (lo < leaves.len()).then_some(lo as u64);
-            let why = match step {
-                Some(s) => format!("{reason}; first divergent inner step {s}"),
-                None => format!("{reason}; every inner step agrees, the final update differs"),
-            };
-            let e = evidence(&job, recomputed, step, why);
-            return vec![Out::Caught {
-                evidence: Box::new(e),
-                ms,
-            }];
+        if b.lo >= b.hi {
+            let step = (b.lo < b.leaves.len()).then_some(b.lo as u64);
+            return vec![b.caught(&job, step)];
         }
-        self.bisect(job, lo, hi, leaves, reason, recomputed, ms)
+        self.bisect(job, b)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn bisect(
-        &mut self,
-        job: Job,
-        lo: usize,
-        hi: usize,
-        leaves: Vec<Hash>,
-        reason: String,
-        recomputed: Hash,
-        ms: f64,
-    ) -> Vec<Out> {
-        let mid = lo + (hi - lo) / 2;
-        let (ch, out) = self.challenge(
-            job.id,
-            job.conn,
-            job.task_id(),
-            Query::Leaf { index: mid as u32 },
-        );
-        let deadline = Instant::now() + self.timeout;
-        let id = job.id;
-        self.jobs.insert(
-            id,
-            Slot::Waiting(
-                Box::new(job),
-                Stage::Bisect {
-                    lo,
-                    hi,
-                    leaves,
-                    reason,
-                    recomputed,
-                    ms,
-                    challenge: ch,
-                    deadline,
-                },
-            ),
-        );
-        vec![out]
+    fn bisect(&mut self, job: Job, b: Bisection) -> Vec<Out> {
+        let query = Query::Leaf {
+            index: b.mid() as u32,
+        };
+        let task = job.task_id();
+        self.ask(job, Stage::Bisect(b), task, query)
     }
 
     /// The checker finished a job.
@@ -587,12 +604,15 @@ impl Checks {
             Verdict::Pass => vec![Out::Passed {
                 worker: job.worker,
                 task_id: job.task_id(),
+                base: job.result.commitment.ef_base,
                 ms,
             }],
             Verdict::Error(reason) => vec![Out::Abandoned {
                 worker: job.worker,
                 task_id: job.task_id(),
+                conn: job.conn,
                 reason,
+                worker_fault: false,
             }],
             Verdict::Fail {
                 reason,
@@ -600,15 +620,18 @@ impl Checks {
                 leaves,
             } => {
                 let root = verify::MerkleTree::new(leaves.clone()).root();
-                if !leaves.is_empty() && root != job.result.commitment.step_root {
-                    let len = leaves.len();
-                    return self.bisect(job, 0, len, leaves, reason, recomputed, ms);
-                }
-                let e = evidence(&job, recomputed, None, reason);
-                vec![Out::Caught {
-                    evidence: Box::new(e),
+                let b = Bisection {
+                    lo: 0,
+                    hi: leaves.len(),
+                    leaves,
+                    reason,
+                    recomputed,
                     ms,
-                }]
+                };
+                if b.hi > 0 && root != job.result.commitment.step_root {
+                    return self.bisect(job, b);
+                }
+                vec![b.caught(&job, None)]
             }
         }
     }
@@ -618,35 +641,24 @@ impl Checks {
         let expired: Vec<u64> = self
             .jobs
             .iter()
-            .filter(|(_, s)| match s {
-                Slot::Waiting(_, Stage::Reveal { deadline, .. })
-                | Slot::Waiting(_, Stage::Bisect { deadline, .. }) => *deadline <= now,
-                Slot::Running => false,
+            .filter(|(_, s)| {
+                matches!(s, Slot::Waiting { job, .. } if job.deadline.is_some_and(|d| d <= now))
             })
             .map(|(&id, _)| id)
             .collect();
         let mut out = Vec::new();
         for id in expired {
-            let Some(Slot::Waiting(job, stage)) = self.jobs.remove(&id) else {
+            let Some((job, stage)) = self.take(id) else {
                 continue;
             };
             out.push(match stage {
-                Stage::Bisect {
-                    reason,
-                    recomputed,
-                    ms,
-                    ..
-                } => {
-                    let e = evidence(&job, recomputed, None, reason);
-                    Out::Caught {
-                        evidence: Box::new(e),
-                        ms,
-                    }
-                }
-                Stage::Reveal { .. } => Out::Abandoned {
+                Stage::Bisect(b) => b.caught(&job, None),
+                Stage::Reveal => Out::Abandoned {
                     worker: job.worker,
                     task_id: job.task_id(),
+                    conn: job.conn,
                     reason: "no answer to a challenge in time".into(),
+                    worker_fault: true,
                 },
             });
         }

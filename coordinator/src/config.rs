@@ -184,8 +184,9 @@ pub struct NetworkSection {
     pub max_frames_per_s: f64,
     /// Bytes a connection may send per second (burst: twice that); faster peers are slowed.
     pub max_bytes_per_s: f64,
-    /// New connections accepted per second from one IP address (burst: twice that).
-    pub max_handshakes_per_ip_per_s: f64,
+    /// New connections accepted per second from one UDP socket (address and port; burst:
+    /// twice that), and ten times that from one IP address.
+    pub max_new_conns_per_s: f64,
 }
 
 impl Default for NetworkSection {
@@ -200,7 +201,7 @@ impl Default for NetworkSection {
             max_handshakes: 32,
             max_frames_per_s: 200.0,
             max_bytes_per_s: 1e9,
-            max_handshakes_per_ip_per_s: 20.0,
+            max_new_conns_per_s: 5.0,
         }
     }
 }
@@ -421,8 +422,8 @@ impl RunConfig {
         if n.max_workers == 0 || n.max_frame_bytes < 1024 {
             return bad("network.max_workers >= 1 and max_frame_bytes >= 1024 are required".into());
         }
-        if n.max_handshakes_per_ip_per_s.is_nan() || n.max_handshakes_per_ip_per_s < 0.5 {
-            return bad("network.max_handshakes_per_ip_per_s must be >= 0.5".into());
+        if n.max_new_conns_per_s.is_nan() || n.max_new_conns_per_s < 0.5 {
+            return bad("network.max_new_conns_per_s must be >= 0.5".into());
         }
         if n.max_handshakes == 0
             || n.max_frames_per_s.is_nan()

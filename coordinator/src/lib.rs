@@ -103,7 +103,7 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
         max_handshakes: cfg.network.max_handshakes,
         frames_per_s: cfg.network.max_frames_per_s,
         bytes_per_s: cfg.network.max_bytes_per_s,
-        handshakes_per_ip_per_s: cfg.network.max_handshakes_per_ip_per_s,
+        new_conns_per_s: cfg.network.max_new_conns_per_s,
     };
     let ctx = Arc::new(server::ServerCtx::new(
         identity.secret,

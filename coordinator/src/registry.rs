@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -40,6 +41,10 @@ pub struct Conn {
     pub traffic: Arc<Traffic>,
     /// The task it is working on.
     pub busy: Option<u64>,
+    /// When it is given up on entirely if that task has not been answered.
+    pub busy_until: Option<Instant>,
+    /// Tasks it reported failed since its last valid result.
+    pub failures: u32,
     /// Milliseconds per sample from sending a task to its answer (smoothed): deadlines.
     pub ms_per_sample: Option<f64>,
     /// Results accepted on this connection.

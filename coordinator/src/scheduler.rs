@@ -111,11 +111,14 @@ pub struct Scheduler {
     checks: Option<Checks>,
     policy: SpotCheckPolicy,
     check_key: [u8; 32],
-    next_check: u64,
     /// Workers banned since the last round was committed (their contributions go).
     to_remove: HashSet<WorkerId>,
     /// Single results to remove (their check could not be completed).
     to_drop: HashSet<u64>,
+    /// Results confirmed by a check before their round was committed.
+    verified_now: HashSet<u64>,
+    /// The usual norm of accepted updates.
+    norms: NormTracker,
     seen: HashSet<WorkerId>,
     meta: Meta,
     metrics: Metrics,
@@ -178,11 +181,10 @@ impl Scheduler {
             cfg.ledger.clone(),
         )?;
         let mut meta = recovered.meta.clone().unwrap_or_default();
-        // Tasks sent after the last logged round may have used ids beyond the logged counter:
-        // skip well past them, so that a task id never names two tasks.
-        if recovered.meta.is_some() {
-            meta.next_task += 1 << 20;
-        }
+        // Tasks sent after the last logged round, or by an earlier start in this folder, may
+        // have used ids beyond the logged counter (and workers keep results by task id): jump
+        // by a random amount, so that a task id never names two tasks.
+        meta.next_task += 1 + (rand::random::<u64>() >> 24);
         traffic.add_in(meta.bytes_in);
         traffic.add_out(meta.bytes_out);
         let step = ledger.state.round;
@@ -222,13 +224,20 @@ impl Scheduler {
             total_steps,
             h,
             total_batches,
+            // A ban or a dropped result whose rollback a crash interrupted is redone.
+            to_remove: recovered
+                .standings
+                .iter()
+                .filter(|(_, s)| s.rep.banned)
+                .map(|(w, _)| *w)
+                .collect(),
+            to_drop: recovered.dropped.iter().copied().collect(),
             reg: Registry::new(recovered.standings, banned),
             balancer: parts::Balancer::default(),
             checks,
             check_key,
-            next_check: 1,
-            to_remove: HashSet::new(),
-            to_drop: HashSet::new(),
+            verified_now: HashSet::new(),
+            norms: NormTracker::default(),
             seen: HashSet::new(),
             meta,
             metrics,
@@ -253,6 +262,8 @@ impl Scheduler {
     pub fn run(mut self) -> Result<Outcome> {
         while self.step() < self.total_steps {
             if !self.train_step()? {
+                // Contributions of workers banned meanwhile leave before the state is saved.
+                self.roll_back()?;
                 self.save_checkpoint()?;
                 self.metrics.emit("stopped", json!({"step": self.step()}));
                 for c in self.reg.conns.values() {
@@ -286,7 +297,39 @@ impl Scheduler {
             let outs = c.tick(Instant::now());
             self.act(outs, parts)?;
         }
+        // A worker that neither answers nor leaves holds its slot: close it (no strike; it
+        // may just be a very slow machine), it can come back.
+        let now = Instant::now();
+        let hung: Vec<u64> = self
+            .reg
+            .conns
+            .iter()
+            .filter(|(_, c)| c.busy_until.is_some_and(|t| t < now))
+            .map(|(&n, _)| n)
+            .collect();
+        for conn in hung {
+            if let Some(c) = self.reg.conns.remove(&conn) {
+                warn!(conn, worker = %c.id.short(), "no answer to its task long past its deadline; closing");
+                let _ = c.tx.send(Outgoing::Close(
+                    close::TIMEOUT,
+                    "no answer to its task".into(),
+                ));
+            }
+            retire(parts, conn);
+        }
         Ok(ok)
+    }
+
+    /// Idle workers that may get work (not under a dispute).
+    fn idle(&self) -> Vec<u64> {
+        self.reg
+            .idle()
+            .into_iter()
+            .filter(|c| {
+                let w = &self.reg.conns[c].id;
+                !self.checks.as_ref().is_some_and(|k| k.disputed(w))
+            })
+            .collect()
     }
 
     /// One round; false when the operator stopped the run.
@@ -304,7 +347,7 @@ impl Scheduler {
         let mut waited = Instant::now();
         loop {
             let backlog = self.checks.as_ref().map_or(0, Checks::len);
-            if self.reg.idle().len() >= need && backlog < self.cfg.verification.max_pending {
+            if self.idle().len() >= need && backlog < self.cfg.verification.max_pending {
                 break;
             }
             if waited.elapsed() > Duration::from_secs(10) {
@@ -321,8 +364,9 @@ impl Scheduler {
             }
         }
         self.started = true;
-        let idle = self.reg.idle();
-        // Never more parts than the round's first (largest) batch has samples.
+        let idle = self.idle();
+        // Never more parts than the round's first batch has samples (only the run's last
+        // batch can be smaller).
         let n = idle.len().min(batches.first().map_or(1, Vec::len)).max(1);
         let weights = if self.cfg.workers.balance_by_speed {
             self.balancer.weights(&idle[..n])
@@ -351,20 +395,26 @@ impl Scheduler {
         Ok(true)
     }
 
-    /// Gives every part that has no live, in-time attempt to an idle worker not already on it.
+    /// Gives every part that has no live, in-time attempt to an idle worker: one that has not
+    /// tried it yet, else one that tried it once (it may have lacked the parameters' base).
     fn dispatch(&mut self, parts: &mut [Part]) -> Result<()> {
         let now = Instant::now();
         for (i, part) in parts.iter_mut().enumerate() {
             if !part.needs_worker(now) {
                 continue;
             }
-            let on_it: Vec<u64> = part
-                .attempts
+            let tries = |c: &u64| part.attempts.iter().filter(|a| a.conn == *c).count();
+            let idle = self.idle();
+            let Some(conn) = idle
                 .iter()
-                .filter(|a| a.live)
-                .map(|a| a.conn)
-                .collect();
-            let Some(conn) = self.reg.idle().into_iter().find(|c| !on_it.contains(c)) else {
+                .find(|c| tries(c) == 0)
+                .or_else(|| {
+                    idle.iter().find(|c| {
+                        tries(c) == 1 && !part.attempts.iter().any(|a| a.conn == **c && a.live)
+                    })
+                })
+                .copied()
+            else {
                 continue;
             };
             if !part.attempts.is_empty() {
@@ -405,6 +455,7 @@ impl Scheduler {
             seed: self.cfg.run.seed ^ task_id,
             hyperparams: self.hyper,
             ef_base,
+            inner_steps: self.h > 1,
         };
         let w = self.reg.conns.get_mut(&conn).expect("checked above");
         if w.tx
@@ -414,6 +465,7 @@ impl Scheduler {
             return Ok(());
         }
         w.busy = Some(task_id);
+        w.busy_until = Some(Instant::now() + Duration::from_secs_f64(3.0 * timeout + 30.0));
         w.held_version = Some(self.downlink.version());
         self.counts.tasks_sent += 1;
         let now = Instant::now();
@@ -439,6 +491,7 @@ impl Scheduler {
                 reason,
                 offence,
             } => {
+                self.balancer.remove(conn);
                 if let Some(c) = self.reg.conns.remove(&conn) {
                     let (bin, bout) = c.traffic.get();
                     self.metrics.emit(
@@ -450,11 +503,7 @@ impl Scheduler {
                         self.strike(c.id, conn, &reason, parts)?;
                     }
                 }
-                for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
-                    if a.conn == conn {
-                        a.live = false;
-                    }
-                }
+                retire(parts, conn);
             }
             Event::Checked(done) => {
                 if let Some(c) = self.checks.as_mut() {
@@ -477,16 +526,23 @@ impl Scheduler {
                         conn,
                         task_id, need_full_params, "worker could not do its task: {reason}"
                     );
-                    if w.busy == Some(task_id) {
-                        w.busy = None;
+                    if w.busy != Some(task_id) {
+                        let reason =
+                            format!("failure report for task {task_id}, which it does not hold");
+                        return self.offend(conn, reason, parts).map(|_| true);
                     }
+                    w.busy = None;
+                    w.busy_until = None;
+                    w.failures += 1;
+                    let failures = w.failures;
                     if need_full_params {
                         w.held_version = None;
                     }
-                    for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
-                        if a.task_id == task_id && a.conn == conn {
-                            a.live = false;
-                        }
+                    retire(parts, conn);
+                    if failures > 3 {
+                        let reason =
+                            format!("{failures} failed tasks in a row, the last: {reason}");
+                        self.offend(conn, reason, parts)?;
                     }
                 }
                 ToCoordinator::ChallengeReply {
@@ -498,7 +554,8 @@ impl Scheduler {
                         self.act(outs, parts)?;
                     }
                 }
-                ToCoordinator::Hello(_) => self.offend(conn, "unexpected Hello".into(), parts)?,
+                // The connection task refuses a second Hello before it gets here.
+                ToCoordinator::Hello(_) => {}
             },
         }
         Ok(true)
@@ -522,11 +579,7 @@ impl Scheduler {
                     "replaced by a newer connection".into(),
                 ));
             }
-            for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
-                if a.conn == old {
-                    a.live = false;
-                }
-            }
+            retire(parts, old);
         }
         self.metrics.emit(
             "worker_joined",
@@ -549,6 +602,8 @@ impl Scheduler {
                 traffic: j.traffic,
                 busy: None,
                 ms_per_sample: None,
+                busy_until: None,
+                failures: 0,
                 tasks_ok: 0,
                 held_version: None,
             },
@@ -569,6 +624,8 @@ impl Scheduler {
             return self.offend(conn, reason, parts);
         }
         w.busy = None;
+        w.busy_until = None;
+        w.failures = 0;
         let worker = w.id;
         let found = parts.iter_mut().enumerate().find_map(|(i, p)| {
             let a = p
@@ -588,15 +645,19 @@ impl Scheduler {
         part.attempts[ai].live = false;
         let ef_base = part.attempts[ai].ef_base;
         let elapsed = part.attempts[ai].started.elapsed().as_secs_f64() * 1000.0;
-        if let Err(reason) = self.validate(&worker, &res, part, ef_base) {
-            self.counts.rejected += 1;
-            warn!(worker = %worker.short(), task = res.task_id, "rejected result: {reason}");
-            self.metrics.emit(
+        let norm = match self.validate(&worker, &res, part, ef_base) {
+            Ok(norm) => norm,
+            Err(reason) => {
+                self.counts.rejected += 1;
+                warn!(worker = %worker.short(), task = res.task_id, "rejected result: {reason}");
+                self.metrics.emit(
                 "rejected_result",
                 json!({"conn": conn, "worker": worker.to_string(), "task_id": res.task_id, "step": self.step(), "reason": reason}),
             );
-            return self.offend(conn, format!("invalid result: {reason}"), parts);
-        }
+                return self.offend(conn, format!("invalid result: {reason}"), parts);
+            }
+        };
+        self.norms.add(norm);
         let w = self.reg.conns.get_mut(&conn).expect("worker present");
         w.tasks_ok += 1;
         let per = elapsed / part.indices.len().max(1) as f64;
@@ -619,7 +680,13 @@ impl Scheduler {
                 update: Arc::new(res.update.clone()),
             },
         );
-        let standing = self.reg.update(worker, |s| s.rep.tasks += 1);
+        // Strikes fade: one is forgiven every 50 accepted results.
+        let standing = self.reg.update(worker, |s| {
+            s.rep.tasks += 1;
+            if s.rep.tasks.is_multiple_of(50) {
+                s.strikes = s.strikes.saturating_sub(1);
+            }
+        });
         let check = self.checks.is_some()
             && self
                 .policy
@@ -628,23 +695,28 @@ impl Scheduler {
             worker,
             result: res.clone(),
         });
-        if check {
-            let base = match res.commitment.ef_base {
-                0 => None,
-                b => self.reg.accepted(&worker, b).map(|a| checks::Base {
+        let base = match res.commitment.ef_base {
+            0 => Some(None),
+            b => self.reg.accepted(&worker, b).map(|a| {
+                Some(checks::Base {
                     commitment: a.commitment,
                     update: a.update,
-                }),
-            };
-            self.next_check += 1;
+                })
+            }),
+        };
+        // A result whose error-feedback base is no longer kept cannot be re-executed exactly;
+        // it is not drawn (the base was used at most a few tasks earlier, so this is rare).
+        if let (true, Some(base)) = (check, base) {
             let job = checks::Job::new(
-                self.next_check,
                 worker,
                 conn,
                 self.downlink.params().clone(),
-                part.indices.clone(),
-                part.micro.clone(),
-                self.cfg.run.seed ^ res.task_id,
+                checks::Work {
+                    indices: part.indices.clone(),
+                    micro: part.micro.clone(),
+                    inner_steps: self.h > 1,
+                    seed: self.cfg.run.seed ^ res.task_id,
+                },
                 res,
                 base,
                 (!bitwise).then_some(self.cfg.verification.tolerance),
@@ -659,14 +731,15 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Checks an untrusted result against what was asked, before anything uses it.
+    /// Checks an untrusted result against what was asked, before anything uses it; returns
+    /// the L2 norm of its update.
     fn validate(
         &self,
         worker: &WorkerId,
         res: &TaskResult,
         part: &Part,
         ef_base: u64,
-    ) -> Result<(), String> {
+    ) -> Result<f64, String> {
         let c = &res.commitment;
         if res.n_samples as usize != part.indices.len() || c.n_samples != res.n_samples {
             return Err(format!(
@@ -686,7 +759,7 @@ impl Scheduler {
             || c.seed != self.cfg.run.seed ^ res.task_id
             || c.hyperparams != self.hyper
             || (c.ef_base != 0 && c.ef_base != ef_base)
-            || (part.micro.len() == 1 && c.step_root != [0; 32])
+            || (self.h > 1) == (c.step_root == [0; 32])
         {
             return Err("commitment does not match the task".into());
         }
@@ -695,9 +768,24 @@ impl Scheduler {
         }
         verify::verify_signature(worker, c, &res.signature)
             .map_err(|e| format!("signature: {e}"))?;
-        compression::decode_exact(&res.update, self.downlink.params().len(), &self.limits)
-            .map_err(|e| format!("update: {e}"))?;
-        Ok(())
+        let values =
+            compression::decode_exact(&res.update, self.downlink.params().len(), &self.limits)
+                .map_err(|e| format!("update: {e}"))?;
+        let norm = values
+            .iter()
+            .map(|&x| f64::from(x).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        // Finite but huge values would overflow the optimizer: beyond 100x the usual norm an
+        // update is refused (once enough results set what usual is).
+        if let Some(usual) = self.norms.usual() {
+            if norm > 100.0 * usual {
+                return Err(format!(
+                    "update norm {norm:.3e} is over 100x the usual {usual:.3e}"
+                ));
+            }
+        }
+        Ok(norm)
     }
 
     /// Carries out what the checks decided.
@@ -722,12 +810,21 @@ impl Scheduler {
                 Out::Passed {
                     worker,
                     task_id,
+                    base,
                     ms,
                 } => {
                     self.counts.checks += 1;
                     self.counts.passed += 1;
                     self.counts.check_ms += ms;
-                    self.ledger.mark_verified(task_id)?;
+                    // Verified means confirmed along its error-feedback chain: the check took
+                    // the base's revealed values on trust of its commitment.
+                    let chain = base == 0
+                        || self.verified_now.contains(&base)
+                        || self.ledger.is_verified(base);
+                    if chain {
+                        self.ledger.mark_verified(task_id)?;
+                        self.verified_now.insert(task_id);
+                    }
                     let s = self.reg.update(worker, |s| s.rep.checks_passed += 1);
                     self.ledger.log_standing(worker, &s)?;
                     self.metrics.emit(
@@ -744,7 +841,9 @@ impl Scheduler {
                 Out::Abandoned {
                     worker,
                     task_id,
+                    conn,
                     reason,
+                    worker_fault,
                 } => {
                     self.counts.abandoned += 1;
                     warn!(worker = %worker.short(), task_id, "check abandoned: {reason}");
@@ -752,15 +851,20 @@ impl Scheduler {
                         "check_abandoned",
                         json!({"worker": worker.to_string(), "task_id": task_id, "reason": reason, "step": self.step()}),
                     );
-                    // An unconfirmable result does not stay in the model.
+                    // An unconfirmable result does not stay in the model (logged, so that a
+                    // restart before the rollback still removes it).
+                    self.ledger.mark_dropped(task_id)?;
                     self.to_drop.insert(task_id);
                     for p in parts.iter_mut() {
                         if p.done.as_ref().is_some_and(|d| d.result.task_id == task_id) {
                             p.done = None;
                         }
                     }
-                    let conn = self.reg.conns_of(&worker).first().copied().unwrap_or(0);
-                    self.strike(worker, conn, &reason, parts)?;
+                    // A strike only when the worker could have answered: still on the
+                    // connection that was asked (a restarted worker lost what it kept).
+                    if worker_fault && self.reg.conns.contains_key(&conn) {
+                        self.strike(worker, conn, &reason, parts)?;
+                    }
                 }
             }
         }
@@ -785,11 +889,7 @@ impl Scheduler {
         };
         warn!(conn, worker = %c.id.short(), "offence: {reason}");
         let _ = c.tx.send(Outgoing::Close(close::PROTOCOL, reason.clone()));
-        for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
-            if a.conn == conn {
-                a.live = false;
-            }
-        }
+        retire(parts, conn);
         self.strike(c.id, conn, &reason, parts)
     }
 
@@ -834,11 +934,7 @@ impl Scheduler {
                 let _ =
                     c.tx.send(Outgoing::Close(close::AUTH, format!("banned: {reason}")));
             }
-            for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
-                if a.conn == conn {
-                    a.live = false;
-                }
-            }
+            retire(parts, conn);
         }
         for p in parts.iter_mut() {
             if p.done.as_ref().is_some_and(|d| d.worker == worker) {
@@ -874,7 +970,7 @@ impl Scheduler {
                 n_samples: d.result.n_samples,
                 loss_sum: d.result.loss_sum,
                 update: d.result.update.clone(),
-                verified: false,
+                verified: self.verified_now.remove(&d.result.task_id),
             })
             .collect();
         for c in &contributions {
@@ -894,6 +990,7 @@ impl Scheduler {
             .map(|c| json!({"worker": c.worker.short(), "samples": c.n_samples}))
             .collect();
         let applied = self.ledger.commit(record, &self.meta)?;
+        self.verified_now.clear();
         self.downlink
             .advance(self.ledger.state.params.clone(), applied.delta);
         let loss = applied.loss_sum / applied.n.max(1) as f64;
@@ -1069,6 +1166,40 @@ impl Scheduler {
                 w.tx.send(Outgoing::Close(close::DONE, "run complete".into()));
         }
         Ok(())
+    }
+}
+
+/// A running mean of accepted update norms (exponential, in log space so that one large value
+/// moves it little).
+#[derive(Default)]
+struct NormTracker {
+    log_mean: f64,
+    seen: u64,
+}
+
+impl NormTracker {
+    /// Results needed before [`Self::usual`] says anything.
+    const WARM_UP: u64 = 20;
+
+    fn add(&mut self, norm: f64) {
+        if norm > 0.0 && norm.is_finite() {
+            let rate = 1.0 / (self.seen + 1).min(50) as f64;
+            self.log_mean += rate * (norm.ln() - self.log_mean);
+            self.seen += 1;
+        }
+    }
+
+    fn usual(&self) -> Option<f64> {
+        (self.seen >= Self::WARM_UP).then(|| self.log_mean.exp())
+    }
+}
+
+/// Marks every attempt of connection `conn` as unable to answer: its parts go elsewhere.
+fn retire(parts: &mut [Part], conn: u64) {
+    for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
+        if a.conn == conn {
+            a.live = false;
+        }
     }
 }
 

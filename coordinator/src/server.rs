@@ -2,7 +2,7 @@
 //! frames between each worker and the scheduler thread.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, RwLock};
@@ -86,8 +86,9 @@ pub struct ConnLimits {
     pub frames_per_s: f64,
     /// Bytes per second (burst: twice that).
     pub bytes_per_s: f64,
-    /// New connections accepted per second from one IP address (burst: twice that).
-    pub handshakes_per_ip_per_s: f64,
+    /// New connections accepted per second from one UDP socket (burst: twice that; ten times
+    /// that from one IP address).
+    pub new_conns_per_s: f64,
 }
 
 /// Messages of one connection the scheduler may have queued.
@@ -159,6 +160,12 @@ impl Bucket {
         self.at = now;
     }
 
+    /// Whether the bucket is full (nothing to remember about its owner).
+    fn full(&mut self) -> bool {
+        self.refill();
+        self.tokens >= 2.0 * self.rate
+    }
+
     /// Takes one token if there is one.
     fn try_take(&mut self) -> bool {
         self.refill();
@@ -182,26 +189,31 @@ impl Bucket {
     }
 }
 
-/// Accepts connections until the endpoint is closed. Beyond `max_handshakes` handshakes in
-/// progress, or `handshakes_per_ip_per_s` from one address, new connections are refused at
-/// once (cheaply, before any cryptography).
+/// Accepts connections until the endpoint is closed. New connections are refused at once
+/// (cheaply, before any cryptography) beyond `max_handshakes` in progress, beyond
+/// `new_conns_per_s` from one UDP socket (address and port), or beyond ten times that
+/// from one IP address (many volunteers can share one behind a NAT, each with its own port).
 pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
+    let rate = ctx.limits.new_conns_per_s;
+    let mut per_socket: HashMap<SocketAddr, Bucket> = HashMap::new();
     let mut per_ip: HashMap<IpAddr, Bucket> = HashMap::new();
     while let Some(incoming) = endpoint.accept().await {
-        let ip = incoming.remote_address().ip();
-        if per_ip.len() > 10_000 {
-            per_ip.retain(|_, b| {
-                b.refill();
-                b.tokens < 2.0 * b.rate
-            });
+        let peer = incoming.remote_address();
+        if per_socket.len() > 10_000 {
+            per_socket.retain(|_, b| !b.full());
+            per_ip.retain(|_, b| !b.full());
         }
-        let rate = ctx.limits.handshakes_per_ip_per_s;
-        if !per_ip
-            .entry(ip)
+        let socket_ok = per_socket
+            .entry(peer)
             .or_insert_with(|| Bucket::new(rate))
-            .try_take()
+            .try_take();
+        if !socket_ok
+            || !per_ip
+                .entry(peer.ip())
+                .or_insert_with(|| Bucket::new(10.0 * rate))
+                .try_take()
         {
-            debug!(peer = %incoming.remote_address(), "too many new connections from this address; refused");
+            debug!(%peer, "too many new connections from this address; refused");
             incoming.refuse();
             continue;
         }

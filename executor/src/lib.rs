@@ -68,8 +68,14 @@ pub fn state_leaf(params: &[f32], opt: &Optimizer) -> Hash {
 }
 
 /// Checks a task's sizes before any work: at most [`MAX_TASK_SAMPLES`] indices, 1 to
-/// [`MAX_MICRO_BATCHES`] micro-batches that add up to the indices.
-pub fn check_shape(indices: &[u32], micro: &[u32]) -> Result<(), ExecError> {
+/// [`MAX_MICRO_BATCHES`] micro-batches (exactly one without inner steps) that add up to the
+/// indices.
+pub fn check_shape(indices: &[u32], micro: &[u32], inner_steps: bool) -> Result<(), ExecError> {
+    if !inner_steps && micro.len() != 1 {
+        return Err(ExecError::Invalid(
+            "a gradient task has exactly one micro-batch".into(),
+        ));
+    }
     if indices.len() > MAX_TASK_SAMPLES {
         return Err(ExecError::Invalid(format!(
             "{} samples, limit {MAX_TASK_SAMPLES}",
@@ -117,16 +123,18 @@ impl Executor {
         &self.data
     }
 
-    /// Computes the raw update of a task starting from `params`.
+    /// Computes the raw update of a task starting from `params`: the mean gradient, or with
+    /// `inner_steps` the pseudo-gradient of one inner step per micro-batch.
     pub fn compute(
         &mut self,
         params: &[f32],
         indices: &[u32],
         micro: &[u32],
+        inner_steps: bool,
     ) -> Result<RawUpdate, ExecError> {
-        check_shape(indices, micro)?;
+        check_shape(indices, micro, inner_steps)?;
         self.net.set_flat_params(params)?;
-        if micro.len() == 1 {
+        if !inner_steps {
             let g = gradient(&mut self.net, &self.data, indices)?;
             return Ok(RawUpdate {
                 values: g.grad,

@@ -28,14 +28,14 @@ fn the_same_task_gives_the_same_bits_in_another_executor() {
     let idx: Vec<u32> = (0..24).collect();
     let mut a = executor(OptimizerConfig::default());
     let mut b = executor(OptimizerConfig::default());
-    for micro in [vec![24], vec![8, 8, 8]] {
-        let x = a.compute(&p, &idx, &micro).unwrap();
-        let y = b.compute(&p, &idx, &micro).unwrap();
+    for (micro, steps) in [(vec![24], false), (vec![24], true), (vec![8, 8, 8], true)] {
+        let x = a.compute(&p, &idx, &micro, steps).unwrap();
+        let y = b.compute(&p, &idx, &micro, steps).unwrap();
         assert_eq!(bits(&x.values), bits(&y.values));
         assert_eq!(x.leaves, y.leaves);
         assert_eq!(x.loss_sum.to_bits(), y.loss_sum.to_bits());
         // Executing again in the same executor does not depend on what it did before.
-        let z = a.compute(&p, &idx, &micro).unwrap();
+        let z = a.compute(&p, &idx, &micro, steps).unwrap();
         assert_eq!(bits(&x.values), bits(&z.values));
     }
 }
@@ -45,7 +45,7 @@ fn one_micro_batch_is_the_mean_gradient() {
     let p = start();
     let idx: Vec<u32> = (5..21).collect();
     let mut e = executor(OptimizerConfig::default());
-    let r = e.compute(&p, &idx, &[16]).unwrap();
+    let r = e.compute(&p, &idx, &[16], false).unwrap();
     let mut net = Net::new(ModelKind::Mlp, Device::Cpu, 0);
     net.set_flat_params(&p).unwrap();
     let g = gradient(&mut net, e.data(), &idx).unwrap();
@@ -64,7 +64,7 @@ fn inner_steps_follow_the_inner_optimizer_and_leave_one_leaf_each() {
     let p = start();
     let idx: Vec<u32> = (0..20).collect();
     let mut e = executor(sgd);
-    let r = e.compute(&p, &idx, &[12, 0, 8]).unwrap();
+    let r = e.compute(&p, &idx, &[12, 0, 8], true).unwrap();
     assert_eq!(r.leaves.len(), 3);
     assert_eq!(
         r.leaves[0], r.leaves[1],
@@ -82,20 +82,29 @@ fn inner_steps_follow_the_inner_optimizer_and_leave_one_leaf_each() {
     let want: Vec<f32> = p.iter().zip(&p2).map(|(s, e)| s - e).collect();
     assert_eq!(bits(&r.values), bits(&want));
     assert_eq!(r.n, 20);
+    // A single batch with inner steps is one step's pseudo-gradient, not the gradient.
+    let one = e.compute(&p, &idx[..12], &[12], true).unwrap();
+    let want: Vec<f32> = p.iter().zip(&p1).map(|(s, e)| s - e).collect();
+    assert_eq!(bits(&one.values), bits(&want));
+    assert_eq!(one.leaves.len(), 1);
 }
 
 #[test]
 fn bad_shapes_are_refused() {
     let mut e = executor(OptimizerConfig::default());
     let p = start();
-    assert!(e.compute(&p, &[1, 2, 3], &[2]).is_err());
-    assert!(e.compute(&p, &[1, 2], &[]).is_err());
+    assert!(e.compute(&p, &[1, 2, 3], &[2], false).is_err());
+    assert!(e.compute(&p, &[1, 2], &[], true).is_err());
     assert!(
-        e.compute(&p, &[1, 1_000_000], &[2]).is_err(),
+        e.compute(&p, &[1, 2], &[1, 1], false).is_err(),
+        "two batches, no inner steps"
+    );
+    assert!(
+        e.compute(&p, &[1, 1_000_000], &[2], false).is_err(),
         "index out of range"
     );
     assert!(
-        e.compute(&p[1..], &[1], &[1]).is_err(),
+        e.compute(&p[1..], &[1], &[1], false).is_err(),
         "wrong parameter count"
     );
 }

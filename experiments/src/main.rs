@@ -84,7 +84,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "0.01,0.05,0.1,0.25")]
         ps: Vec<f64>,
         /// Trials per adversary and p.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 1000)]
         trials: usize,
         /// Honest results re-executed in the false-positive run (at least).
         #[arg(long, default_value_t = 10_000)]
@@ -102,7 +102,7 @@ enum Cmd {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "fp32:1,int8:1,int4:1,sign1:1,topk:1,fp32:8,int8:8,int4:8,int8:32,int4:32"
+            default_value = "fp32:1,int8:1,int4:1,sign1:1,topk:1,int8:8,int8:32,int4:32,sign1:32,topk:32,int4:64"
         )]
         runs: Vec<String>,
         /// Model: cnn or mlp.
@@ -117,15 +117,21 @@ enum Cmd {
         /// Worker processes.
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Outer learning rate of DiLoCo rows (SGD, Nesterov momentum 0.9).
-        #[arg(long, default_value_t = 0.7)]
+        /// Outer learning rate of DiLoCo rows (SGD).
+        #[arg(long, default_value_t = 1.0)]
         outer_lr: f64,
+        /// Outer Nesterov momentum of DiLoCo rows (0: none, then lr 1 averages the models).
+        #[arg(long, default_value_t = 0.0)]
+        outer_momentum: f64,
         /// Inner learning rate of DiLoCo rows (AdamW).
         #[arg(long, default_value_t = 1e-3)]
         inner_lr: f64,
         /// Downlink codec (fp32: lossless XOR deltas).
         #[arg(long, default_value = "fp32")]
         downlink: String,
+        /// Seeds per configuration; accuracy is their mean.
+        #[arg(long, default_value_t = 1)]
+        seeds: u64,
         /// Output folder.
         #[arg(long, default_value = "results/sweep")]
         out: PathBuf,
@@ -171,16 +177,20 @@ fn main() -> Result<()> {
             batch,
             workers,
             outer_lr,
+            outer_momentum,
             inner_lr,
             downlink,
+            seeds,
             out,
         } => sweep::run(&sweep::Sweep {
+            seeds,
             runs,
             model,
             batches,
             batch,
             workers,
             outer_lr,
+            outer_momentum,
             inner_lr,
             downlink,
             out,

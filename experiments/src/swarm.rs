@@ -132,12 +132,14 @@ pub fn run(
     Ok(Finished { dir, events })
 }
 
-/// The `[run]`, `[model]`, `[training]` and `[workers]` tables every experiment starts from.
+/// The `[run]`, `[model]`, `[training]` and `[workers]` tables every experiment starts from:
+/// one thread per worker and equal shares, so that a run's numbers are the same on a re-run
+/// (only the times change).
 pub fn base_config(model: &str, batches: u64, batch: usize, h: u32, min_workers: usize) -> String {
     format!(
         "[run]\noutput_dir = \"out\"\nseed = 1\nlisten = \"127.0.0.1:0\"\nresume = false\n\
          min_workers = {min_workers}\n\n[model]\nkind = \"{model}\"\n\n\
          [training]\nglobal_batch = {batch}\nsteps = {batches}\nlocal_steps = {h}\nthreads = 1\n\n\
-         [workers]\ndeterministic_threads = 1\n\n"
+         [workers]\ndeterministic_threads = 1\nbalance_by_speed = false\n\n"
     )
 }

@@ -21,12 +21,17 @@ pub struct Sweep {
     pub batch: usize,
     /// Worker processes per configuration.
     pub workers: usize,
-    /// Outer learning rate (SGD, Nesterov momentum 0.9) of DiLoCo rows.
+    /// Outer learning rate (SGD) of DiLoCo rows.
     pub outer_lr: f64,
+    /// Outer Nesterov momentum of DiLoCo rows (0: none; with lr 1 the outer step is the
+    /// average of the workers' models).
+    pub outer_momentum: f64,
     /// Inner learning rate (AdamW) of DiLoCo rows.
     pub inner_lr: f64,
     /// Downlink codec.
     pub downlink: String,
+    /// Seeds per configuration (1, 2, ...): accuracy is their mean.
+    pub seeds: u64,
     /// Output folder.
     pub out: PathBuf,
 }
@@ -37,16 +42,21 @@ struct Row {
     h: u32,
     up: u64,
     down: u64,
+    /// Mean over the seeds, and its standard deviation.
     acc: f64,
+    acc_sd: f64,
     wall_s: f64,
 }
 
 fn config(s: &Sweep, codec: &str, h: u32) -> String {
     let optimizers = if h > 1 {
         format!(
-            "[optimizer]\nkind = \"sgd\"\nlr = {}\nmomentum = 0.9\nnesterov = true\n\n\
+            "[optimizer]\nkind = \"sgd\"\nlr = {}\nmomentum = {}\nnesterov = {}\n\n\
              [inner_optimizer]\nkind = \"adamw\"\nlr = {}\n\n",
-            s.outer_lr, s.inner_lr
+            s.outer_lr,
+            s.outer_momentum,
+            s.outer_momentum > 0.0,
+            s.inner_lr
         )
     } else {
         "[optimizer]\nkind = \"adam\"\nlr = 0.001\n\n".to_string()
@@ -78,37 +88,53 @@ pub fn run(s: &Sweep) -> Result<()> {
     let mut n_params = 0u64;
     for r in &s.runs {
         let (codec, h) = parse(r)?;
-        let dir = s.out.join("runs").join(format!("{codec}-h{h}"));
-        let done = swarm::run(
-            &dir,
-            &config(s, &codec, h),
-            &vec![Vec::new(); s.workers],
-            &[],
-        )?;
-        let sum = done.summary()?;
-        n_params = done
-            .events("start")
-            .first()
-            .and_then(|e| e["n_params"].as_u64())
-            .unwrap_or(0);
-        if sum["batches"].as_u64() != Some(s.batches) {
-            bail!(
-                "{r}: trained on {} batches, not {}",
-                sum["batches"],
-                s.batches
-            );
+        let mut accs = Vec::new();
+        let (mut up, mut down, mut wall) = (0u64, 0u64, 0f64);
+        for seed in 1..=s.seeds.max(1) {
+            let dir = s.out.join("runs").join(format!("{codec}-h{h}-s{seed}"));
+            let cfg = config(s, &codec, h).replace("seed = 1\n", &format!("seed = {seed}\n"));
+            let done = swarm::run(&dir, &cfg, &vec![Vec::new(); s.workers], &[])?;
+            let sum = done.summary()?;
+            n_params = done
+                .events("start")
+                .first()
+                .and_then(|e| e["n_params"].as_u64())
+                .unwrap_or(0);
+            if sum["batches"].as_u64() != Some(s.batches) {
+                bail!(
+                    "{r}: trained on {} batches, not {}",
+                    sum["batches"],
+                    s.batches
+                );
+            }
+            accs.push(sum["final_test_acc"].as_f64().unwrap_or(0.0));
+            up += sum["bytes_in"].as_u64().unwrap_or(0);
+            down += sum["bytes_out"].as_u64().unwrap_or(0);
+            wall += sum["wall_s"].as_f64().unwrap_or(0.0);
         }
+        let k = accs.len() as f64;
+        let acc = accs.iter().sum::<f64>() / k;
+        let acc_sd =
+            (accs.iter().map(|a| (a - acc).powi(2)).sum::<f64>() / (k - 1.0).max(1.0)).sqrt();
         let row = Row {
             codec,
             h,
-            up: sum["bytes_in"].as_u64().unwrap_or(0),
-            down: sum["bytes_out"].as_u64().unwrap_or(0),
-            acc: sum["final_test_acc"].as_f64().unwrap_or(0.0),
-            wall_s: sum["wall_s"].as_f64().unwrap_or(0.0),
+            up: up / accs.len() as u64,
+            down: down / accs.len() as u64,
+            acc,
+            acc_sd,
+            wall_s: wall / k,
         };
         println!(
-            "{:>6} H={:<3} up {:>13} B  down {:>13} B  acc {:.4}  {:.1} s",
-            row.codec, row.h, row.up, row.down, row.acc, row.wall_s
+            "{:>6} H={:<3} up {:>13} B  down {:>13} B  acc {:.4} (sd {:.4}, {} seeds)  {:.1} s",
+            row.codec,
+            row.h,
+            row.up,
+            row.down,
+            row.acc,
+            row.acc_sd,
+            accs.len(),
+            row.wall_s
         );
         rows.push(row);
     }
@@ -117,28 +143,44 @@ pub fn run(s: &Sweep) -> Result<()> {
     let base = rows.iter().find(|r| r.codec == "fp32" && r.h == 1);
     let (base_up, base_acc) = base.map_or((f64::NAN, f64::NAN), |r| (r.up as f64, r.acc));
     let mut csv = String::from(
-        "codec,h,bytes_up,bytes_down,up_vs_fp32_sync,up_vs_raw_fp32,test_acc,acc_delta_points,wall_s\n",
+        "codec,h,bytes_up,bytes_down,up_vs_fp32_sync,up_vs_raw_fp32,test_acc,test_acc_sd,acc_delta_points,wall_s\n",
     );
     let mut md = format!(
         "{} model, {} global batches of {} on {} workers (the same samples in every row), \
-         downlink {}; written by `experiments sweep`. \"vs fp32 sync\" divides the fp32 H=1 row's \
+         downlink {}; H = 1 rows: Adam 1e-3 on the coordinator; H > 1 rows: AdamW {} on the \
+         workers, outer SGD lr {} momentum {}; written by `experiments sweep`. \"vs fp32 sync\" divides the fp32 H=1 row's \
          uplink bytes (zstd included) by the row's; \"vs raw\" divides 4 bytes x parameters x \
-         batches x workers.\n\n\
+         batches x workers. Accuracy, bytes and time are means over {} seed(s) (± standard deviation).\n\n\
          | codec | H | uplink bytes | downlink bytes | vs fp32 sync | vs raw fp32 | test acc | Δ acc (points) | wall s |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
-        s.model, s.batches, s.batch, s.workers, s.downlink
+        s.model,
+        s.batches,
+        s.batch,
+        s.workers,
+        s.downlink,
+        s.inner_lr,
+        s.outer_lr,
+        s.outer_momentum,
+        s.seeds
     );
     for r in &rows {
         let rel = base_up / r.up.max(1) as f64;
         let vs_raw = raw / r.up.max(1) as f64;
         let delta = (r.acc - base_acc) * 100.0;
         csv += &format!(
-            "{},{},{},{},{rel:.2},{vs_raw:.2},{:.4},{delta:.2},{:.1}\n",
-            r.codec, r.h, r.up, r.down, r.acc, r.wall_s
+            "{},{},{},{},{rel:.2},{vs_raw:.2},{:.4},{:.4},{delta:.2},{:.1}\n",
+            r.codec, r.h, r.up, r.down, r.acc, r.acc_sd, r.wall_s
         );
-        md += &format!(
-            "| {} | {} | {} | {} | {rel:.1}x | {vs_raw:.1}x | {:.4} | {delta:+.2} | {:.1} |\n",
-            r.codec, r.h, r.up, r.down, r.acc, r.wall_s
+        md +=
+            &format!(
+            "| {} | {} | {} | {} | {rel:.1}x | {vs_raw:.1}x | {:.4}{} | {delta:+.2} | {:.1} |\n",
+            r.codec,
+            r.h,
+            r.up,
+            r.down,
+            r.acc,
+            if s.seeds > 1 { format!(" ± {:.4}", r.acc_sd) } else { String::new() },
+            r.wall_s
         );
     }
     std::fs::write(s.out.join("sweep.csv"), csv)?;

@@ -106,10 +106,14 @@ pub struct Task {
     pub params_hash: [u8; 32],
     /// Indices into the training set.
     pub indices: Vec<u32>,
-    /// Sizes of the consecutive micro-batches `indices` is cut into. One micro-batch: return
-    /// the mean gradient. Several (a DiLoCo round): take one inner optimizer step on each and
-    /// return the pseudo-gradient, start parameters minus end parameters.
+    /// Sizes of the consecutive micro-batches `indices` is cut into (one per global batch of
+    /// the round).
     pub micro_batches: Vec<u32>,
+    /// false (synchronous rounds): return the mean gradient of the one micro-batch. true
+    /// (DiLoCo rounds, H > 1): take one inner optimizer step on each micro-batch and return
+    /// the pseudo-gradient, start parameters minus end parameters (also for a last round of
+    /// a single batch).
+    pub inner_steps: bool,
     /// Seed for any randomness of the task (stochastic rounding).
     pub seed: u64,
     /// Canonical hash of the hyperparameters the task must use.

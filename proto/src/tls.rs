@@ -74,7 +74,8 @@ pub struct TransportLimits {
     pub idle_timeout: Duration,
     /// Keep-alive pings are sent this often.
     pub keep_alive: Duration,
-    /// Per-stream receive window in bytes.
+    /// Per-stream receive window in bytes (what a peer can make us buffer before the
+    /// application reads; the connection window is twice that).
     pub stream_window: u32,
     /// Largest UDP payload path-MTU discovery may try.
     pub max_udp_payload: u16,
@@ -87,7 +88,9 @@ impl Default for TransportLimits {
             // Often enough for any idle timeout a coordinator may choose (it is negotiated
             // down to the smaller of the two sides').
             keep_alive: Duration::from_secs(1),
-            stream_window: 16 << 20,
+            // Enough for 100 Mbit/s at 300 ms round trips, and a bound on what one peer can
+            // make the coordinator buffer.
+            stream_window: 4 << 20,
             max_udp_payload: 65_000,
         }
     }

@@ -108,9 +108,9 @@ impl Adversary {
             .get_or_insert_with(|| params.to_vec())
             .clone();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(task.task_id ^ 0xadd5);
-        let (idx, micro) = (&task.indices, &task.micro_batches);
+        let (idx, micro, steps) = (&task.indices, &task.micro_batches, task.inner_steps);
         if rng.gen::<f64>() >= self.rate {
-            let honest = exec.compute(params, idx, micro)?;
+            let honest = exec.compute(params, idx, micro, steps)?;
             self.previous = Some(honest.clone());
             return Ok(honest);
         }
@@ -120,27 +120,27 @@ impl Adversary {
                 values: vec![0.0; exec.n_params()],
                 loss_sum: 2.3 * idx.len() as f64,
                 n: idx.len(),
-                leaves: vec![[0; 32]; if micro.len() > 1 { micro.len() } else { 0 }],
+                leaves: vec![[0; 32]; if steps { micro.len() } else { 0 }],
             },
-            Mode::Stale => exec.compute(&first, idx, micro)?,
+            Mode::Stale => exec.compute(&first, idx, micro, steps)?,
             Mode::WrongData => {
                 let n = exec.data().len() as u32;
                 let other: Vec<u32> = idx.iter().map(|i| (i + 7919) % n).collect();
-                exec.compute(params, &other, micro)?
+                exec.compute(params, &other, micro, steps)?
             }
             Mode::Copy => match self.previous.clone() {
                 Some(p) if p.values.len() == exec.n_params() => p,
-                _ => exec.compute(params, idx, micro)?,
+                _ => exec.compute(params, idx, micro, steps)?,
             },
             Mode::Partial => {
                 let (idx2, micro2) = first_half(idx, micro);
-                let mut r = exec.compute(params, &idx2, &micro2)?;
+                let mut r = exec.compute(params, &idx2, &micro2, steps)?;
                 r.leaves
                     .resize(if micro.len() > 1 { micro.len() } else { 0 }, [0; 32]);
                 r
             }
             Mode::Noise | Mode::Scaled | Mode::SignFlip => {
-                let mut r = exec.compute(params, idx, micro)?;
+                let mut r = exec.compute(params, idx, micro, steps)?;
                 match self.mode {
                     Mode::Noise => {
                         let norm = r.values.iter().map(|x| x * x).sum::<f32>().sqrt();

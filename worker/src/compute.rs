@@ -110,14 +110,15 @@ impl Compute {
     /// Runs one task. Errors are reasons to report back, not reasons to disconnect.
     pub fn run(&mut self, task: Task) -> Result<TaskResult, Failure> {
         let start = std::time::Instant::now();
-        executor::check_shape(&task.indices, &task.micro_batches).map_err(Failure::new)?;
+        executor::check_shape(&task.indices, &task.micro_batches, task.inner_steps)
+            .map_err(Failure::new)?;
         self.load_params(&task)?;
         let params = &self.held.as_ref().expect("loaded").values;
         let raw = match self.adversary.as_mut() {
             Some(a) => a.compute(&mut self.exec, params, &task),
             None => self
                 .exec
-                .compute(params, &task.indices, &task.micro_batches),
+                .compute(params, &task.indices, &task.micro_batches, task.inner_steps),
         }
         .map_err(Failure::new)?;
         self.commit(task, raw, start)
@@ -163,7 +164,7 @@ impl Compute {
         let base = self
             .sent
             .iter()
-            .find(|s| s.task_id == task.ef_base && task.ef_base != 0);
+            .rfind(|s| s.task_id == task.ef_base && task.ef_base != 0);
         let residual_in = base
             .filter(|s| !s.residual.is_empty())
             .map(|s| s.residual.as_slice());

@@ -56,6 +56,11 @@ enum Entry {
         /// Its task.
         task_id: u64,
     },
+    /// A contribution is to be removed (its check could not be completed).
+    Dropped {
+        /// Its task.
+        task_id: u64,
+    },
     /// A worker's standing changed.
     Standing {
         /// The worker.
@@ -146,6 +151,8 @@ pub struct Recovered {
     pub meta: Option<Meta>,
     /// Worker standings, the latest of each.
     pub standings: Vec<(WorkerId, Standing)>,
+    /// Contributions marked for removal whose rollback may not have happened yet.
+    pub dropped: Vec<u64>,
     /// Rounds replayed from the log.
     pub replayed: u64,
 }
@@ -182,7 +189,9 @@ impl Ledger {
             None
         };
         if !resume {
+            // Starting over: nothing of an earlier run in this folder may come back later.
             let _ = std::fs::remove_file(wal_path(dir));
+            let _ = std::fs::remove_file(checkpoint_path(dir));
         }
         let (wal, entries) = Wal::open::<Entry>(&wal_path(dir))?;
         let (state, mut meta, mut standings) = match ck {
@@ -201,6 +210,7 @@ impl Ledger {
             wal,
         };
         let mut replayed = 0;
+        let mut dropped = Vec::new();
         for e in entries {
             match e {
                 // Entries from before the checkpoint (a crash between writing it and
@@ -212,6 +222,7 @@ impl Ledger {
                     replayed += 1;
                 }
                 Entry::Verified { task_id } => ledger.set_verified(task_id),
+                Entry::Dropped { task_id } => dropped.push(task_id),
                 Entry::Standing { worker, standing } => {
                     standings.retain(|(w, _)| *w != worker);
                     standings.push((worker, standing));
@@ -231,6 +242,7 @@ impl Ledger {
                 meta,
                 standings,
                 replayed,
+                dropped,
             },
         ))
     }
@@ -286,6 +298,15 @@ impl Ledger {
         }
     }
 
+    /// Whether the contribution of `task_id` is in the history and confirmed.
+    pub fn is_verified(&self, task_id: u64) -> bool {
+        self.records
+            .iter()
+            .rev()
+            .flat_map(|r| &r.contributions)
+            .any(|c| c.task_id == task_id && c.verified)
+    }
+
     fn set_verified(&mut self, task_id: u64) {
         for r in self.records.iter_mut().rev() {
             if let Some(c) = r.contributions.iter_mut().find(|c| c.task_id == task_id) {
@@ -299,6 +320,12 @@ impl Ledger {
     pub fn mark_verified(&mut self, task_id: u64) -> Result<()> {
         self.set_verified(task_id);
         self.wal.append(&Entry::Verified { task_id })
+    }
+
+    /// Logs that the contribution of `task_id` is to be removed (so a restart before the
+    /// rollback still removes it).
+    pub fn mark_dropped(&mut self, task_id: u64) -> Result<()> {
+        self.wal.append(&Entry::Dropped { task_id })
     }
 
     /// Logs a worker's new standing.
@@ -315,11 +342,13 @@ impl Ledger {
     }
 
     /// The first round still in the history (how far a rollback can reach).
+    #[cfg(test)]
     pub fn history_start(&self) -> u64 {
         self.snapshots.front().map_or(self.state.round, |s| s.round)
     }
 
     /// Whether any contribution in the history matches `pred`.
+    #[cfg(test)]
     pub fn holds(&self, pred: impl Fn(&Contribution) -> bool) -> bool {
         self.records
             .iter()

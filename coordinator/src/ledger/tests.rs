@@ -3,6 +3,8 @@ use serde_bytes::ByteBuf;
 use trainer::{Optimizer, OptimizerConfig};
 use verify::{AggregationConfig, WorkerKey};
 
+use std::path::Path;
+
 use super::*;
 
 const N: usize = 40;
@@ -55,6 +57,16 @@ fn record(r: u64, who: &[u8]) -> RoundRecord {
     }
 }
 
+/// Opens the ledger of `dir` for run `run`, from a fresh state when there is nothing to resume.
+fn open(
+    dir: &Path,
+    run: u8,
+    resume: bool,
+    downlink: CodecConfig,
+) -> anyhow::Result<(Ledger, Recovered)> {
+    Ledger::open(dir, [run; 32], fresh(), resume, rules(downlink), cfg())
+}
+
 fn cfg() -> LedgerSection {
     LedgerSection {
         snapshot_every: 3,
@@ -76,16 +88,7 @@ fn a_restart_replays_the_log_to_the_same_bits() {
         },
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let run = [3; 32];
-        let (mut l, rec) = Ledger::open(
-            dir.path(),
-            run,
-            fresh(),
-            true,
-            rules(downlink.clone()),
-            cfg(),
-        )
-        .unwrap();
+        let (mut l, rec) = open(dir.path(), 3, true, downlink.clone()).unwrap();
         assert!(rec.meta.is_none());
         for r in 0..4 {
             l.commit(record(r, &[1, 2]), &Meta::default()).unwrap();
@@ -102,15 +105,7 @@ fn a_restart_replays_the_log_to_the_same_bits() {
         let want = l.state.clone();
         drop(l);
         // As if killed: reopen from checkpoint + log.
-        let (l2, rec) = Ledger::open(
-            dir.path(),
-            run,
-            fresh(),
-            true,
-            rules(downlink.clone()),
-            cfg(),
-        )
-        .unwrap();
+        let (l2, rec) = open(dir.path(), 3, true, downlink.clone()).unwrap();
         assert_eq!(rec.replayed, 5);
         assert_eq!(rec.meta.unwrap().next_task, 8);
         assert_eq!(l2.state.round, 9);
@@ -121,8 +116,7 @@ fn a_restart_replays_the_log_to_the_same_bits() {
         );
         assert!(l2.holds(|c| c.task_id == 801 && c.verified));
         // resume = false starts over.
-        let (l3, rec) =
-            Ledger::open(dir.path(), run, fresh(), false, rules(downlink), cfg()).unwrap();
+        let (l3, rec) = open(dir.path(), 3, false, downlink).unwrap();
         assert_eq!((l3.state.round, rec.replayed), (0, 0));
     }
 }
@@ -130,25 +124,9 @@ fn a_restart_replays_the_log_to_the_same_bits() {
 #[test]
 fn a_rollback_equals_never_having_had_the_removed_contributions() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut l, _) = Ledger::open(
-        dir.path(),
-        [1; 32],
-        fresh(),
-        true,
-        rules(CodecConfig::lossless()),
-        cfg(),
-    )
-    .unwrap();
-    let (clean_dir, run) = (tempfile::tempdir().unwrap(), [1; 32]);
-    let (mut clean, _) = Ledger::open(
-        clean_dir.path(),
-        run,
-        fresh(),
-        true,
-        rules(CodecConfig::lossless()),
-        cfg(),
-    )
-    .unwrap();
+    let (mut l, _) = open(dir.path(), 1, true, CodecConfig::lossless()).unwrap();
+    let clean_dir = tempfile::tempdir().unwrap();
+    let (mut clean, _) = open(clean_dir.path(), 1, true, CodecConfig::lossless()).unwrap();
     for r in 0..10 {
         // Worker 9 joins at round 4, and its round-6 result was spot-checked and confirmed.
         let who: &[u8] = if r >= 4 { &[1, 9, 2] } else { &[1, 2] };
@@ -176,15 +154,7 @@ fn a_rollback_equals_never_having_had_the_removed_contributions() {
     // The rolled-back state survives a restart once checkpointed.
     l.checkpoint(&Meta::default(), vec![]).unwrap();
     drop(l);
-    let (back, _) = Ledger::open(
-        dir.path(),
-        [1; 32],
-        fresh(),
-        true,
-        rules(CodecConfig::lossless()),
-        cfg(),
-    )
-    .unwrap();
+    let (back, _) = open(dir.path(), 1, true, CodecConfig::lossless()).unwrap();
     assert_eq!(bits(&back.state.params), bits(&clean.state.params));
 }
 
@@ -219,49 +189,18 @@ fn history_is_bounded_by_the_window() {
 #[test]
 fn a_checkpoint_of_another_run_or_model_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut l, _) = Ledger::open(
-        dir.path(),
-        [1; 32],
-        fresh(),
-        true,
-        rules(CodecConfig::lossless()),
-        cfg(),
-    )
-    .unwrap();
+    let (mut l, _) = open(dir.path(), 1, true, CodecConfig::lossless()).unwrap();
     l.commit(record(0, &[1]), &Meta::default()).unwrap();
     l.checkpoint(&Meta::default(), vec![]).unwrap();
     drop(l);
-    let other = Ledger::open(
-        dir.path(),
-        [2; 32],
-        fresh(),
-        true,
-        rules(CodecConfig::lossless()),
-        cfg(),
-    );
-    assert!(other.is_err());
+    assert!(open(dir.path(), 2, true, CodecConfig::lossless()).is_err());
     let mut small = fresh();
     small.params.pop();
-    assert!(Ledger::open(
-        dir.path(),
-        [1; 32],
-        small,
-        true,
-        rules(CodecConfig::lossless()),
-        cfg()
-    )
-    .is_err());
+    let lossless = || rules(CodecConfig::lossless());
+    assert!(Ledger::open(dir.path(), [1; 32], small, true, lossless(), cfg()).is_err());
     let p = checkpoint_path(dir.path());
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[20] ^= 1;
     std::fs::write(&p, bytes).unwrap();
-    assert!(Ledger::open(
-        dir.path(),
-        [1; 32],
-        fresh(),
-        true,
-        rules(CodecConfig::lossless()),
-        cfg()
-    )
-    .is_err());
+    assert!(open(dir.path(), 1, true, CodecConfig::lossless()).is_err());
 }
