@@ -211,6 +211,7 @@ fn plot(rows: &[Row], path: &Path) -> Result<()> {
         .configure_mesh()
         .x_desc("uplink bytes (log)")
         .y_desc("test accuracy")
+        .x_label_formatter(&|x| format!("{x:.0e}"))
         .draw()?;
     let hs: Vec<u32> = {
         let mut v: Vec<u32> = rows.iter().map(|r| r.h).collect();

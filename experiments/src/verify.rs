@@ -468,6 +468,8 @@ fn plot(det: &[Detection], path: &std::path::Path) -> Result<()> {
         .configure_mesh()
         .x_desc("check probability p")
         .y_desc("mean tasks to detection")
+        .x_label_formatter(&|x| format!("{x:.2}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
     chart
         .draw_series(LineSeries::new(
