@@ -14,36 +14,29 @@ struct Link {
     host_if: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+/// Runs `program args…` (ip or tc), with its stderr as the error.
+fn sys(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{program}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
 }
 
+fn ip(args: &[&str]) -> Result<(), String> {
+    sys("ip", args)
+}
+
 fn tc(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("tc")
-        .args(args)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tc {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    sys("tc", args)
 }
 
 impl Link {
