@@ -22,6 +22,10 @@ enum Cmd {
         /// Override `training.steps`.
         #[arg(long)]
         steps: Option<u64>,
+        /// TEST ONLY: exit (status 137, as `kill -9`) once round N is logged, before it is
+        /// reported.
+        #[arg(long, hide = true)]
+        test_crash_after_logging: Option<u64>,
     },
     /// Check a config file and print it with all defaults filled in.
     Check {
@@ -36,8 +40,13 @@ async fn main() -> Result<()> {
     trainer::runtime::init_logging();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { config, steps } => {
+        Cmd::Run {
+            config,
+            steps,
+            test_crash_after_logging,
+        } => {
             let mut cfg = coordinator::RunConfig::load(&config)?;
+            cfg.test_crash_after_logging = test_crash_after_logging;
             if steps.is_some() {
                 cfg.training.steps = steps;
                 cfg.validate()?;

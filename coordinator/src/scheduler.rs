@@ -188,6 +188,7 @@ impl Scheduler {
         traffic.add_in(meta.bytes_in);
         traffic.add_out(meta.bytes_out);
         let step = ledger.state.round;
+        let last_reported = Metrics::last_step_reported(dir)?;
         let mut metrics = Metrics::open(dir, meta.wall_s)?;
         metrics.emit(
             if step > 0 { "resume" } else { "start" },
@@ -196,6 +197,19 @@ impl Scheduler {
                    "global_batch": cfg.training.global_batch, "codec": cfg.compression, "downlink": cfg.downlink,
                    "replayed": recovered.replayed, "verification": cfg.verification, "aggregation": cfg.aggregation}),
         );
+        // Rounds logged but not reported before a crash (at most the one in flight): report
+        // them now, so that every round appears once.
+        if last_reported.is_none() && step > 0 {
+            tracing::warn!(
+                "metrics.jsonl has no step event: rounds before {step} are not reported again"
+            );
+        }
+        for round in last_reported.map_or(step + 1, |r| r + 1)..=step {
+            metrics.emit(
+                "step",
+                json!({"step": round, "batches": (round * h).min(total_batches), "recovered": true}),
+            );
+        }
         let checks = cfg.verification.enabled().then(|| {
             checks::start(
                 cfg.model.kind,
@@ -990,6 +1004,13 @@ impl Scheduler {
             .map(|c| json!({"worker": c.worker.short(), "samples": c.n_samples}))
             .collect();
         let applied = self.ledger.commit(record, &self.meta)?;
+        if self.cfg.test_crash_after_logging == Some(self.step()) {
+            tracing::warn!(
+                step = self.step(),
+                "test-only crash after logging the round"
+            );
+            std::process::exit(137);
+        }
         self.verified_now.clear();
         self.downlink
             .advance(self.ledger.state.params.clone(), applied.delta);

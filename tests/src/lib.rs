@@ -71,6 +71,11 @@ min_task_timeout_s = 2
 impl Coordinator {
     /// Writes `config` into a fresh directory and starts `coordinator run` on it.
     pub fn start(config: &str) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    /// [`Coordinator::start`] with extra arguments (for test-only flags).
+    pub fn start_with(config: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("run.toml");
         std::fs::write(&path, config).expect("write config");
@@ -79,12 +84,17 @@ impl Coordinator {
             child: None,
             config: path,
         };
-        c.spawn();
+        c.spawn_with(extra);
         c
     }
 
     /// (Re)starts the process on the same config and directory.
     pub fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    /// Starts the coordinator process with extra arguments (for test-only flags).
+    pub fn spawn_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -93,6 +103,7 @@ impl Coordinator {
         let child = Command::new(bin("coordinator"))
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
