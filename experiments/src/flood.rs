@@ -3,7 +3,8 @@
 //! The same CNN swarm runs twice, once alone and once beside a flooder process (this binary's
 //! hidden `flooder` command) that, from the same machine, keeps opening QUIC connections that
 //! send junk after the handshake and sprays junk UDP datagrams at the coordinator's port.
-//! Reported: median round time of each run (after warm-up) and the slowdown.
+//! Reported: median round time of each run (after warm-up), over alternating repeats, and
+//! the slowdown of the median.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ pub struct Settings {
     pub conns_per_s: u64,
     /// Junk datagrams per second by the flooder.
     pub udp_per_s: u64,
+    /// Alone/flooded pairs of runs.
+    pub repeats: usize,
     /// Output folder.
     pub out: PathBuf,
 }
@@ -40,7 +43,14 @@ fn median_step_ms(r: &swarm::Finished) -> f64 {
     ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Runs both swarms and writes `flood.md` and `flood.json`.
+/// The median of `v` (NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs the swarm alone and flooded, `repeats` times each in turn, and writes `flood.md`
+/// and `flood.json`.
 pub fn run(s: &Settings) -> Result<()> {
     std::fs::create_dir_all(&s.out)?;
     let cfg = format!(
@@ -48,7 +58,6 @@ pub fn run(s: &Settings) -> Result<()> {
         swarm::base_config("cnn", s.rounds, 64, 1, 4)
     );
     let workers = vec![Vec::new(); 4];
-    let calm = swarm::run(&s.out.join("runs/calm"), &cfg, &workers, &[])?;
     let me = std::env::current_exe()?.display().to_string();
     let flooder = vec![
         me,
@@ -60,35 +69,76 @@ pub fn run(s: &Settings) -> Result<()> {
         "--udp-per-s".into(),
         s.udp_per_s.to_string(),
     ];
-    let flooded = swarm::run(&s.out.join("runs/flooded"), &cfg, &workers, &[flooder])?;
-    let (a, b) = (median_step_ms(&calm), median_step_ms(&flooded));
-    let log = std::fs::read_to_string(flooded.dir.join("sidecar0.log")).unwrap_or_default();
-    let last = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("attempts"))
-        .unwrap_or("")
-        .to_string();
+    let (mut alone, mut flooded, mut reports) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..s.repeats.max(1) {
+        let calm = swarm::run(&s.out.join(format!("runs/calm{i}")), &cfg, &workers, &[])?;
+        alone.push(median_step_ms(&calm));
+        let f = swarm::run(
+            &s.out.join(format!("runs/flooded{i}")),
+            &cfg,
+            &workers,
+            std::slice::from_ref(&flooder),
+        )?;
+        flooded.push(median_step_ms(&f));
+        let log = std::fs::read_to_string(f.dir.join("sidecar0.log")).unwrap_or_default();
+        reports.push(
+            log.lines()
+                .rev()
+                .find(|l| l.contains("attempts"))
+                .unwrap_or("")
+                .to_string(),
+        );
+        println!(
+            "repeat {i}: median round alone {:.1} ms, flooded {:.1} ms",
+            alone[i], flooded[i]
+        );
+    }
+    let (a, b) = (median(alone.clone()), median(flooded.clone()));
     let slowdown = 100.0 * (b / a - 1.0);
+    let rows: String = alone
+        .iter()
+        .zip(&flooded)
+        .enumerate()
+        .map(|(i, (x, y))| format!("| {} | {x:.1} | {y:.1} |\n", i + 1))
+        .collect();
     let md = format!(
-        "Written by `experiments flood`: CNN, 4 workers, {} rounds of 64, int8; a flooder on the \
-         same machine opens {} QUIC connections a second (each sends junk after the handshake) \
-         and sends {} junk datagrams a second to the coordinator's port.\n\n\
-         | run | median round (ms) |\n| --- | --- |\n| alone | {a:.1} |\n| flooded | {b:.1} |\n\n\
-         Slowdown: **{slowdown:+.1}%**. Flooder: {last}\n",
-        s.rounds, s.conns_per_s, s.udp_per_s
+        "Written by `experiments flood`: CNN, 4 workers, {} rounds of 64, int8, spot checks at \
+         p = 0.05; a flooder on the same machine opens {} QUIC connections a second (each sends \
+         junk after the handshake) and sends {} junk datagrams a second to the coordinator's \
+         port. The two runs alternate {} times; each cell is a run's median round time (ms).\n\n\
+         | repeat | alone | flooded |\n| --- | --- | --- |\n{rows}| median | {a:.1} | {b:.1} |\n\n\
+         Slowdown: **{slowdown:+.1}%** (medians). Last flooder: {}\n",
+        s.rounds,
+        s.conns_per_s,
+        s.udp_per_s,
+        s.repeats.max(1),
+        reports.last().map_or("", String::as_str)
     );
     std::fs::write(s.out.join("flood.md"), &md)?;
     std::fs::write(
         s.out.join("flood.json"),
         serde_json::to_string_pretty(&serde_json::json!({
             "rounds": s.rounds, "conns_per_s": s.conns_per_s, "udp_per_s": s.udp_per_s,
-            "median_round_ms_alone": a, "median_round_ms_flooded": b, "slowdown_percent": slowdown,
-            "flooder": last,
+            "median_round_ms_alone": alone, "median_round_ms_flooded": flooded,
+            "slowdown_percent": slowdown, "flooder": reports,
         }))?,
     )?;
     println!("{md}");
     Ok(())
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `rusage` into the buffer it is given, which is large enough.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } == 0;
+    if !ok {
+        return f64::NAN;
+    }
+    // SAFETY: initialised by the successful call above (and zeroed before).
+    let ru = unsafe { ru.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
 /// The flooder: runs until killed.
@@ -151,11 +201,13 @@ pub fn flooder(join: &str, conns_per_s: u64, udp_per_s: u64) -> Result<()> {
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
             eprintln!(
-                "{:.0} s: {} connection attempts, {} TLS handshakes completed, {} junk datagrams",
+                "{:.0} s: {} connection attempts, {} TLS handshakes completed, {} junk datagrams, \
+                 {:.1} CPU seconds used by the flooder",
                 start.elapsed().as_secs_f64(),
                 attempts.load(Ordering::Relaxed),
                 handshakes.load(Ordering::Relaxed),
-                datagrams.load(Ordering::Relaxed)
+                datagrams.load(Ordering::Relaxed),
+                cpu_seconds()
             );
         }
     })

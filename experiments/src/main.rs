@@ -60,6 +60,9 @@ enum Cmd {
         /// Junk datagrams per second.
         #[arg(long, default_value_t = 5000)]
         udp_per_s: u64,
+        /// Alone/flooded pairs of runs (alternating).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
         /// Output folder.
         #[arg(long, default_value = "results/flood")]
         out: PathBuf,
@@ -145,11 +148,13 @@ fn main() -> Result<()> {
             rounds,
             conns_per_s,
             udp_per_s,
+            repeats,
             out,
         } => flood::run(&flood::Settings {
             rounds,
             conns_per_s,
             udp_per_s,
+            repeats,
             out,
         })?,
         Cmd::Flooder {
