@@ -2,7 +2,7 @@
 //! the traffic counters shared by the connection tasks.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -39,21 +39,27 @@ impl Traffic {
 /// What every `step` line of `metrics.jsonl` contains.
 const STEP_TAG: &[u8] = b"\"event\":\"step\"";
 
-/// The offset just past the last newline of `file` (of length `len`), 0 if it has none.
-fn last_line_end(mut file: &File, len: u64) -> Result<u64> {
-    let mut end = len;
-    let mut buf = vec![0u8; 64 * 1024];
-    while end > 0 {
-        let start = end.saturating_sub(buf.len() as u64);
-        let chunk = &mut buf[..(end - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(chunk)?;
-        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
-            return Ok(start + i as u64 + 1);
+/// Reads `metrics.jsonl` once: the length of its whole lines (a crash can leave a torn last
+/// one) and the step of its last `step` event.
+fn scan(file: &File) -> Result<(u64, Option<u64>)> {
+    let mut reader = BufReader::new(file);
+    let (mut whole, mut last, mut line) = (0u64, None, Vec::new());
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok((whole, last));
         }
-        end = start;
+        whole += n as u64;
+        // Parse only the lines that can be step events.
+        if line.windows(STEP_TAG.len()).any(|w| w == STEP_TAG) {
+            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                if v["event"] == "step" {
+                    last = v["step"].as_u64().or(last);
+                }
+            }
+        }
     }
-    Ok(0)
 }
 
 /// Appends events to `metrics.jsonl`.
@@ -66,51 +72,26 @@ pub struct Metrics {
 impl Metrics {
     /// Opens (appending) `dir/metrics.jsonl`; `wall_offset` is the wall time of earlier sessions.
     /// A line torn by a crash at the end of the file is cut off, so that the next event
-    /// starts a line of its own.
-    pub fn open(dir: &Path, wall_offset: f64) -> Result<Self> {
-        let path = dir.join("metrics.jsonl");
+    /// starts a line of its own. Also returns the step of the last `step` event there: a
+    /// round can be in the write-ahead log but not yet reported when the coordinator is
+    /// killed, and this tells a restart which to report.
+    pub fn open(dir: &Path, wall_offset: f64) -> Result<(Self, Option<u64>)> {
         let file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
-            .open(&path)?;
-        let len = file.metadata()?.len();
-        if len > 0 {
-            let whole = last_line_end(&file, len)?;
-            if whole < len {
-                tracing::warn!("metrics.jsonl: cutting off a torn last line");
-                file.set_len(whole)?;
-            }
+            .open(dir.join("metrics.jsonl"))?;
+        let (whole, last_step) = scan(&file)?;
+        if whole < file.metadata()?.len() {
+            tracing::warn!("metrics.jsonl: cutting off a torn last line");
+            file.set_len(whole)?;
         }
-        Ok(Metrics {
+        let metrics = Metrics {
             file,
             start: std::time::Instant::now(),
             wall_offset,
-        })
-    }
-
-    /// The step of the last `step` event in `dir/metrics.jsonl` (None if there is none). A
-    /// round can be in the write-ahead log but not yet reported when the coordinator is
-    /// killed; this tells a restart which to report.
-    pub fn last_step_reported(dir: &Path) -> Result<Option<u64>> {
-        let file = match File::open(dir.join("metrics.jsonl")) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
         };
-        let mut last = None;
-        for line in BufReader::new(file).split(b'\n') {
-            let line = line?;
-            // Parse only the lines that can be step events.
-            if line.windows(STEP_TAG.len()).any(|w| w == STEP_TAG) {
-                if let Ok(v) = serde_json::from_slice::<Value>(&line) {
-                    if v["event"] == "step" {
-                        last = v["step"].as_u64().or(last);
-                    }
-                }
-            }
-        }
-        Ok(last)
+        Ok((metrics, last_step))
     }
 
     /// Wall seconds of the run so far, earlier sessions included.
@@ -144,13 +125,14 @@ mod tests {
     fn a_torn_last_line_is_cut_and_the_last_step_found() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.jsonl");
-        assert_eq!(Metrics::last_step_reported(dir.path()).unwrap(), None);
+        assert_eq!(Metrics::open(dir.path(), 0.0).unwrap().1, None);
         std::fs::write(
             &path,
             "{\"event\":\"step\",\"step\":6}\n{\"event\":\"step\",\"step\":7}\n{\"event\":\"eval\",\"step\":7}\n{\"event\":\"st",
         )
         .unwrap();
-        let mut m = Metrics::open(dir.path(), 0.0).unwrap();
+        let (mut m, last) = Metrics::open(dir.path(), 0.0).unwrap();
+        assert_eq!(last, Some(7));
         m.emit("step", json!({"step": 8}));
         drop(m);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -158,7 +140,7 @@ mod tests {
         assert!(text
             .lines()
             .all(|l| serde_json::from_str::<Value>(l).is_ok()));
-        assert_eq!(Metrics::last_step_reported(dir.path()).unwrap(), Some(8));
+        assert_eq!(Metrics::open(dir.path(), 0.0).unwrap().1, Some(8));
     }
 
     #[test]

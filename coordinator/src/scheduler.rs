@@ -188,8 +188,7 @@ impl Scheduler {
         traffic.add_in(meta.bytes_in);
         traffic.add_out(meta.bytes_out);
         let step = ledger.state.round;
-        let last_reported = Metrics::last_step_reported(dir)?;
-        let mut metrics = Metrics::open(dir, meta.wall_s)?;
+        let (mut metrics, last_reported) = Metrics::open(dir, meta.wall_s)?;
         metrics.emit(
             if step > 0 { "resume" } else { "start" },
             json!({"step": step, "total_steps": total_steps, "local_steps": h, "total_batches": total_batches,

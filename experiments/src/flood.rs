@@ -33,14 +33,13 @@ pub struct Settings {
 }
 
 fn median_step_ms(r: &swarm::Finished) -> f64 {
-    let mut ms: Vec<f64> = r
-        .events("step")
-        .iter()
-        .skip(10)
-        .filter_map(|e| e["step_ms"].as_f64())
-        .collect();
-    ms.sort_by(f64::total_cmp);
-    ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN)
+    median(
+        r.events("step")
+            .iter()
+            .skip(10)
+            .filter_map(|e| e["step_ms"].as_f64())
+            .collect(),
+    )
 }
 
 /// The median of `v` (NaN when empty).
@@ -55,7 +54,7 @@ pub fn run(s: &Settings) -> Result<()> {
     std::fs::create_dir_all(&s.out)?;
     let cfg = format!(
         "{}[compression]\ncodec = \"int8\"\n\n[verification]\np = 0.05\n",
-        swarm::base_config("cnn", s.rounds, 64, 1, 4)
+        swarm::base_config("cnn", s.rounds, 64, 1, 4, 1)
     );
     let workers = vec![Vec::new(); 4];
     let me = std::env::current_exe()?.display().to_string();

@@ -69,23 +69,23 @@ pub fn run(
     std::fs::create_dir_all(dir)?;
     let dir = std::path::absolute(dir)?;
     std::fs::write(dir.join("run.toml"), config)?;
-    let mut coord = Command::new(sibling("coordinator")?)
+    let coord = Command::new(sibling("coordinator")?)
         .args(["run", "--config"])
         .arg(dir.join("run.toml"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("coordinator.log"))?)
         .spawn()?;
+    // Every process, the coordinator first, is killed if this returns early.
+    let mut procs = Procs(vec![coord]);
     let join_path = dir.join("out/join.txt");
     let start = Instant::now();
     while !join_path.exists() {
-        if start.elapsed() > Duration::from_secs(60) || coord.try_wait()?.is_some() {
-            let _ = coord.kill();
+        if start.elapsed() > Duration::from_secs(60) || procs.0[0].try_wait()?.is_some() {
             bail!("coordinator in {} did not start", dir.display());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let join = std::fs::read_to_string(&join_path)?.trim().to_string();
-    let mut procs = Procs(Vec::new());
     for (i, extra) in workers.iter().enumerate() {
         procs.0.push(
             Command::new(sibling("worker")?)
@@ -120,7 +120,7 @@ pub fn run(
                 .spawn()?,
         );
     }
-    let status = coord.wait()?;
+    let status = procs.0[0].wait()?;
     drop(procs);
     if !status.success() {
         bail!("coordinator failed; see {}", dir.display());
@@ -135,9 +135,16 @@ pub fn run(
 /// The `[run]`, `[model]`, `[training]` and `[workers]` tables every experiment starts from:
 /// one thread per worker and equal shares, so that a run's numbers are the same on a re-run
 /// (only the times change).
-pub fn base_config(model: &str, batches: u64, batch: usize, h: u32, min_workers: usize) -> String {
+pub fn base_config(
+    model: &str,
+    batches: u64,
+    batch: usize,
+    h: u32,
+    min_workers: usize,
+    seed: u64,
+) -> String {
     format!(
-        "[run]\noutput_dir = \"out\"\nseed = 1\nlisten = \"127.0.0.1:0\"\nresume = false\n\
+        "[run]\noutput_dir = \"out\"\nseed = {seed}\nlisten = \"127.0.0.1:0\"\nresume = false\n\
          min_workers = {min_workers}\n\n[model]\nkind = \"{model}\"\n\n\
          [training]\nglobal_batch = {batch}\nsteps = {batches}\nlocal_steps = {h}\nthreads = 1\n\n\
          [workers]\ndeterministic_threads = 1\nbalance_by_speed = false\n\n"

@@ -48,7 +48,7 @@ struct Row {
     wall_s: f64,
 }
 
-fn config(s: &Sweep, codec: &str, h: u32) -> String {
+fn config(s: &Sweep, codec: &str, h: u32, seed: u64) -> String {
     let optimizers = if h > 1 {
         format!(
             "[optimizer]\nkind = \"sgd\"\nlr = {}\nmomentum = {}\nnesterov = {}\n\n\
@@ -66,7 +66,7 @@ fn config(s: &Sweep, codec: &str, h: u32) -> String {
     format!(
         "{}{optimizers}[compression]\ncodec = \"{codec}\"\nzstd_level = 1\n\n\
          [downlink]\ncodec = \"{}\"\nzstd_level = 1\n\n[verification]\np = 0.0\nnew_worker_p = 0.0\n",
-        swarm::base_config(&s.model, s.batches, s.batch, h, s.workers),
+        swarm::base_config(&s.model, s.batches, s.batch, h, s.workers, seed),
         s.downlink
     )
 }
@@ -92,7 +92,7 @@ pub fn run(s: &Sweep) -> Result<()> {
         let (mut up, mut down, mut wall) = (0u64, 0u64, 0f64);
         for seed in 1..=s.seeds.max(1) {
             let dir = s.out.join("runs").join(format!("{codec}-h{h}-s{seed}"));
-            let cfg = config(s, &codec, h).replace("seed = 1\n", &format!("seed = {seed}\n"));
+            let cfg = config(s, &codec, h, seed);
             let done = swarm::run(&dir, &cfg, &vec![Vec::new(); s.workers], &[])?;
             let sum = done.summary()?;
             n_params = done

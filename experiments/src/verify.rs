@@ -49,8 +49,6 @@ const PART: usize = 16;
 struct Detection {
     mode: Mode,
     p: f64,
-    /// Trials in which the cheater was caught within 10/p tasks.
-    caught: usize,
     trials: usize,
     /// Tasks until detection of the caught trials.
     tasks: Vec<u64>,
@@ -93,13 +91,12 @@ impl Stream {
             .collect()
     }
 
-    fn task(&self, k: u64, run: &[u8; 32]) -> (Task, Vec<f32>) {
+    fn task(&self, k: u64) -> (Task, Vec<f32>) {
         let params = self.params(k);
         let bytes = compression::encode(&params, &CodecConfig::lossless(), 0).expect("finite");
         let indices: Vec<u32> = (0..PART as u32)
             .map(|i| ((k as u32).wrapping_mul(PART as u32) + i) % self.n_data)
             .collect();
-        let _ = run;
         let task = Task {
             task_id: k,
             step: k,
@@ -136,7 +133,6 @@ fn detect(
     let mut d = Detection {
         mode,
         p,
-        caught: 0,
         trials,
         tasks: Vec::new(),
         missed_checks: 0,
@@ -165,11 +161,11 @@ fn detect(
             // What the adversary's memory needs: its first task (stale), the one before (copy).
             for need in [1, k - 1] {
                 if need >= 1 && need < k && need > last_computed {
-                    let _ = worker.run(stream.task(need, &run).0);
+                    let _ = worker.run(stream.task(need).0);
                     last_computed = need;
                 }
             }
-            let (task, params) = stream.task(k, &run);
+            let (task, params) = stream.task(k);
             let Ok(result) = worker.run(task.clone()) else {
                 continue;
             };
@@ -181,7 +177,7 @@ fn detect(
                 coordinator::checks::Work {
                     indices: task.indices,
                     micro: task.micro_batches,
-                    inner_steps: false,
+                    inner_steps: task.inner_steps,
                     seed: task.seed,
                 },
                 Arc::new(result),
@@ -190,7 +186,6 @@ fn detect(
             );
             match recheck(checker, &job, &codec, &limits) {
                 Verdict::Fail { .. } => {
-                    d.caught += 1;
                     d.tasks.push(k);
                     break;
                 }
@@ -222,7 +217,7 @@ fn swarm_run(
     let workers = WORKERS;
     let cfg = format!(
         "{}[compression]\ncodec = \"int8\"\n\n{extra}",
-        swarm::base_config(model, batches, PART * workers, h, workers)
+        swarm::base_config(model, batches, PART * workers, h, workers, 1)
     );
     let args: Vec<Vec<String>> = (0..workers)
         .map(|i| match cheaters.get(i) {
@@ -268,7 +263,7 @@ pub fn run(s: &Settings) -> Result<()> {
             println!(
                 "{:>10} p={p:<5} caught {}/{} within 10/p, within 3/p {:.1}%, mean {:.1} tasks, p95 {}",
                 mode.name(),
-                d.caught,
+                d.tasks.len(),
                 d.trials,
                 100.0 * d.within(3.0 / p),
                 d.mean(),
@@ -393,7 +388,7 @@ fn write(
             d.mode.name(),
             d.p,
             d.trials,
-            d.caught as f64 / d.trials as f64,
+            d.tasks.len() as f64 / d.trials as f64,
             d.within(3.0 / d.p),
             d.mean(),
             d.p95(),
@@ -404,7 +399,7 @@ fn write(
             "| {} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1} | {} |\n",
             d.mode.name(),
             d.p,
-            100.0 * d.caught as f64 / d.trials as f64,
+            100.0 * d.tasks.len() as f64 / d.trials as f64,
             100.0 * d.within(3.0 / d.p),
             100.0 * expected,
             d.mean(),

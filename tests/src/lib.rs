@@ -42,12 +42,46 @@ pub struct Coordinator {
 /// Config text for a quick run; `extra` is appended (later tables may override nothing
 /// already given, so pass only tables not present here).
 pub fn quick_config(model: &str, steps: u64, batch: usize, listen: &str, extra: &str) -> String {
+    config(model, steps, batch, listen, 1, 1, extra)
+}
+
+/// [`quick_config`] on a free loopback port for a run that waits for `min_workers` workers
+/// and runs `local_steps` global batches a round.
+pub fn swarm_config(
+    model: &str,
+    steps: u64,
+    batch: usize,
+    min_workers: usize,
+    local_steps: u32,
+    extra: &str,
+) -> String {
+    config(
+        model,
+        steps,
+        batch,
+        "127.0.0.1:0",
+        min_workers,
+        local_steps,
+        extra,
+    )
+}
+
+fn config(
+    model: &str,
+    steps: u64,
+    batch: usize,
+    listen: &str,
+    min_workers: usize,
+    local_steps: u32,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [run]
 output_dir = "out"
 seed = 7
 listen = "{listen}"
+min_workers = {min_workers}
 
 [model]
 kind = "{model}"
@@ -55,6 +89,7 @@ kind = "{model}"
 [training]
 global_batch = {batch}
 steps = {steps}
+local_steps = {local_steps}
 threads = 1
 
 [network]
@@ -257,7 +292,7 @@ impl Drop for Worker {
 }
 
 /// `worker --join JOIN` on one CPU thread with key file `key`, retrying for `retry_s` seconds.
-fn worker_command(join: &str, key: &Path, retry_s: u32) -> Command {
+pub fn worker_command(join: &str, key: &Path, retry_s: u32) -> Command {
     let mut c = Command::new(bin("worker"));
     c.args(["--join", join, "--threads", "1", "--device", "cpu"])
         .args(["--retry-for", &retry_s.to_string()])

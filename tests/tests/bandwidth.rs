@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{bin, quick_config, Coordinator};
+use integration_tests::{quick_config, worker_command, Coordinator};
 
 /// A namespace with a veth pair to the root namespace, removed on drop.
 struct Link {
@@ -109,21 +109,12 @@ fn shaped_run(id: u8, mbit: u32) -> Option<(f64, f64)> {
     let extra = "[compression]\ncodec = \"fp32\"\nzstd_level = 0\n\n[verification]\np = 0.0\nnew_worker_p = 0.0\n";
     let mut c = Coordinator::start(&quick_config("mlp", 30, 64, &listen, extra));
     let join = c.join_string();
+    // The usual worker command, run inside the namespace.
+    let worker = worker_command(&join, &c.dir.path().join("w.key"), 20);
     let mut w = Command::new("ip")
         .args(["netns", "exec", &link.ns])
-        .arg(bin("worker"))
-        .args([
-            "--join",
-            &join,
-            "--threads",
-            "1",
-            "--device",
-            "cpu",
-            "--retry-for",
-            "20",
-        ])
-        .arg("--key")
-        .arg(c.dir.path().join("w.key"))
+        .arg(worker.get_program())
+        .args(worker.get_args())
         .stderr(std::fs::File::create(c.dir.path().join("w.log")).unwrap())
         .spawn()
         .expect("worker in namespace");

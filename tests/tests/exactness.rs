@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{quick_config, Coordinator, Worker};
+use integration_tests::{swarm_config, Coordinator, Worker};
 use trainer::reference::{train, ReferenceRun};
 use trainer::{Dataset, ModelKind, Net, OptimizerConfig};
 
@@ -27,10 +27,7 @@ fn reference() -> Vec<f32> {
 /// parameters, checking that every step was split over all of them.
 fn swarm(n: usize) -> Vec<f32> {
     let extra = "[workers]\ndeterministic_threads = 1\n";
-    let cfg = quick_config("cnn", STEPS, BATCH, "127.0.0.1:0", extra).replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:0\"\nmin_workers = {n}"),
-    );
+    let cfg = swarm_config("cnn", STEPS, BATCH, n, 1, extra);
     let mut c = Coordinator::start(&cfg);
     let join = c.join_string();
     let _workers: Vec<Worker> = (0..n)

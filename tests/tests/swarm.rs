@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use integration_tests::{
-    free_port, quick_config, run_worker_to_end, wait_until, Coordinator, Worker,
+    free_port, quick_config, run_worker_to_end, swarm_config, wait_until, Coordinator, Worker,
 };
 use trainer::{ModelKind, Net};
 
@@ -203,12 +203,7 @@ fn int8_uplink_trains_with_a_quarter_of_the_bytes() {
 #[test]
 fn diloco_rounds_train_as_well_on_the_same_samples_with_far_fewer_bytes() {
     let run = |h: u32, optimizers: &str| {
-        let cfg = quick_config("mlp", 160, 64, "127.0.0.1:0", optimizers)
-            .replace("steps = 160", &format!("steps = 160\nlocal_steps = {h}"))
-            .replace(
-                "listen = \"127.0.0.1:0\"",
-                "listen = \"127.0.0.1:0\"\nmin_workers = 2",
-            );
+        let cfg = swarm_config("mlp", 160, 64, 2, h, optimizers);
         let mut c = Coordinator::start(&cfg);
         let join = c.join_string();
         let _a = Worker::start(&join, c.dir.path(), "a", &[]);
@@ -233,10 +228,7 @@ fn diloco_rounds_train_as_well_on_the_same_samples_with_far_fewer_bytes() {
 
 #[test]
 fn a_permanently_slow_worker_gets_less_work() {
-    let cfg = quick_config("mlp", 80, 96, "127.0.0.1:0", "").replace(
-        "listen = \"127.0.0.1:0\"",
-        "listen = \"127.0.0.1:0\"\nmin_workers = 3",
-    );
+    let cfg = swarm_config("mlp", 80, 96, 3, 1, "");
     let mut c = Coordinator::start(&cfg);
     let join = c.join_string();
     let _a = Worker::start(&join, c.dir.path(), "a", &[]);

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use integration_tests::{quick_config, Coordinator, Worker};
+use integration_tests::{swarm_config, Coordinator, Worker};
 use serde_json::Value;
 
 const ADVERSARIES: [&str; 8] = [
@@ -29,18 +29,7 @@ fn run(
     extra: &str,
 ) -> Coordinator {
     let extra = format!("[workers]\ndeterministic_threads = 1\n\n{extra}");
-    let cfg = quick_config("mlp", batches, batch, "127.0.0.1:0", &extra)
-        .replace(
-            "listen = \"127.0.0.1:0\"",
-            &format!(
-                "listen = \"127.0.0.1:0\"\nmin_workers = {}",
-                honest + cheaters.len()
-            ),
-        )
-        .replace(
-            &format!("steps = {batches}"),
-            &format!("steps = {batches}\nlocal_steps = {h}"),
-        );
+    let cfg = swarm_config("mlp", batches, batch, honest + cheaters.len(), h, &extra);
     let mut c = Coordinator::start(&cfg);
     let join = c.join_string();
     let mut workers: Vec<Worker> = (0..honest)

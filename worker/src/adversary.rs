@@ -109,6 +109,8 @@ impl Adversary {
             .clone();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(task.task_id ^ 0xadd5);
         let (idx, micro, steps) = (&task.indices, &task.micro_batches, task.inner_steps);
+        // What an honest result commits to: one state hash per inner step.
+        let n_leaves = if steps { micro.len() } else { 0 };
         if rng.gen::<f64>() >= self.rate {
             let honest = exec.compute(params, idx, micro, steps)?;
             self.previous = Some(honest.clone());
@@ -120,7 +122,7 @@ impl Adversary {
                 values: vec![0.0; exec.n_params()],
                 loss_sum: 2.3 * idx.len() as f64,
                 n: idx.len(),
-                leaves: vec![[0; 32]; if steps { micro.len() } else { 0 }],
+                leaves: vec![[0; 32]; n_leaves],
             },
             Mode::Stale => exec.compute(&first, idx, micro, steps)?,
             Mode::WrongData => {
@@ -135,8 +137,7 @@ impl Adversary {
             Mode::Partial => {
                 let (idx2, micro2) = first_half(idx, micro);
                 let mut r = exec.compute(params, &idx2, &micro2, steps)?;
-                r.leaves
-                    .resize(if micro.len() > 1 { micro.len() } else { 0 }, [0; 32]);
+                r.leaves.resize(n_leaves, [0; 32]);
                 r
             }
             Mode::Noise | Mode::Scaled | Mode::SignFlip => {

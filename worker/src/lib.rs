@@ -295,17 +295,15 @@ async fn session(
                 let slowdown = opts.slowdown;
                 let (c, res) = tokio::task::spawn_blocking(move || {
                     let started = Instant::now();
-                    let r = c.run(task);
+                    let mut r = c.run(task);
+                    // A test-slowed worker reports the time it really took.
                     if slowdown > 1.0 {
                         std::thread::sleep(started.elapsed().mul_f64(slowdown - 1.0));
-                    }
-                    (
-                        c,
-                        r.map(|mut r| {
+                        if let Ok(r) = &mut r {
                             r.compute_us = started.elapsed().as_micros() as u64;
-                            r
-                        }),
-                    )
+                        }
+                    }
+                    (c, r)
                 })
                 .await
                 .map_err(|e| SessionError::Fatal(format!("compute thread failed: {e}")))?;
