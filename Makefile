@@ -5,7 +5,7 @@ export LIBTORCH := $(CURDIR)/.venv/torch
 export LD_LIBRARY_PATH := $(CURDIR)/.venv/torch/lib:$(LD_LIBRARY_PATH)
 CARGO ?= cargo
 
-.PHONY: setup build demo test lint bench fuzz fmt
+.PHONY: setup build demo demo-lm test lint bench fuzz fmt
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,11 @@ build: setup
 ## The main job: a coordinator and 4 worker processes on loopback train a CNN on Fashion-MNIST.
 demo: build
 	bash scripts/demo.sh
+
+## A small Llama-style language model on byte-level tokens of Debian's fortunes, DiLoCo
+## rounds over 4 worker processes; prints the validation loss curve.
+demo-lm: build
+	bash scripts/demo_lm.sh
 
 ## The whole test suite (what CI runs).
 test: setup

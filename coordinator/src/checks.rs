@@ -25,7 +25,7 @@ use compression::{CodecConfig, DecodeLimits};
 use executor::{encode_update, Executor};
 use proto::{Answer, Query, TaskResult};
 use serde_bytes::ByteBuf;
-use trainer::{Dataset, ModelKind, OptimizerConfig};
+use trainer::{ModelSpec, OptimizerConfig, TrainData};
 use verify::{Commitment, Evidence, Hash, WorkerId};
 
 use crate::server::Event;
@@ -252,8 +252,8 @@ pub struct Checks {
 
 /// Starts the checker thread; its verdicts come back as [`Event::Checked`].
 pub fn start(
-    model: ModelKind,
-    data: Arc<Dataset>,
+    model: ModelSpec,
+    data: Arc<TrainData>,
     inner: OptimizerConfig,
     codec: CodecConfig,
     limits: DecodeLimits,
@@ -277,15 +277,15 @@ pub fn start(
 }
 
 fn checker(
-    model: ModelKind,
-    data: Arc<Dataset>,
+    model: ModelSpec,
+    data: Arc<TrainData>,
     inner: OptimizerConfig,
     codec: CodecConfig,
     limits: DecodeLimits,
     jobs: Receiver<Job>,
     events: Sender<Event>,
 ) {
-    let mut exec = Executor::new(model, tch::Device::Cpu, data, inner);
+    let mut exec = Executor::new(&model, tch::Device::Cpu, data, inner);
     for job in jobs {
         let t = Instant::now();
         let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

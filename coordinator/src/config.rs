@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use compression::CodecConfig;
 use serde::{Deserialize, Serialize};
-use trainer::{ModelKind, OptimizerConfig};
+use trainer::{LlamaConfig, ModelKind, ModelSpec, OptimizerConfig};
 use verify::{AggregationConfig, SpotCheckPolicy};
 
 /// A whole run configuration file.
@@ -108,14 +108,60 @@ fn yes() -> bool {
 pub struct ModelSection {
     /// Architecture.
     pub kind: ModelKind,
+    /// `kind = "llama"`: a Hugging Face-style `config.json` with the dimensions (or give
+    /// them inline as `[model.llama]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
+    /// `kind = "llama"`: the dimensions inline (the keys of a Hugging Face `config.json`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llama: Option<LlamaConfig>,
+    /// Start from these weights (a safetensors file with the model's tensor names, e.g. an
+    /// earlier run's `model.safetensors` or a Hugging Face checkpoint) instead of a fresh
+    /// initialisation: fine-tuning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+}
+
+impl ModelSection {
+    /// The model this section describes; errors name the file or the field.
+    pub fn spec(&self) -> Result<ModelSpec, ConfigError> {
+        let bad = |m: String| ConfigError::Invalid(m);
+        match (self.kind, &self.config, &self.llama) {
+            (ModelKind::Cnn, None, None) => Ok(ModelSpec::Cnn),
+            (ModelKind::Mlp, None, None) => Ok(ModelSpec::Mlp),
+            (ModelKind::Cnn | ModelKind::Mlp, _, _) => Err(bad(
+                "model.config and [model.llama] are only for kind = \"llama\"".into(),
+            )),
+            (ModelKind::Llama, Some(path), None) => LlamaConfig::from_file(path)
+                .map(|c| ModelSpec::Llama(Box::new(c)))
+                .map_err(|e| bad(format!("model.config: {e}"))),
+            (ModelKind::Llama, None, Some(c)) => c
+                .validate()
+                .map(|()| ModelSpec::Llama(Box::new(c.clone())))
+                .map_err(|e| bad(format!("[model.llama]: {e}"))),
+            (ModelKind::Llama, None, None) => Err(bad(
+                "kind = \"llama\" needs model.config (a config.json) or a [model.llama] table"
+                    .into(),
+            )),
+            (ModelKind::Llama, Some(_), Some(_)) => {
+                Err(bad("give model.config or [model.llama], not both".into()))
+            }
+        }
+    }
 }
 
 /// `[data]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
-    /// Directory with the gzipped IDX files.
+    /// Image runs: directory with the gzipped IDX files.
     pub dir: PathBuf,
+    /// Language-model runs: a folder of token shards with its `manifest.json`
+    /// (`coordinator data prepare` makes one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<PathBuf>,
+    /// Language-model runs: input tokens per sample (a window is `seq_len + 1` tokens).
+    pub seq_len: usize,
     /// Use only the first N training samples (0: all); handy for quick runs.
     pub train_limit: usize,
 }
@@ -124,6 +170,8 @@ impl Default for DataSection {
     fn default() -> Self {
         DataSection {
             dir: PathBuf::from(trainer::data::DEFAULT_DIR),
+            shards: None,
+            seq_len: 128,
             train_limit: 0,
         }
     }
@@ -366,6 +414,19 @@ impl RunConfig {
         if cfg.data.dir.is_relative() {
             cfg.data.dir = base.join(&cfg.data.dir);
         }
+        for p in [
+            &mut cfg.data.shards,
+            &mut cfg.model.config,
+            &mut cfg.model.init,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.check_model()?;
         Ok(cfg)
     }
 
@@ -377,6 +438,29 @@ impl RunConfig {
         })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Checks the model against the data settings (reads `model.config` when given):
+    /// a language model needs `data.shards` and a `seq_len` within its
+    /// `max_position_embeddings`. Returns the model.
+    pub fn check_model(&self) -> Result<ModelSpec, ConfigError> {
+        let spec = self.model.spec()?;
+        if let ModelSpec::Llama(c) = &spec {
+            if self.data.shards.is_none() {
+                return Err(ConfigError::Invalid(
+                    "a language model needs data.shards (a folder made by `coordinator data prepare`)"
+                        .into(),
+                ));
+            }
+            let max = c.max_position_embeddings as usize;
+            if self.data.seq_len == 0 || self.data.seq_len > max {
+                return Err(ConfigError::Invalid(format!(
+                    "data.seq_len {} must be in 1..={max} (the model's max_position_embeddings)",
+                    self.data.seq_len
+                )));
+            }
+        }
+        Ok(spec)
     }
 
     /// Checks value ranges.
@@ -392,6 +476,9 @@ impl RunConfig {
         }
         if !(1..=10_000).contains(&self.training.local_steps) {
             return bad("training.local_steps must be in 1..=10000".into());
+        }
+        if self.model.config.is_none() {
+            self.check_model()?;
         }
         self.optimizer.validate().map_err(ConfigError::Invalid)?;
         self.inner_optimizer
@@ -490,6 +577,45 @@ mod tests {
         let lr = format!("{MINIMAL}\n[optimizer]\nlr = -1.0\n");
         let err = RunConfig::parse(&lr).unwrap_err().to_string();
         assert!(err.contains("lr"), "{err}");
+    }
+
+    #[test]
+    fn language_model_settings_are_checked() {
+        let llama = r#"
+            [model]
+            kind = "llama"
+            [model.llama]
+            vocab_size = 256
+            hidden_size = 64
+            intermediate_size = 128
+            num_hidden_layers = 2
+            num_attention_heads = 4
+            max_position_embeddings = 64
+        "#;
+        let no_shards = format!("{MINIMAL}{llama}");
+        let e = RunConfig::parse(&no_shards).unwrap_err().to_string();
+        assert!(e.contains("data.shards"), "{e}");
+        let ok = format!("{MINIMAL}{llama}\n[data]\nshards = \"s\"\nseq_len = 64\n");
+        let c = RunConfig::parse(&ok).unwrap();
+        assert!(matches!(c.check_model().unwrap(), ModelSpec::Llama(_)));
+        let long = ok.replace("seq_len = 64", "seq_len = 65");
+        let e = RunConfig::parse(&long).unwrap_err().to_string();
+        assert!(
+            e.contains("seq_len") && e.contains("max_position_embeddings"),
+            "{e}"
+        );
+        let heads = ok.replace("num_attention_heads = 4", "num_attention_heads = 5");
+        let e = RunConfig::parse(&heads).unwrap_err().to_string();
+        assert!(
+            e.contains("hidden_size") && e.contains("num_attention_heads"),
+            "{e}"
+        );
+        let kv = ok.replace(
+            "num_attention_heads = 4",
+            "num_attention_heads = 4\nnum_key_value_heads = 3",
+        );
+        let e = RunConfig::parse(&kv).unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
     }
 
     #[test]

@@ -13,10 +13,12 @@
 
 pub mod checks;
 pub mod config;
+pub mod dataset;
 pub mod downlink;
 pub mod ledger;
 pub mod metrics;
 pub mod parts;
+pub mod prepare;
 pub mod progress;
 pub mod registry;
 pub mod scheduler;
@@ -29,13 +31,24 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use proto::{JoinTicket, Welcome};
 use tracing::{info, warn};
-use trainer::Dataset;
 
 pub use config::RunConfig;
 pub use scheduler::Outcome;
 
 /// Runs a training run to its end (or until Ctrl-C); returns how it ended.
 pub async fn run(cfg: RunConfig) -> Result<Outcome> {
+    // The model, its data and any initial weights are checked before the output folder is
+    // touched, so a bad input changes nothing there.
+    let spec = cfg.check_model()?;
+    let data = dataset::load(&cfg, &spec)?;
+    let net = trainer::Net::new(&spec, tch::Device::Cpu, cfg.run.seed);
+    let n_params = net.n_params();
+    // Fine-tuning weights are checked (names, shapes, finite values) before anything runs.
+    let init = match &cfg.model.init {
+        Some(path) => Some(trainer::export::read_safetensors(path, &net.layout())?),
+        None => None,
+    };
+    drop(net);
     let dir = cfg.run.output_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     // Re-execution must use the workers' thread count to reproduce their bits.
@@ -45,15 +58,13 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     };
     trainer::runtime::set_threads(threads);
     let identity = state::RunIdentity::load_or_create(&dir)?;
-    let split = Dataset::load_split(&cfg.data.dir)
-        .with_context(|| format!("loading the data set from {}", cfg.data.dir.display()))?;
-    let n_params = trainer::Net::new(cfg.model.kind, tch::Device::Cpu, cfg.run.seed).n_params();
     let welcome = Welcome {
         run_id: identity.run_id,
-        model: cfg.model.kind.name().to_string(),
+        model: spec.to_json(),
         n_params: n_params as u64,
-        dataset: "fashion-mnist".into(),
-        dataset_digest: split.train.digest(),
+        dataset: data.name.into(),
+        dataset_digest: data.train.digest(),
+        seq_len: data.seq_len,
         codec: cfg.compression.clone(),
         deterministic_threads: cfg.workers.deterministic_threads,
         inner_optimizer: proto::InnerOptimizer {
@@ -124,8 +135,11 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     let inputs = scheduler::Inputs {
         events: rx,
         events_tx: tx,
-        train: Arc::new(split.train),
-        test: split.test,
+        train: Arc::new(data.train),
+        test: data.test,
+        spec,
+        init,
+        tokenizer: data.tokenizer,
         traffic,
         banned,
         check_key: blake3::derive_key("dtrain spot-check key v1", &identity.secret),

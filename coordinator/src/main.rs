@@ -33,6 +33,36 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Data sets for language-model runs.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Tokenize text files into token shards with a manifest.json (for `[data] shards`).
+    Prepare {
+        /// Text files, or folders (their files are read recursively, sorted by path).
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        /// `byte` (byte-level ids, vocabulary 256) or the path of a Hugging Face tokenizer.json.
+        #[arg(long, default_value = "byte")]
+        tokenizer: coordinator::prepare::TokenizerChoice,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Fraction of the tokens held out as the validation shard.
+        #[arg(long, default_value_t = 0.01)]
+        val_fraction: f64,
+        /// Most tokens per training shard.
+        #[arg(long, default_value_t = 1 << 24)]
+        shard_tokens: u64,
+        /// Skip files in folders whose names end with this (repeatable), e.g. `.dat`.
+        #[arg(long)]
+        skip_suffix: Vec<String>,
+    },
 }
 
 #[tokio::main]
@@ -57,6 +87,35 @@ async fn main() -> Result<()> {
         Cmd::Check { config } => {
             let cfg = coordinator::RunConfig::load(&config)?;
             println!("{}", toml::to_string_pretty(&cfg)?);
+        }
+        Cmd::Data {
+            cmd:
+                DataCmd::Prepare {
+                    input,
+                    tokenizer,
+                    out,
+                    val_fraction,
+                    shard_tokens,
+                    skip_suffix,
+                },
+        } => {
+            let m = coordinator::prepare::prepare(&coordinator::prepare::PrepareOptions {
+                inputs: input,
+                tokenizer,
+                out: out.clone(),
+                val_fraction,
+                shard_tokens,
+                skip_suffixes: skip_suffix,
+            })?;
+            let train: u64 = m.train.iter().map(|s| s.tokens).sum();
+            println!(
+                "{}: {} training shards, {train} training tokens, {} validation tokens, vocabulary {} ({})",
+                out.display(),
+                m.train.len(),
+                m.val.tokens,
+                m.tokenizer.vocab_size,
+                m.tokenizer.kind
+            );
         }
     }
     Ok(())

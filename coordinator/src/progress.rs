@@ -24,8 +24,10 @@ pub struct StepLine {
     pub bytes_out: u64,
     /// Uplink compression: fp32 bytes of the accepted updates over their encoded bytes.
     pub uplink_ratio: f64,
-    /// Last test accuracy.
-    pub test_acc: Option<f64>,
+    /// Training throughput in tokens per second (language models).
+    pub tokens_per_s: Option<f64>,
+    /// The last evaluation, as shown (`test acc 0.8812`, `val loss 1.9021`).
+    pub eval: Option<String>,
 }
 
 /// `12.3 MB` style.
@@ -63,11 +65,16 @@ impl Progress {
     /// Reports the state after a step.
     pub fn update(&self, step: u64, s: &StepLine) {
         let acc = s
-            .test_acc
-            .map(|a| format!(" | test acc {a:.4}"))
+            .eval
+            .as_ref()
+            .map(|e| format!(" | {e}"))
+            .unwrap_or_default();
+        let tps = s
+            .tokens_per_s
+            .map(|t| format!(" | {t:.0} tok/s"))
             .unwrap_or_default();
         let msg = format!(
-            "| loss {:.4} | workers {} | in {} | out {} | uplink x{:.1}{acc}",
+            "| loss {:.4}{tps} | workers {} | in {} | out {} | uplink x{:.1}{acc}",
             s.loss,
             s.workers,
             human_bytes(s.bytes_in),

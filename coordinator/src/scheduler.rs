@@ -21,7 +21,7 @@ use proto::{close, Task, TaskResult, ToCoordinator, ToWorker};
 use serde_json::json;
 use tracing::{info, warn};
 use trainer::schedule::BatchSchedule;
-use trainer::{Dataset, Net, Optimizer};
+use trainer::{Evaluation, ModelSpec, Net, Optimizer, TrainData};
 use verify::{Evidence, SpotCheckPolicy, WorkerId};
 
 use crate::checks::{self, Checks, Out};
@@ -82,9 +82,15 @@ pub struct Inputs {
     /// A sender of the same channel (for the checker thread).
     pub events_tx: Sender<Event>,
     /// Training set (re-execution).
-    pub train: Arc<Dataset>,
-    /// Test set (evaluation).
-    pub test: Dataset,
+    pub train: Arc<TrainData>,
+    /// Test set or validation windows (evaluation).
+    pub test: TrainData,
+    /// The model.
+    pub spec: ModelSpec,
+    /// Initial weights in flat order (`model.init`), instead of a fresh initialisation.
+    pub init: Option<Vec<f32>>,
+    /// The tokenizer file exported beside the final model, when the data has one.
+    pub tokenizer: Option<std::path::PathBuf>,
     /// Traffic of all connections.
     pub traffic: Arc<Traffic>,
     /// Banned identities, shared with the accept loop.
@@ -98,7 +104,8 @@ pub struct Scheduler {
     cfg: RunConfig,
     run_id: [u8; 32],
     events: Receiver<Event>,
-    test: Dataset,
+    test: TrainData,
+    tokenizer: Option<std::path::PathBuf>,
     net: Net,
     ledger: Ledger,
     downlink: Downlink,
@@ -127,7 +134,9 @@ pub struct Scheduler {
     limits: DecodeLimits,
     counts: Counts,
     progress: Progress,
-    last_eval: Option<(u64, f64)>,
+    last_eval: Option<(u64, Evaluation)>,
+    /// Training tokens per second, smoothed over rounds (language models).
+    token_rate: Option<f64>,
     started: bool,
 }
 
@@ -139,11 +148,14 @@ impl Scheduler {
             events_tx,
             train,
             test,
+            spec,
+            init,
+            tokenizer,
             traffic,
             banned,
             check_key,
         } = inputs;
-        let net = Net::new(cfg.model.kind, tch::Device::Cpu, cfg.run.seed);
+        let net = Net::new(&spec, tch::Device::Cpu, cfg.run.seed);
         let n_params = net.n_params();
         let n = match cfg.data.train_limit {
             0 => train.len(),
@@ -162,7 +174,7 @@ impl Scheduler {
         };
         let fresh = TrainState {
             round: 0,
-            params: net.flat_params(),
+            params: init.unwrap_or_else(|| net.flat_params()),
             opt: Optimizer::new(cfg.optimizer.clone()),
             downlink_residual: Vec::new(),
         };
@@ -211,7 +223,7 @@ impl Scheduler {
         }
         let checks = cfg.verification.enabled().then(|| {
             checks::start(
-                cfg.model.kind,
+                spec.clone(),
                 train.clone(),
                 cfg.inner_optimizer.clone(),
                 cfg.compression.clone(),
@@ -224,12 +236,13 @@ impl Scheduler {
         let downlink = Downlink::new(ledger.state.params.clone(), &cfg.downlink);
         let (last_in, last_out) = traffic.get();
         Ok(Scheduler {
-            hyper: hyperparams_digest(&cfg),
+            hyper: hyperparams_digest(&cfg, &spec),
             progress: Progress::new(total_steps, step),
             policy: cfg.verification.policy(),
             run_id,
             events,
             test,
+            tokenizer,
             net,
             ledger,
             downlink,
@@ -262,6 +275,7 @@ impl Scheduler {
                 ..Counts::default()
             },
             last_eval: None,
+            token_rate: None,
             started: false,
             cfg,
         })
@@ -1014,6 +1028,12 @@ impl Scheduler {
         self.downlink
             .advance(self.ledger.state.params.clone(), applied.delta);
         let loss = applied.loss_sum / applied.n.max(1) as f64;
+        let step_s = started.elapsed().as_secs_f64();
+        let tokens = applied.n * self.test.tokens_per_sample() as u64;
+        if tokens > 0 && step_s > 0.0 {
+            let rate = tokens as f64 / step_s;
+            self.token_rate = Some(self.token_rate.map_or(rate, |r| 0.9 * r + 0.1 * rate));
+        }
         let (bin, bout) = self.traffic.get();
         let per_worker: Vec<serde_json::Value> = self
             .reg
@@ -1032,8 +1052,8 @@ impl Scheduler {
                    "bytes_in": bin, "bytes_out": bout,
                    "round_bytes_in": bin - self.counts.last_in, "round_bytes_out": bout - self.counts.last_out,
                    "uplink_ratio": self.counts.uplink_ratio(), "per_worker": per_worker,
-                   "clipped": applied.report.clipped,
-                   "step_ms": started.elapsed().as_secs_f64() * 1000.0}),
+                   "clipped": applied.report.clipped, "tokens": tokens,
+                   "step_ms": step_s * 1000.0}),
         );
         (self.counts.last_in, self.counts.last_out) = (bin, bout);
         self.progress.update(
@@ -1044,7 +1064,8 @@ impl Scheduler {
                 bytes_in: bin,
                 bytes_out: bout,
                 uplink_ratio: self.counts.uplink_ratio(),
-                test_acc: self.last_eval.map(|e| e.1),
+                tokens_per_s: self.token_rate,
+                eval: self.last_eval.map(|(_, e)| self.eval_line(&e)),
             },
         );
         Ok(())
@@ -1099,20 +1120,88 @@ impl Scheduler {
         Ok(())
     }
 
+    /// An evaluation as the live line shows it.
+    fn eval_line(&self, e: &Evaluation) -> String {
+        if self.spec().is_language_model() {
+            format!("val loss {:.4}", e.loss)
+        } else {
+            format!("test acc {:.4}", e.accuracy)
+        }
+    }
+
+    fn spec(&self) -> &ModelSpec {
+        &self.net.spec
+    }
+
+    /// Evaluates the current parameters: test accuracy and loss for the image models;
+    /// validation loss (nats per token), perplexity and next-token accuracy for a language
+    /// model.
     fn evaluate(&mut self) -> Result<()> {
         self.net.set_flat_params(&self.ledger.state.params)?;
         let e = trainer::evaluate(&self.net, &self.test)?;
         let step = self.step();
         let epoch = self.batches_done(step) as f64 / self.schedule.steps_per_epoch() as f64;
-        self.last_eval = Some((step, e.accuracy));
-        self.metrics.emit(
-            "eval",
-            json!({"epoch": (epoch * 1000.0).round() / 1000.0, "step": step, "test_acc": e.accuracy, "test_loss": e.loss}),
-        );
-        self.progress.message(&format!(
-            "step {step} epoch {epoch:.2}: test accuracy {:.4}, test loss {:.4}",
-            e.accuracy, e.loss
-        ));
+        self.last_eval = Some((step, e));
+        let epoch = (epoch * 1000.0).round() / 1000.0;
+        if self.spec().is_language_model() {
+            self.metrics.emit(
+                "eval",
+                json!({"epoch": epoch, "step": step, "val_loss": e.loss, "val_ppl": e.loss.exp(), "val_acc": e.accuracy}),
+            );
+            self.progress.message(&format!(
+                "step {step} epoch {epoch:.3}: val loss {:.4} nats/token, perplexity {:.2}",
+                e.loss,
+                e.loss.exp()
+            ));
+        } else {
+            self.metrics.emit(
+                "eval",
+                json!({"epoch": epoch, "step": step, "test_acc": e.accuracy, "test_loss": e.loss}),
+            );
+            self.progress.message(&format!(
+                "step {step} epoch {epoch:.2}: test accuracy {:.4}, test loss {:.4}",
+                e.accuracy, e.loss
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the final model: `model.safetensors`, and for a language model the Hugging
+    /// Face `config.json` and the tokenizer, so that
+    /// `AutoModelForCausalLM.from_pretrained(output_dir)` loads it.
+    fn export(&self, eval: Option<&Evaluation>) -> Result<()> {
+        let dir = &self.cfg.run.output_dir;
+        let mut meta: std::collections::HashMap<String, String> = [
+            // transformers refuses safetensors files without this tag.
+            ("format".to_string(), "pt".to_string()),
+            ("model".to_string(), self.spec().name().to_string()),
+            ("steps".to_string(), self.step().to_string()),
+        ]
+        .into_iter()
+        .collect();
+        if let Some(e) = eval {
+            let (k, v) = if self.spec().is_language_model() {
+                ("val_loss", e.loss)
+            } else {
+                ("test_acc", e.accuracy)
+            };
+            meta.insert(k.to_string(), format!("{v:.4}"));
+        }
+        trainer::export::write_safetensors(
+            &dir.join("model.safetensors"),
+            &self.net.layout(),
+            &self.ledger.state.params,
+            meta,
+        )?;
+        if let ModelSpec::Llama(c) = self.spec() {
+            let text = serde_json::to_vec_pretty(&c.hf_config_json())?;
+            crate::state::atomic_write(&dir.join("config.json"), &text)?;
+            if let Some(t) = &self.tokenizer {
+                let bytes = std::fs::read(t)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", t.display()))?;
+                crate::state::atomic_write(&dir.join("tokenizer.json"), &bytes)?;
+            }
+        }
         Ok(())
     }
 
@@ -1143,34 +1232,29 @@ impl Scheduler {
             self.evaluate()?;
         }
         self.save_checkpoint()?;
-        let acc = self.last_eval.map(|e| e.1).unwrap_or(0.0);
-        let meta = [
-            ("model".to_string(), self.cfg.model.kind.name().to_string()),
-            ("steps".to_string(), self.step().to_string()),
-            ("test_acc".to_string(), format!("{acc:.4}")),
-        ]
-        .into_iter()
-        .collect();
-        trainer::export::write_safetensors(
-            &self.cfg.run.output_dir.join("model.safetensors"),
-            &self.net.layout(),
-            &self.ledger.state.params,
-            meta,
-        )?;
+        let eval = self.last_eval.map(|e| e.1);
+        self.export(eval.as_ref())?;
+        let acc = eval.map_or(0.0, |e| e.accuracy);
         let (bin, bout) = self.traffic.get();
         let c = &self.counts;
         let step = self.step();
-        self.metrics.emit(
-            "summary",
-            json!({"steps": step, "batches": self.batches_done(step), "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
-                   "workers_seen": self.workers_seen(), "final_test_acc": acc, "tasks_sent": c.tasks_sent,
+        let mut summary = json!({"steps": step, "batches": self.batches_done(step), "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
+                   "workers_seen": self.workers_seen(), "tasks_sent": c.tasks_sent,
                    "tasks_ok": c.tasks_ok, "rejected": c.rejected, "uplink_ratio": c.uplink_ratio(), "reassigned": c.reassigned,
                    "checks": c.checks, "checks_passed": c.passed, "cheats_caught": c.caught, "checks_abandoned": c.abandoned,
                    "check_ms": c.check_ms, "work_ms": c.work_ms, "verify_overhead": c.check_ms / c.work_ms.max(1e-9),
                    "rollbacks": c.rollbacks, "removed_contributions": c.removed,
                    "banned": self.reg.standings().iter().filter(|(_, s)| s.rep.banned).map(|(w, _)| w.to_string()).collect::<Vec<_>>(),
-                   "params_blake3": hex::encode(verify::hash_f32(&self.ledger.state.params))}),
-        );
+                   "params_blake3": hex::encode(verify::hash_f32(&self.ledger.state.params))});
+        if let Some(o) = summary.as_object_mut() {
+            if self.spec().is_language_model() {
+                o.insert("final_val_loss".into(), json!(eval.map(|e| e.loss)));
+                o.insert("final_val_ppl".into(), json!(eval.map(|e| e.loss.exp())));
+            } else {
+                o.insert("final_test_acc".into(), json!(acc));
+            }
+        }
+        self.metrics.emit("summary", summary);
         self.progress.finish();
         info!(
             steps = step,
@@ -1225,8 +1309,10 @@ fn retire(parts: &mut [Part], conn: u64) {
 
 /// What every result's commitment binds as hyperparameters: the outer optimizer, and for
 /// multi-step rounds the inner optimizer and H, and the uplink codec.
-fn hyperparams_digest(cfg: &RunConfig) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("dtrain hyperparams v2");
+fn hyperparams_digest(cfg: &RunConfig, spec: &ModelSpec) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("dtrain hyperparams v3");
+    h.update(&spec.digest());
+    h.update(&(cfg.data.seq_len as u64).to_le_bytes());
     h.update(&cfg.optimizer.digest());
     h.update(&cfg.inner_optimizer.digest());
     h.update(&cfg.training.local_steps.to_le_bytes());

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use compression::{CodecConfig, CodecError, ErrorFeedback};
 use tch::Device;
-use trainer::{gradient, Dataset, ModelKind, Net, Optimizer, OptimizerConfig, TrainError};
+use trainer::{gradient, ModelSpec, Net, Optimizer, OptimizerConfig, TrainData, TrainError};
 use verify::{Hash, MerkleTree};
 
 /// Largest number of sample indices accepted in one task.
@@ -94,16 +94,16 @@ pub fn check_shape(indices: &[u32], micro: &[u32], inner_steps: bool) -> Result<
 /// A model and a data set, ready to execute tasks.
 pub struct Executor {
     net: Net,
-    data: Arc<Dataset>,
+    data: Arc<TrainData>,
     inner: OptimizerConfig,
 }
 
 impl Executor {
     /// An executor for `model` on `device` over `data`; multi-step tasks use `inner`.
     pub fn new(
-        model: ModelKind,
+        model: &ModelSpec,
         device: Device,
-        data: Arc<Dataset>,
+        data: Arc<TrainData>,
         inner: OptimizerConfig,
     ) -> Self {
         Executor {
@@ -119,7 +119,7 @@ impl Executor {
     }
 
     /// The training data.
-    pub fn data(&self) -> &Arc<Dataset> {
+    pub fn data(&self) -> &Arc<TrainData> {
         &self.data
     }
 

@@ -3,19 +3,19 @@ use std::sync::Arc;
 use compression::{CodecConfig, CodecKind, DecodeLimits};
 use proto::ParamsPayload;
 use tch::Device;
-use trainer::{gradient, Dataset, ModelKind, Net, OptimizerConfig, OptimizerKind};
+use trainer::{gradient, Dataset, ModelSpec, Net, OptimizerConfig, OptimizerKind, TrainData};
 
 use crate::params::{rebuild, ParamsError};
 use crate::*;
 
 fn executor(inner: OptimizerConfig) -> Executor {
     tch::set_num_threads(1);
-    let data = Arc::new(Dataset::synthetic(64, 3));
-    Executor::new(ModelKind::Mlp, Device::Cpu, data, inner)
+    let data = Arc::new(TrainData::from(Dataset::synthetic(64, 3)));
+    Executor::new(&ModelSpec::Mlp, Device::Cpu, data, inner)
 }
 
 fn start() -> Vec<f32> {
-    Net::new(ModelKind::Mlp, Device::Cpu, 11).flat_params()
+    Net::new(&ModelSpec::Mlp, Device::Cpu, 11).flat_params()
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -46,7 +46,7 @@ fn one_micro_batch_is_the_mean_gradient() {
     let idx: Vec<u32> = (5..21).collect();
     let mut e = executor(OptimizerConfig::default());
     let r = e.compute(&p, &idx, &[16], false).unwrap();
-    let mut net = Net::new(ModelKind::Mlp, Device::Cpu, 0);
+    let mut net = Net::new(&ModelSpec::Mlp, Device::Cpu, 0);
     net.set_flat_params(&p).unwrap();
     let g = gradient(&mut net, e.data(), &idx).unwrap();
     assert_eq!(bits(&r.values), bits(&g.grad));
@@ -72,7 +72,7 @@ fn inner_steps_follow_the_inner_optimizer_and_leave_one_leaf_each() {
     );
     assert_ne!(r.leaves[1], r.leaves[2]);
     // By hand: two SGD steps of lr 0.5.
-    let mut net = Net::new(ModelKind::Mlp, Device::Cpu, 0);
+    let mut net = Net::new(&ModelSpec::Mlp, Device::Cpu, 0);
     net.set_flat_params(&p).unwrap();
     let g1 = gradient(&mut net, e.data(), &idx[..12]).unwrap().grad;
     let p1: Vec<f32> = p.iter().zip(&g1).map(|(x, g)| x - 0.5 * g).collect();

@@ -3,6 +3,8 @@
 //! for the swarm's accuracy and wall time.
 
 mod flood;
+mod lm_bench;
+mod lm_parity;
 mod swarm;
 mod sweep;
 mod verify;
@@ -14,7 +16,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use trainer::reference::{train, ReferenceRun};
-use trainer::{Dataset, ModelKind, OptimizerConfig};
+use trainer::{Dataset, ModelSpec, OptimizerConfig, TrainData};
 
 #[derive(Parser)]
 #[command(about = "Reproducible experiments for the README's tables")]
@@ -97,6 +99,76 @@ enum Cmd {
         batches: u64,
         /// Output folder.
         #[arg(long, default_value = "results/verify")]
+        out: PathBuf,
+    },
+    /// Language-model throughput: tch vs PyTorch eager, a one-worker swarm vs one process.
+    LmBench {
+        /// A Hugging Face config.json (default: 4 layers, width 256, vocabulary 256).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Windows per step.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// Threads of the tch / PyTorch comparison.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Dense peak TFLOP/s of the GPU, for MFU.
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+        /// Global batches of each one-worker swarm run (0: skip them).
+        #[arg(long, default_value_t = 48)]
+        swarm_batches: u64,
+        /// Python with torch and transformers.
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Output folder.
+        #[arg(long, default_value = "results/lm-bench")]
+        out: PathBuf,
+    },
+    /// Training parity: tch in one process vs PyTorch (transformers Llama, AdamW) on the same
+    /// weights and token windows.
+    LmParity {
+        /// The model (a Hugging Face config.json).
+        #[arg(long, default_value = "configs/llama-demo.json")]
+        config: PathBuf,
+        /// Token shards.
+        #[arg(long, default_value = "runs/shards/fortunes")]
+        shards: PathBuf,
+        /// Windows per step.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Steps.
+        #[arg(long, default_value_t = 200)]
+        steps: u64,
+        /// AdamW learning rate.
+        #[arg(long, default_value_t = 2e-3)]
+        lr: f64,
+        /// AdamW weight decay.
+        #[arg(long, default_value_t = 0.01)]
+        weight_decay: f64,
+        /// Threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Python with torch and transformers.
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Output folder.
+        #[arg(long, default_value = "results/lm-parity")]
         out: PathBuf,
     },
     /// Codecs and H on a real swarm, same samples per row: CSV, Markdown and a PNG plot.
@@ -200,6 +272,56 @@ fn main() -> Result<()> {
             downlink,
             out,
         })?,
+        Cmd::LmBench {
+            config,
+            batch,
+            seq,
+            steps,
+            warmup,
+            threads,
+            device,
+            peak_tflops,
+            swarm_batches,
+            python,
+            out,
+        } => lm_bench::run(&lm_bench::LmBench {
+            config,
+            batch,
+            seq,
+            steps,
+            warmup,
+            threads,
+            device,
+            peak_tflops,
+            swarm_batches,
+            python,
+            out,
+        })?,
+        Cmd::LmParity {
+            config,
+            shards,
+            batch,
+            seq,
+            steps,
+            lr,
+            weight_decay,
+            threads,
+            python,
+            out,
+        } => {
+            lm_parity::run(&lm_parity::LmParity {
+                config,
+                shards,
+                batch,
+                seq,
+                steps,
+                lr,
+                weight_decay,
+                threads,
+                python,
+                out,
+            })?;
+        }
         Cmd::Baseline {
             epochs,
             batch,
@@ -211,8 +333,9 @@ fn main() -> Result<()> {
         } => {
             trainer::runtime::set_threads(threads);
             let split = Dataset::load_split(&data_dir)?;
+            let (train_set, test_set) = (TrainData::from(split.train), TrainData::from(split.test));
             let run = ReferenceRun {
-                model: ModelKind::Cnn,
+                model: ModelSpec::Cnn,
                 seed,
                 batch,
                 optimizer: OptimizerConfig {
@@ -220,14 +343,14 @@ fn main() -> Result<()> {
                     ..Default::default()
                 },
             };
-            let spe = split.train.len().div_ceil(batch) as u64;
+            let spe = train_set.len().div_ceil(batch) as u64;
             let start = Instant::now();
             let mut epoch_start = Instant::now();
             let mut rows = Vec::new();
-            train(&run, &split.train, epochs * spe, |step, _loss, net| {
+            train(&run, &train_set, epochs * spe, |step, _loss, net| {
                 if (step + 1) % spe == 0 {
                     let secs = epoch_start.elapsed().as_secs_f64();
-                    let e = trainer::evaluate(net, &split.test)?;
+                    let e = trainer::evaluate(net, &test_set)?;
                     let epoch = (step + 1) / spe;
                     println!(
                         "epoch {epoch}: test accuracy {:.4}, loss {:.4}, {secs:.1} s",

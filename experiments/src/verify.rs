@@ -21,7 +21,7 @@ use executor::Executor;
 use plotters::prelude::*;
 use proto::{ParamsPayload, Task};
 use rand::{Rng, RngCore, SeedableRng};
-use trainer::{Dataset, ModelKind, Net, OptimizerConfig};
+use trainer::{Dataset, ModelSpec, Net, OptimizerConfig, TrainData};
 use verify::{Reputation, SpotCheckPolicy, WorkerKey};
 use worker::adversary::{Adversary, Mode};
 use worker::compute::Compute;
@@ -118,7 +118,7 @@ fn detect(
     mode: Mode,
     p: f64,
     trials: usize,
-    data: &Arc<Dataset>,
+    data: &Arc<TrainData>,
     stream: &Stream,
     checker: &mut Executor,
 ) -> Detection {
@@ -143,7 +143,7 @@ fn detect(
         rng.fill_bytes(&mut key);
         let run = [7u8; 32];
         let mut worker = Compute::new(
-            ModelKind::Mlp,
+            &ModelSpec::Mlp,
             tch::Device::Cpu,
             data.clone(),
             WorkerKey::from_seed([9; 32]),
@@ -236,11 +236,11 @@ fn policy_toml(p: f64, new_p: f64) -> String {
 pub fn run(s: &Settings) -> Result<()> {
     std::fs::create_dir_all(&s.out)?;
     tch::set_num_threads(1);
-    let data = Arc::new(Dataset::load_idx(
+    let data = Arc::new(TrainData::from(Dataset::load_idx(
         std::path::Path::new(trainer::data::DEFAULT_DIR),
         "train",
-    )?);
-    let net = Net::new(ModelKind::Mlp, tch::Device::Cpu, 1);
+    )?));
+    let net = Net::new(&ModelSpec::Mlp, tch::Device::Cpu, 1);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let stream = Stream {
         start: net.flat_params(),
@@ -250,7 +250,7 @@ pub fn run(s: &Settings) -> Result<()> {
         n_data: data.len() as u32,
     };
     let mut checker = Executor::new(
-        ModelKind::Mlp,
+        &ModelSpec::Mlp,
         tch::Device::Cpu,
         data.clone(),
         OptimizerConfig::default(),

@@ -26,14 +26,19 @@ pub struct Hello {
 pub struct Welcome {
     /// Identifier of the run (random, fixed for the run's lifetime, kept across restarts).
     pub run_id: [u8; 32],
-    /// Model architecture name (see `trainer::ModelKind`).
+    /// The model: canonical JSON of `trainer::ModelSpec` (architecture and dimensions);
+    /// its blake3 is bound into every task's hyperparameter digest.
     pub model: String,
     /// Number of parameters of the model.
     pub n_params: u64,
-    /// Dataset name; the worker loads it from its own data directory.
+    /// Dataset kind: `fashion-mnist` (IDX files) or `tokens` (token shards with a
+    /// manifest); the worker loads it from its own data directory.
     pub dataset: String,
-    /// blake3 digest of the training set the worker must hold.
+    /// blake3 digest of the training samples the worker must hold (for tokens: the shards'
+    /// digests and `seq_len`).
     pub dataset_digest: [u8; 32],
+    /// Input tokens per sample of a `tokens` data set (0 for images).
+    pub seq_len: u32,
     /// How the worker encodes its updates.
     pub codec: CodecConfig,
     /// Compute threads the worker must use in deterministic mode (`None`: its own choice).

@@ -251,6 +251,73 @@ mod tests {
         res
     }
 
+    /// Sends `total` bytes on one stream to a reader that first stalls (so the whole
+    /// receive window fills with out-of-band chunks) and then reads in small pieces with
+    /// pauses; returns the bytes received or the connection error.
+    async fn lagging_transfer(limits: TransportLimits, total: usize) -> Result<usize, String> {
+        let id = Identity::generate().unwrap();
+        let ep = server_endpoint(&id, "127.0.0.1:0".parse().unwrap(), &limits).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let sender = tokio::spawn(async move {
+            let conn = ep.accept().await.unwrap().await.unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            let block = vec![7u8; 1 << 20];
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(block.len());
+                send.write_all(&block[..n])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                left -= n;
+            }
+            send.finish().map_err(|e| e.to_string())?;
+            let _ = conn.closed().await;
+            Ok::<(), String>(())
+        });
+        let client = client_endpoint(id.fingerprint(), &limits).unwrap();
+        let conn = client
+            .connect(addr, "dtrain")
+            .unwrap()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (_send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 16 << 10];
+        let mut reads = 0u64;
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => got += n,
+                Ok(None) => break,
+                Err(e) => return Err(format!("after {got} bytes: {e}")),
+            }
+            reads += 1;
+            if reads.is_multiple_of(64) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        conn.close(0u32.into(), b"done");
+        sender.abort();
+        Ok(got)
+    }
+
+    /// quinn-proto can close a connection with "too many gaps in stream buffer" when a
+    /// lagging reader leaves many small, well-filled packets buffered (quinn issue 2809):
+    /// parameter and update transfers of large models must survive a slow reader, both
+    /// with jumbo datagrams (loopback) and with internet-sized ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_transfers_survive_a_lagging_reader() {
+        let total = 48 << 20;
+        for max_udp_payload in [65_000u16, 1_200] {
+            let limits = TransportLimits {
+                max_udp_payload,
+                ..TransportLimits::default()
+            };
+            let got = lagging_transfer(limits, total).await;
+            assert_eq!(got, Ok(total), "datagrams up to {max_udp_payload} bytes");
+        }
+    }
+
     #[tokio::test]
     async fn pinned_fingerprint_connects_and_other_is_refused() {
         let id = Identity::generate().unwrap();

@@ -103,6 +103,52 @@ min_task_timeout_s = 2
     )
 }
 
+/// The `[model]` table of a tiny Llama-style model (vocab 256, width 32, 2 layers, 4 query
+/// and 2 key/value heads: 34,976 parameters) for language-model tests.
+pub const TINY_LLAMA: &str = r#"
+[model.llama]
+vocab_size = 256
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+max_position_embeddings = 64
+rope_theta = 10000.0
+rms_norm_eps = 1e-5
+"#;
+
+/// A language-model run config like [`swarm_config`]: the tiny Llama on the shard folder
+/// `shards`, windows of `seq_len` tokens.
+pub fn lm_config(
+    steps: u64,
+    batch: usize,
+    min_workers: usize,
+    local_steps: u32,
+    shards: &Path,
+    seq_len: usize,
+    extra: &str,
+) -> String {
+    let cfg = config(
+        "llama",
+        steps,
+        batch,
+        "127.0.0.1:0",
+        min_workers,
+        local_steps,
+        extra,
+    );
+    // `[model.llama]` right after `[model]`, `[data]` at the end (extra may hold tables).
+    cfg.replacen(
+        "kind = \"llama\"\n",
+        &format!("kind = \"llama\"\n{TINY_LLAMA}"),
+        1,
+    ) + &format!(
+        "\n[data]\nshards = \"{}\"\nseq_len = {seq_len}\n",
+        shards.display()
+    )
+}
+
 impl Coordinator {
     /// Writes `config` into a fresh directory and starts `coordinator run` on it.
     pub fn start(config: &str) -> Self {

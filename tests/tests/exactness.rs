@@ -5,17 +5,18 @@ use std::time::Duration;
 
 use integration_tests::{swarm_config, Coordinator, Worker};
 use trainer::reference::{train, ReferenceRun};
-use trainer::{Dataset, ModelKind, Net, OptimizerConfig};
+use trainer::{Dataset, ModelSpec, Net, OptimizerConfig, TrainData};
 
 const STEPS: u64 = 6;
 const BATCH: usize = 48;
 
 fn reference() -> Vec<f32> {
     tch::set_num_threads(1);
-    let data =
-        Dataset::load_idx(std::path::Path::new(trainer::data::DEFAULT_DIR), "train").unwrap();
+    let data = TrainData::from(
+        Dataset::load_idx(std::path::Path::new(trainer::data::DEFAULT_DIR), "train").unwrap(),
+    );
     let run = ReferenceRun {
-        model: ModelKind::Cnn,
+        model: ModelSpec::Cnn,
         seed: 7,
         batch: BATCH,
         optimizer: OptimizerConfig::default(),
@@ -40,7 +41,7 @@ fn swarm(n: usize) -> Vec<f32> {
         steps.iter().all(|s| s["parts"] == n as u64),
         "every step split over {n} workers"
     );
-    let layout = Net::new(ModelKind::Cnn, tch::Device::Cpu, 0).layout();
+    let layout = Net::new(&ModelSpec::Cnn, tch::Device::Cpu, 0).layout();
     trainer::export::read_safetensors(&c.out().join("model.safetensors"), &layout).unwrap()
 }
 
@@ -66,7 +67,7 @@ fn three_workers_match_single_process_training_within_float_tolerance() {
         .zip(&want)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    let init = Net::new(ModelKind::Cnn, tch::Device::Cpu, 7).flat_params();
+    let init = Net::new(&ModelSpec::Cnn, tch::Device::Cpu, 7).flat_params();
     let moved = want
         .iter()
         .zip(&init)

@@ -5,7 +5,7 @@ use std::time::Duration;
 use integration_tests::{
     free_port, quick_config, run_worker_to_end, swarm_config, wait_until, Coordinator, Worker,
 };
-use trainer::{ModelKind, Net};
+use trainer::{ModelSpec, Net};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -49,7 +49,7 @@ fn waits_without_workers_trains_and_takes_a_mid_run_join() {
     );
 
     // The exported model loads and is the run's final model.
-    let layout = Net::new(ModelKind::Mlp, tch::Device::Cpu, 0).layout();
+    let layout = Net::new(&ModelSpec::Mlp, tch::Device::Cpu, 0).layout();
     let params =
         trainer::export::read_safetensors(&c.out().join("model.safetensors"), &layout).unwrap();
     assert_eq!(summary["params_blake3"], hex(verify::hash_f32(&params)));

@@ -228,6 +228,69 @@ impl Dataset {
     }
 }
 
+/// A training or evaluation set of any kind: images with labels, or token windows.
+#[derive(Clone)]
+pub enum TrainData {
+    /// An image classification set; a sample is an image.
+    Images(Dataset),
+    /// Tokenized text; a sample is a window of `seq_len + 1` tokens.
+    Tokens(crate::tokens::TokenWindows),
+}
+
+impl From<Dataset> for TrainData {
+    fn from(d: Dataset) -> Self {
+        TrainData::Images(d)
+    }
+}
+
+impl TrainData {
+    /// Number of samples (images or windows).
+    pub fn len(&self) -> usize {
+        match self {
+            TrainData::Images(d) => d.len(),
+            TrainData::Tokens(t) => t.len(),
+        }
+    }
+
+    /// Whether there is no sample.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What identifies the samples: workers must hold the same.
+    pub fn digest(&self) -> [u8; 32] {
+        match self {
+            TrainData::Images(d) => d.digest(),
+            TrainData::Tokens(t) => t.digest(),
+        }
+    }
+
+    /// Tokens per sample (0 for images): the unit of a language model's throughput.
+    pub fn tokens_per_sample(&self) -> usize {
+        match self {
+            TrainData::Images(_) => 0,
+            TrainData::Tokens(t) => t.seq_len(),
+        }
+    }
+
+    /// Inputs and targets of `indices`: images `[n,1,rows,cols]` and labels `[n]`, or
+    /// token ids `[n,seq]` and next tokens `[n,seq]`.
+    pub fn batch(&self, indices: &[u32]) -> Result<(Tensor, Tensor), crate::TrainError> {
+        match self {
+            TrainData::Images(d) => d.batch(indices),
+            TrainData::Tokens(t) => t.batch(indices),
+        }
+    }
+
+    /// Samples per evaluation batch: 1,000 images, or about 16,384 tokens of windows.
+    pub fn eval_batch(&self) -> usize {
+        match self {
+            TrainData::Images(_) => 1000,
+            TrainData::Tokens(t) => (16_384 / t.seq_len()).max(1),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,31 +50,58 @@ pub fn write_safetensors(
     Ok(())
 }
 
-/// Reads a safetensors file written by [`write_safetensors`] back into a flat vector in
-/// `layout` order (used by tests and by users resuming from an exported model).
+/// Reads a safetensors file (ours, or a Hugging Face checkpoint with the same tensor
+/// names) into a flat vector in `layout` order: the `init` weights of a run, and tests.
+/// F32, BF16 and F16 tensors are read (widened to f32). Errors name the file and the tensor:
+/// a missing tensor, a shape other than the layout's, another dtype, a non-finite value.
 pub fn read_safetensors(
     path: &Path,
     layout: &[(String, Vec<i64>)],
 ) -> Result<Vec<f32>, TrainError> {
-    let bytes = std::fs::read(path)?;
+    let file = path.display();
+    let bytes = std::fs::read(path).map_err(|e| TrainError::Export(format!("{file}: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| TrainError::Export(e.to_string()))?;
+        .map_err(|e| TrainError::Export(format!("{file}: {e}")))?;
     let mut out = Vec::new();
     for (name, shape) in layout {
         let t = st
             .tensor(name)
-            .map_err(|e| TrainError::Export(e.to_string()))?;
+            .map_err(|_| TrainError::Export(format!("{file}: tensor {name} is missing")))?;
         let want: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-        if t.dtype() != Dtype::F32 || t.shape() != want.as_slice() {
+        if t.shape() != want.as_slice() {
             return Err(TrainError::Export(format!(
-                "{name}: unexpected dtype or shape"
+                "{file}: tensor {name} has shape {:?}, the model needs {want:?}",
+                t.shape()
             )));
         }
-        out.extend(
-            t.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
+        let start = out.len();
+        match t.dtype() {
+            Dtype::F32 => out.extend(
+                t.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            Dtype::BF16 => out.extend(
+                t.data()
+                    .chunks_exact(2)
+                    .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
+            ),
+            Dtype::F16 => out.extend(
+                t.data()
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            ),
+            other => {
+                return Err(TrainError::Export(format!(
+                    "{file}: tensor {name} is {other:?}; F32, BF16 or F16 expected"
+                )))
+            }
+        }
+        if out[start..].iter().any(|v| !v.is_finite()) {
+            return Err(TrainError::Export(format!(
+                "{file}: tensor {name} holds NaN or infinite values"
+            )));
+        }
     }
     Ok(out)
 }
@@ -82,11 +109,11 @@ pub fn read_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ModelKind, Net};
+    use crate::{ModelSpec, Net};
 
     #[test]
     fn round_trip() {
-        let net = Net::new(ModelKind::Mlp, tch::Device::Cpu, 1);
+        let net = Net::new(&ModelSpec::Mlp, tch::Device::Cpu, 1);
         let dir = std::env::temp_dir().join(format!("dtrain-export-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("m.safetensors");
@@ -94,6 +121,13 @@ mod tests {
         write_safetensors(&p, &net.layout(), &flat, HashMap::new()).unwrap();
         assert_eq!(read_safetensors(&p, &net.layout()).unwrap(), flat);
         assert!(write_safetensors(&p, &net.layout(), &flat[1..], HashMap::new()).is_err());
+        // Another model's layout: the error names the file and the missing tensor.
+        let other = Net::new(&ModelSpec::Cnn, tch::Device::Cpu, 1).layout();
+        let e = read_safetensors(&p, &other).unwrap_err().to_string();
+        assert!(
+            e.contains("m.safetensors") && e.contains("conv1.bias"),
+            "{e}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! What workers, the coordinator and re-execution share, so that all of them compute the
 //! same numbers: the models, Fashion-MNIST loading, the batch schedule, flat parameter
-//! vectors, the gradient step, the optimizers and the model export.
+//! vectors, the gradient step, the optimizers and the model export. Models are the image
+//! CNN and MLP and a Llama-style transformer; data are image sets or token shards.
 
 pub mod data;
 pub mod export;
@@ -10,9 +11,10 @@ pub mod reference;
 pub mod runtime;
 pub mod schedule;
 pub mod step;
+pub mod tokens;
 
-pub use data::{DataError, Dataset};
-pub use model::{ModelKind, Net};
+pub use data::{DataError, Dataset, TrainData};
+pub use model::{Architecture, LlamaConfig, ModelKind, ModelSpec, Net};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind};
 pub use step::{evaluate, gradient, Evaluation, GradOutput};
 

@@ -3,13 +3,13 @@
 use tch::Device;
 
 use crate::schedule::BatchSchedule;
-use crate::{gradient, Dataset, ModelKind, Net, Optimizer, OptimizerConfig, TrainError};
+use crate::{gradient, ModelSpec, Net, Optimizer, OptimizerConfig, TrainData, TrainError};
 
 /// Settings of a single-process run.
 #[derive(Clone, Debug)]
 pub struct ReferenceRun {
     /// Architecture.
-    pub model: ModelKind,
+    pub model: ModelSpec,
     /// Seed of the weight initialisation and of the batch order.
     pub seed: u64,
     /// Global batch size.
@@ -22,11 +22,11 @@ pub struct ReferenceRun {
 /// every step with (step index, mean loss, the net holding the new parameters).
 pub fn train(
     run: &ReferenceRun,
-    data: &Dataset,
+    data: &TrainData,
     steps: u64,
     mut on_step: impl FnMut(u64, f64, &Net) -> Result<(), TrainError>,
 ) -> Result<Vec<f32>, TrainError> {
-    let mut net = Net::new(run.model, Device::Cpu, run.seed);
+    let mut net = Net::new(&run.model, Device::Cpu, run.seed);
     let mut params = net.flat_params();
     let mut opt = Optimizer::new(run.optimizer.clone());
     let mut schedule = BatchSchedule::new(data.len(), run.batch, run.seed);

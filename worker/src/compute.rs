@@ -9,7 +9,7 @@ use executor::params::{rebuild, Held};
 use executor::{encode_update, Executor, RawUpdate};
 use proto::{Answer, ParamsPayload, Query, Task, TaskResult};
 use serde_bytes::ByteBuf;
-use trainer::{Dataset, ModelKind, OptimizerConfig};
+use trainer::{ModelSpec, OptimizerConfig, TrainData};
 use verify::{Commitment, Hash, MerkleTree, WorkerKey};
 
 use crate::adversary::Adversary;
@@ -65,9 +65,9 @@ impl Compute {
     /// Sets up the model for a run.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        model: ModelKind,
+        model: &ModelSpec,
         device: tch::Device,
-        data: Arc<Dataset>,
+        data: Arc<TrainData>,
         key: WorkerKey,
         run_id: [u8; 32],
         codec: CodecConfig,

@@ -14,7 +14,8 @@ use proto::{
     ToCoordinator, ToWorker,
 };
 use tracing::{info, warn};
-use trainer::{Dataset, ModelKind};
+use trainer::tokens::TokenWindows;
+use trainer::{Dataset, ModelSpec, TrainData};
 use verify::WorkerKey;
 
 use compute::Compute;
@@ -25,7 +26,8 @@ use hostile::Send;
 pub struct WorkerOptions {
     /// Where to connect.
     pub ticket: JoinTicket,
-    /// Folder with the training set.
+    /// Folder with the training set: the IDX files of an image run, or the token shards
+    /// (with their `manifest.json`) of a language-model run.
     pub data_dir: PathBuf,
     /// Compute threads (`None`: libtorch's default).
     pub threads: Option<usize>,
@@ -84,11 +86,6 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
     trainer::runtime::set_threads(opts.threads);
     let key = WorkerKey::load_or_create(&opts.key_path)
         .map_err(|e| WorkerError::Setup(format!("key {}: {e}", opts.key_path.display())))?;
-    let data = Arc::new(
-        Dataset::load_idx(&opts.data_dir, "train")
-            .map_err(|e| WorkerError::Setup(e.to_string()))?,
-    );
-    let digest = data.digest();
     let device = trainer::runtime::pick_device(opts.allow_cuda);
     info!(id = %key.public().short(), device = %trainer::runtime::device_name(device), "worker starting");
     let mut backoff = Duration::from_millis(250);
@@ -96,17 +93,7 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
     let mut state = SessionState::default();
     loop {
         let mut progressed = false;
-        match session(
-            &opts,
-            &key,
-            &data,
-            digest,
-            device,
-            &mut progressed,
-            &mut state,
-        )
-        .await
-        {
+        match session(&opts, &key, device, &mut progressed, &mut state).await {
             Ok(exit) => return Ok(exit),
             Err(SessionError::Fatal(msg)) => return Err(WorkerError::Refused(msg)),
             Err(SessionError::Retry(msg)) => {
@@ -166,17 +153,57 @@ fn classify(e: &quinn::ConnectionError) -> SessionError {
 #[derive(Default)]
 struct SessionState {
     tasks_seen: u64,
+    /// The training data loaded for a run, with the digest it was checked against.
+    data: Option<([u8; 32], Arc<TrainData>)>,
     /// The run's compute state (model, parameters, error feedback), reused on reconnecting to
     /// the same run.
     compute: Option<Compute>,
     tamper: Option<hostile::Tamper>,
 }
 
+/// Loads the run's training data from `dir` (IDX files or token shards, as the coordinator
+/// says) and checks it against the run's digest.
+fn load_data(
+    dir: &std::path::Path,
+    welcome: &proto::Welcome,
+    spec: &ModelSpec,
+) -> Result<TrainData, SessionError> {
+    let fatal = |m: String| SessionError::Fatal(m);
+    let data: TrainData = match (welcome.dataset.as_str(), spec) {
+        ("fashion-mnist", ModelSpec::Cnn | ModelSpec::Mlp) => Dataset::load_idx(dir, "train")
+            .map_err(|e| fatal(e.to_string()))?
+            .into(),
+        ("tokens", ModelSpec::Llama(c)) => {
+            if welcome.seq_len == 0 || welcome.seq_len > c.max_position_embeddings {
+                return Err(fatal(format!(
+                    "coordinator sent seq_len {} for a model of max_position_embeddings {}",
+                    welcome.seq_len, c.max_position_embeddings
+                )));
+            }
+            let (train, _) = TokenWindows::load(dir, welcome.seq_len as usize, c.vocab_size)
+                .map_err(|e| fatal(e.to_string()))?;
+            TrainData::Tokens(train)
+        }
+        (other, _) => {
+            return Err(fatal(format!(
+                "the run's data set {other:?} does not fit its {} model; update the worker",
+                spec.name()
+            )))
+        }
+    };
+    if data.digest() != welcome.dataset_digest {
+        return Err(fatal(format!(
+            "the training data in {} differs from the run's {} data set",
+            dir.display(),
+            welcome.dataset
+        )));
+    }
+    Ok(data)
+}
+
 async fn session(
     opts: &WorkerOptions,
     key: &WorkerKey,
-    data: &Arc<Dataset>,
-    digest: [u8; 32],
     device: tch::Device,
     progressed: &mut bool,
     state: &mut SessionState,
@@ -227,19 +254,23 @@ async fn session(
         Ok(_) => return Err(retry("expected Welcome".into())),
         Err(e) => return Err(closed(&conn, e.to_string())),
     };
-    let model = ModelKind::from_name(&welcome.model).ok_or_else(|| {
+    let model = ModelSpec::from_json(&welcome.model).map_err(|e| {
         SessionError::Fatal(format!(
-            "unknown model {:?}; update the worker",
-            welcome.model
+            "the coordinator's model is not one this worker knows ({e}); update the worker"
         ))
     })?;
-    if welcome.dataset_digest != digest {
-        return Err(SessionError::Fatal(format!(
-            "the training data in {} differs from the run's {} data set",
-            opts.data_dir.display(),
-            welcome.dataset
-        )));
-    }
+    let data = match &state.data {
+        Some((digest, d)) if *digest == welcome.dataset_digest => d.clone(),
+        _ => {
+            let (dir, w, m) = (opts.data_dir.clone(), welcome.clone(), model.clone());
+            let d = tokio::task::spawn_blocking(move || load_data(&dir, &w, &m))
+                .await
+                .map_err(|e| SessionError::Fatal(format!("loading the data: {e}")))??;
+            let d = Arc::new(d);
+            state.data = Some((welcome.dataset_digest, d.clone()));
+            d
+        }
+    };
     if let Some(t) = welcome.deterministic_threads {
         trainer::runtime::set_threads(Some(t as usize));
     }
@@ -254,9 +285,9 @@ async fn session(
         .is_some_and(|c| c.same_run(&welcome.run_id, &welcome.codec, &inner))
     {
         state.compute = Some(Compute::new(
-            model,
+            &model,
             device,
-            data.clone(),
+            data,
             key.clone(),
             welcome.run_id,
             welcome.codec,
@@ -274,7 +305,7 @@ async fn session(
     if state.tamper.is_none() {
         state.tamper = opts.hostile.map(hostile::Tamper::new);
     }
-    info!(run = %hex::encode(&welcome.run_id[..8]), model = %welcome.model, "joined run");
+    info!(run = %hex::encode(&welcome.run_id[..8]), model = model.name(), params = n_params, "joined run");
     loop {
         let msg = match read_frame::<_, ToWorker>(&mut recv, cap).await {
             Ok((m, _)) => m,

@@ -15,7 +15,8 @@ struct Cli {
     /// The join string printed by the coordinator (dtrain://SECRET@HOST:PORT/FINGERPRINT).
     #[arg(long)]
     join: String,
-    /// Folder with the training set (gzipped IDX files).
+    /// Folder with the training set: the gzipped IDX files of an image run, or the token
+    /// shards (with their manifest.json) of a language-model run.
     #[arg(long, default_value = trainer::data::DEFAULT_DIR)]
     data_dir: PathBuf,
     /// Compute threads (default: libtorch's choice).

@@ -1,12 +1,21 @@
 //! The models. Parameters are exposed as one flat `f32` vector in a fixed order (variables
 //! sorted by name), which is what travels on the wire and what the optimizers update.
+//!
+//! The seam every architecture goes through is [`Architecture`]: a forward pass from a
+//! batch's inputs to logits. [`Net`] holds the variables of any architecture and gives the
+//! flat-vector view; the loss, gradient and evaluation ([`crate::step`]) work on logits and
+//! targets alone, so the image models and the transformer share them.
+
+pub mod image;
+pub mod llama;
 
 use serde::{Deserialize, Serialize};
-use tch::{nn, nn::Module, Device, Tensor};
+use tch::{nn, Device, Tensor};
 
 use crate::TrainError;
+pub use llama::LlamaConfig;
 
-/// Model architectures.
+/// Model architectures by name (the `[model] kind` of a run config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
@@ -15,45 +24,85 @@ pub enum ModelKind {
     Cnn,
     /// 784-128-10 perceptron, 101,770 parameters (fast, for tests).
     Mlp,
+    /// A Llama-style transformer language model ([`LlamaConfig`]).
+    Llama,
 }
 
-impl ModelKind {
-    /// Name used on the wire.
-    pub fn name(self) -> &'static str {
+/// A complete model description: the architecture and, for the transformer, its
+/// dimensions. Its [`ModelSpec::digest`] is what the wire and the commitments bind, so a
+/// worker cannot train another model than the run's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ModelSpec {
+    /// The image CNN.
+    Cnn,
+    /// The image MLP.
+    Mlp,
+    /// The transformer.
+    Llama(Box<LlamaConfig>),
+}
+
+impl ModelSpec {
+    /// Short architecture name (`cnn`, `mlp`, `llama`).
+    pub fn name(&self) -> &'static str {
         match self {
-            ModelKind::Cnn => "cnn",
-            ModelKind::Mlp => "mlp",
+            ModelSpec::Cnn => "cnn",
+            ModelSpec::Mlp => "mlp",
+            ModelSpec::Llama(_) => "llama",
         }
     }
 
-    /// Parses a wire name.
-    pub fn from_name(s: &str) -> Option<Self> {
-        match s {
-            "cnn" => Some(ModelKind::Cnn),
-            "mlp" => Some(ModelKind::Mlp),
-            _ => None,
+    /// Whether the model reads token windows (a language model) rather than images.
+    pub fn is_language_model(&self) -> bool {
+        matches!(self, ModelSpec::Llama(_))
+    }
+
+    /// Canonical JSON (the wire form).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses and validates the wire form.
+    pub fn from_json(s: &str) -> Result<Self, String> {
+        if s.len() > 1 << 16 {
+            return Err("model spec larger than 64 KiB".into());
         }
+        let spec: ModelSpec = serde_json::from_str(s).map_err(|e| e.to_string())?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks the dimensions (see [`LlamaConfig::validate`]).
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            ModelSpec::Llama(c) => c.validate(),
+            _ => Ok(()),
+        }
+    }
+
+    /// blake3 of the canonical JSON, under its own domain.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("dtrain model spec v1");
+        h.update(self.to_json().as_bytes());
+        *h.finalize().as_bytes()
     }
 }
 
-struct CnnLayers {
-    conv1: nn::Conv2D,
-    conv2: nn::Conv2D,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
-}
-
-enum Layers {
-    Cnn(Box<CnnLayers>),
-    Mlp { fc1: nn::Linear, fc2: nn::Linear },
+/// What every architecture provides: logits for a batch of inputs. Inputs and logits by
+/// architecture: images `[n,1,28,28]` f32 give `[n,10]`; token ids `[n,seq]` i64 give
+/// `[n,seq,vocab]`. Targets have the logits' shape without the last dimension, so the loss
+/// is one cross-entropy over the flattened positions for every model.
+pub trait Architecture: Send {
+    /// Logits for `inputs` (on the variables' device).
+    fn forward(&self, inputs: &Tensor) -> Tensor;
 }
 
 /// A model instance with its variables.
 pub struct Net {
     /// Architecture.
-    pub kind: ModelKind,
+    pub spec: ModelSpec,
     vs: nn::VarStore,
-    layers: Layers,
+    arch: Box<dyn Architecture>,
     /// Variables sorted by name, with their element counts.
     vars: Vec<(String, Tensor, usize)>,
     n_params: usize,
@@ -61,25 +110,17 @@ pub struct Net {
 
 impl Net {
     /// Builds the model on `device` with weights initialised from `seed` (deterministic).
-    pub fn new(kind: ModelKind, device: Device, seed: u64) -> Self {
+    /// The spec must be valid ([`ModelSpec::validate`]).
+    pub fn new(spec: &ModelSpec, device: Device, seed: u64) -> Self {
         tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(device);
         let p = vs.root();
-        let conv = nn::ConvConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let layers = match kind {
-            ModelKind::Cnn => Layers::Cnn(Box::new(CnnLayers {
-                conv1: nn::conv2d(&p / "conv1", 1, 32, 3, conv),
-                conv2: nn::conv2d(&p / "conv2", 32, 64, 3, conv),
-                fc1: nn::linear(&p / "fc1", 64 * 7 * 7, 128, Default::default()),
-                fc2: nn::linear(&p / "fc2", 128, 10, Default::default()),
-            })),
-            ModelKind::Mlp => Layers::Mlp {
-                fc1: nn::linear(&p / "fc1", 28 * 28, 128, Default::default()),
-                fc2: nn::linear(&p / "fc2", 128, 10, Default::default()),
-            },
+        let arch: Box<dyn Architecture> = match spec {
+            ModelSpec::Cnn => Box::new(image::Cnn::new(&p)),
+            ModelSpec::Mlp => Box::new(image::Mlp::new(&p)),
+            ModelSpec::Llama(c) => {
+                Box::new(llama::Llama::new(&p, c).mixed_precision(device.is_cuda()))
+            }
         };
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -92,12 +133,17 @@ impl Net {
             .collect();
         let n_params = vars.iter().map(|v| v.2).sum();
         Net {
-            kind,
+            spec: spec.clone(),
             vs,
-            layers,
+            arch,
             vars,
             n_params,
         }
+    }
+
+    /// The variables (for libtorch's own optimizers).
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
     }
 
     /// Device the variables live on.
@@ -110,22 +156,9 @@ impl Net {
         self.n_params
     }
 
-    /// Logits for a batch `[n,1,28,28]`.
-    pub fn forward(&self, xs: &Tensor) -> Tensor {
-        match &self.layers {
-            Layers::Cnn(l) => xs
-                .apply(&l.conv1)
-                .relu()
-                .max_pool2d_default(2)
-                .apply(&l.conv2)
-                .relu()
-                .max_pool2d_default(2)
-                .flat_view()
-                .apply(&l.fc1)
-                .relu()
-                .apply(&l.fc2),
-            Layers::Mlp { fc1, fc2 } => fc1.forward(&xs.flat_view()).relu().apply(fc2),
-        }
+    /// Logits for a batch of inputs (see [`Architecture`]).
+    pub fn forward(&self, inputs: &Tensor) -> Tensor {
+        self.arch.forward(inputs)
     }
 
     /// Names and shapes of the variables, in flat order.
@@ -201,21 +234,24 @@ mod tests {
 
     #[test]
     fn cnn_has_expected_size_and_layout() {
-        let net = Net::new(ModelKind::Cnn, Device::Cpu, 0);
+        let net = Net::new(&ModelSpec::Cnn, Device::Cpu, 0);
         assert_eq!(net.n_params(), 421_642);
         let names: Vec<String> = net.layout().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names[0], "conv1.bias");
-        assert_eq!(Net::new(ModelKind::Mlp, Device::Cpu, 0).n_params(), 101_770);
+        assert_eq!(
+            Net::new(&ModelSpec::Mlp, Device::Cpu, 0).n_params(),
+            101_770
+        );
     }
 
     #[test]
     fn init_is_seeded_and_flat_round_trips() {
-        let a = Net::new(ModelKind::Mlp, Device::Cpu, 5);
-        let b = Net::new(ModelKind::Mlp, Device::Cpu, 5);
-        let c = Net::new(ModelKind::Mlp, Device::Cpu, 6);
+        let a = Net::new(&ModelSpec::Mlp, Device::Cpu, 5);
+        let b = Net::new(&ModelSpec::Mlp, Device::Cpu, 5);
+        let c = Net::new(&ModelSpec::Mlp, Device::Cpu, 6);
         assert_eq!(a.flat_params(), b.flat_params());
         assert_ne!(a.flat_params(), c.flat_params());
-        let mut d = Net::new(ModelKind::Mlp, Device::Cpu, 7);
+        let mut d = Net::new(&ModelSpec::Mlp, Device::Cpu, 7);
         d.set_flat_params(&a.flat_params()).unwrap();
         assert_eq!(d.flat_params(), a.flat_params());
         assert!(d.set_flat_params(&[0.0; 3]).is_err());

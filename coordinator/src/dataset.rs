@@ -1,0 +1,60 @@
+//! The run's data as the coordinator holds it: the training samples (for spot checks) and
+//! the held-out set it evaluates on, chosen by the model: Fashion-MNIST for the image
+//! models, token shards for a language model.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use trainer::tokens::{Manifest, TokenWindows};
+use trainer::{Dataset, ModelSpec, TrainData};
+
+use crate::RunConfig;
+
+/// The data of a run.
+pub struct RunData {
+    /// Training samples.
+    pub train: TrainData,
+    /// Test images or validation windows.
+    pub test: TrainData,
+    /// The dataset kind announced to workers (`fashion-mnist` or `tokens`).
+    pub name: &'static str,
+    /// Input tokens per sample (0 for images).
+    pub seq_len: u32,
+    /// The tokenizer file to ship with the exported model, when the shards have one.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Loads and checks the data the config names for `spec` (shard hashes, token ids below
+/// the vocabulary, IDX shapes); errors name the file.
+pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
+    match spec {
+        ModelSpec::Llama(c) => {
+            let dir = cfg
+                .data
+                .shards
+                .as_ref()
+                .context("a language model needs data.shards")?;
+            let (train, val) = TokenWindows::load(dir, cfg.data.seq_len, c.vocab_size)
+                .with_context(|| format!("loading the token shards in {}", dir.display()))?;
+            let manifest = Manifest::load(dir)?;
+            Ok(RunData {
+                train: TrainData::Tokens(train),
+                test: TrainData::Tokens(val),
+                name: "tokens",
+                seq_len: cfg.data.seq_len as u32,
+                tokenizer: manifest.tokenizer.file.map(|f| dir.join(f)),
+            })
+        }
+        ModelSpec::Cnn | ModelSpec::Mlp => {
+            let split = Dataset::load_split(&cfg.data.dir)
+                .with_context(|| format!("loading the data set from {}", cfg.data.dir.display()))?;
+            Ok(RunData {
+                train: split.train.into(),
+                test: split.test.into(),
+                name: "fashion-mnist",
+                seq_len: 0,
+                tokenizer: None,
+            })
+        }
+    }
+}
