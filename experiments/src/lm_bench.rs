@@ -157,7 +157,7 @@ fn tch_device(s: &LmBench, spec: &ModelSpec, data: &TrainData, device: Device) -
 }
 
 fn pytorch(s: &LmBench, hf_config: &Path, threads: usize) -> Result<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_lm_pytorch.py");
+    let script = crate::script("bench_lm_pytorch.py");
     let mut cmd = Command::new(&s.python);
     cmd.arg(&script)
         .arg("--config")

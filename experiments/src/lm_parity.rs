@@ -4,7 +4,7 @@
 //! `scripts/train_parity.py`). Writes the loss curves (`lm-parity.csv`) and a table
 //! (`lm-parity.md`) with both final losses (mean of the last 10 steps).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -100,7 +100,7 @@ pub fn run(s: &LmParity) -> Result<(f64, f64)> {
         Ok(())
     })?;
     // PyTorch.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/train_parity.py");
+    let script = crate::script("train_parity.py");
     let csv = s.out.join("pytorch.csv");
     let out = Command::new(&s.python)
         .arg(&script)

@@ -18,6 +18,19 @@ use serde_json::json;
 use trainer::reference::{train, ReferenceRun};
 use trainer::{Dataset, ModelSpec, OptimizerConfig, TrainData};
 
+/// A script of the repository's `scripts/` folder: from the current folder (experiments run
+/// from the repository root), else from the source tree this binary was built from.
+fn script(name: &str) -> PathBuf {
+    let here = PathBuf::from("scripts").join(name);
+    if here.exists() {
+        here
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../scripts")
+            .join(name)
+    }
+}
+
 #[derive(Parser)]
 #[command(about = "Reproducible experiments for the README's tables")]
 struct Cli {

@@ -216,3 +216,38 @@ fn language_model_cheaters_are_caught() {
     let summary = c.summary();
     assert!(summary["checks_passed"].as_u64().unwrap() > 5, "{summary}");
 }
+
+#[test]
+fn a_model_of_25_million_parameters_moves_over_loopback() {
+    // fp32 both ways: every round the worker receives the full parameters (as a lossless
+    // delta) and sends a full fp32 update, about 100 MB each, through one QUIC stream.
+    let dir = tempfile::tempdir().unwrap();
+    let s = shards(dir.path());
+    let big = integration_tests::TINY_LLAMA
+        .replace("hidden_size = 32", "hidden_size = 512")
+        .replace("intermediate_size = 64", "intermediate_size = 1408")
+        .replace("num_hidden_layers = 2", "num_hidden_layers = 8")
+        .replace("num_attention_heads = 4", "num_attention_heads = 8")
+        .replace("num_key_value_heads = 2", "num_key_value_heads = 8");
+    let extra = "[verification]\np = 0.0\nnew_worker_p = 0.0\n\n[compression]\ncodec = \"fp32\"\n";
+    let cfg = lm_config(3, 2, 1, 1, &s, SEQ, extra).replace(integration_tests::TINY_LLAMA, &big);
+    let mut c = Coordinator::start(&cfg);
+    let join = c.join_string();
+    let data_dir = s.display().to_string();
+    let w = Worker::start(&join, c.dir.path(), "w0", &["--data-dir", &data_dir]);
+    assert!(
+        c.wait(Duration::from_secs(300)).success(),
+        "{}\n{}",
+        c.log(),
+        w.log()
+    );
+    let start = &c.events("start")[0];
+    let n_params = start["n_params"].as_u64().unwrap();
+    assert!(n_params >= 25_000_000, "{n_params} parameters");
+    let s = c.summary();
+    assert_eq!(s["steps"], 3, "{s}");
+    // Three fp32 updates came in (zstd takes a few percent off them: more than two full
+    // vectors' worth), and at least the first full parameter vector went out.
+    assert!(s["bytes_in"].as_u64().unwrap() >= 2 * 4 * n_params, "{s}");
+    assert!(s["bytes_out"].as_u64().unwrap() >= 4 * n_params / 2, "{s}");
+}
