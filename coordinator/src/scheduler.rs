@@ -160,12 +160,7 @@ impl Scheduler {
             max_values: n_params,
             max_encoded_bytes: cfg.network.max_frame_bytes as usize,
         };
-        let fresh = TrainState {
-            round: 0,
-            params: net.flat_params(),
-            opt: Optimizer::new(cfg.optimizer.clone()),
-            downlink_residual: Vec::new(),
-        };
+        let fresh = TrainState::new(net.flat_params(), Optimizer::new(cfg.optimizer.clone()));
         let rules = Rules {
             aggregation: cfg.aggregation.clone(),
             downlink: cfg.downlink.clone(),
@@ -448,7 +443,7 @@ impl Scheduler {
             return Ok(());
         };
         let held = w.held_version;
-        let ef_base = self.reg.ef_base(&w.id);
+        let ef_base = self.ledger.state.ef_base(&w.id);
         let params = self.downlink.payload(held)?;
         self.meta.next_task += 1;
         let task_id = self.meta.next_task;
@@ -986,9 +981,6 @@ impl Scheduler {
                 verified: self.verified_now.remove(&d.result.task_id),
             })
             .collect();
-        for c in &contributions {
-            self.reg.used(c.worker, c.task_id);
-        }
         self.meta.wall_s = self.metrics.wall_s();
         (self.meta.bytes_in, self.meta.bytes_out) = self.traffic.get();
         self.meta.workers_seen = self.workers_seen();
