@@ -383,7 +383,7 @@ impl Scheduler {
         };
         let mut parts = parts::split(&batches, &weights);
         for (i, &conn) in idle.iter().enumerate().take(parts.len()) {
-            self.assign(&mut parts[i], conn)?;
+            self.assign(&mut parts[i], i, conn)?;
         }
         while parts.iter().any(|p| p.done.is_none()) {
             self.dispatch(&mut parts)?;
@@ -433,12 +433,13 @@ impl Scheduler {
                     json!({"step": self.step(), "part": i, "to_conn": conn}),
                 );
             }
-            self.assign(part, conn)?;
+            self.assign(part, i, conn)?;
         }
         Ok(())
     }
 
-    fn assign(&mut self, part: &mut Part, conn: u64) -> Result<()> {
+    /// Sends part `index` of this round to connection `conn`.
+    fn assign(&mut self, part: &mut Part, index: usize, conn: u64) -> Result<()> {
         let Some(w) = self.reg.conns.get(&conn) else {
             return Ok(());
         };
@@ -447,6 +448,7 @@ impl Scheduler {
         let params = self.downlink.payload(held)?;
         self.meta.next_task += 1;
         let task_id = self.meta.next_task;
+        let seed = task_seed(self.cfg.run.seed, self.step(), index);
         let n = part.indices.len() as f64;
         let timeout = match w.ms_per_sample {
             None => self.cfg.network.first_task_timeout_s,
@@ -460,7 +462,7 @@ impl Scheduler {
             params_hash: self.downlink.hash(),
             indices: part.indices.clone(),
             micro_batches: part.micro.clone(),
-            seed: self.cfg.run.seed ^ task_id,
+            seed,
             hyperparams: self.hyper,
             ef_base,
             inner_steps: self.h > 1,
@@ -484,6 +486,7 @@ impl Scheduler {
             deadline: now + Duration::from_secs_f64(timeout),
             live: true,
             ef_base,
+            seed,
             compute_ms: None,
         });
         Ok(())
@@ -651,9 +654,9 @@ impl Scheduler {
         };
         let part = &mut parts[pi];
         part.attempts[ai].live = false;
-        let ef_base = part.attempts[ai].ef_base;
+        let (ef_base, seed) = (part.attempts[ai].ef_base, part.attempts[ai].seed);
         let elapsed = part.attempts[ai].started.elapsed().as_secs_f64() * 1000.0;
-        let norm = match self.validate(&worker, &res, part, ef_base) {
+        let norm = match self.validate(&worker, &res, part, ef_base, seed) {
             Ok(norm) => norm,
             Err(reason) => {
                 self.counts.rejected += 1;
@@ -723,7 +726,7 @@ impl Scheduler {
                     indices: part.indices.clone(),
                     micro: part.micro.clone(),
                     inner_steps: self.h > 1,
-                    seed: self.cfg.run.seed ^ res.task_id,
+                    seed,
                 },
                 res,
                 base,
@@ -747,6 +750,7 @@ impl Scheduler {
         res: &TaskResult,
         part: &Part,
         ef_base: u64,
+        seed: u64,
     ) -> Result<f64, String> {
         let c = &res.commitment;
         if res.n_samples as usize != part.indices.len() || c.n_samples != res.n_samples {
@@ -764,7 +768,7 @@ impl Scheduler {
             || c.step != self.step()
             || c.input_params != self.downlink.hash()
             || c.indices != verify::hash_indices(&part.indices)
-            || c.seed != self.cfg.run.seed ^ res.task_id
+            || c.seed != seed
             || c.hyperparams != self.hyper
             || (c.ef_base != 0 && c.ef_base != ef_base)
             || (self.h > 1) == (c.step_root == [0; 32])
@@ -1213,6 +1217,19 @@ fn retire(parts: &mut [Part], conn: u64) {
             a.live = false;
         }
     }
+}
+
+/// The seed of part `part`'s tasks in round `round` (it drives stochastic rounding): a
+/// function of the run's seed, the round and the part, never of the task id (random after a
+/// restart), so that a restarted run draws the same bits as an uninterrupted one.
+fn task_seed(run_seed: u64, round: u64, part: usize) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key("dtrain task seed v1");
+    h.update(&run_seed.to_le_bytes());
+    h.update(&round.to_le_bytes());
+    h.update(&(part as u64).to_le_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(b)
 }
 
 /// What every result's commitment binds as hyperparameters: the outer optimizer, and for
