@@ -372,7 +372,11 @@ impl Scheduler {
             }
         }
         self.started = true;
-        let idle = self.idle();
+        // Parts go to the workers in the order of their keys, not of their connections: the
+        // same workers get the same parts, however they reconnected (each continues its own
+        // error feedback, so this is what a restarted run needs to stay bit for bit).
+        let mut idle = self.idle();
+        idle.sort_by_key(|c| self.reg.conns[c].id);
         // Never more parts than the round's first batch has samples (only the run's last
         // batch can be smaller).
         let n = idle.len().min(batches.first().map_or(1, Vec::len)).max(1);
