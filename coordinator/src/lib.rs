@@ -34,7 +34,41 @@ use trainer::Dataset;
 pub use config::RunConfig;
 pub use scheduler::Outcome;
 
-/// Runs a training run to its end (or until Ctrl-C); returns how it ended.
+/// Waits for Ctrl-C (SIGINT) or, on Unix, SIGTERM; returns which came. Never returns when
+/// neither can be listened for.
+async fn stop_signal() -> &'static str {
+    let ctrl_c = async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => "Ctrl-C",
+            Err(e) => {
+                warn!("cannot listen for Ctrl-C: {e}");
+                std::future::pending().await
+            }
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+                "SIGTERM"
+            }
+            Err(e) => {
+                warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<&'static str>();
+    tokio::select! {
+        s = ctrl_c => s,
+        s = term => s,
+    }
+}
+
+/// Runs a training run to its end (or until Ctrl-C or SIGTERM); returns how it ended.
 pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     let dir = cfg.run.output_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -116,10 +150,9 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     let accept = tokio::spawn(server::accept_loop(endpoint.clone(), ctx));
     let stop_tx = tx.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            info!("Ctrl-C: saving a checkpoint and stopping");
-            let _ = stop_tx.send(server::Event::Stop);
-        }
+        let signal = stop_signal().await;
+        info!("{signal}: saving a checkpoint and stopping");
+        let _ = stop_tx.send(server::Event::Stop);
     });
     let inputs = scheduler::Inputs {
         events: rx,
