@@ -68,6 +68,35 @@ async fn stop_signal() -> &'static str {
     }
 }
 
+/// Binds the run's UDP socket: on the configured address, or, for a resumed run configured
+/// with port 0, on the port recorded in its identity (the one its join string names); then
+/// records the port bound.
+fn bind(
+    cfg: &RunConfig,
+    dir: &std::path::Path,
+    identity: &mut state::RunIdentity,
+    limits: &proto::tls::TransportLimits,
+) -> Result<quinn::Endpoint> {
+    let listen = state::listen_addr(cfg.run.listen, cfg.run.resume, identity.port);
+    let endpoint = match proto::tls::server_endpoint(&identity.tls, listen, limits) {
+        Ok(e) => e,
+        Err(e) if listen != cfg.run.listen => anyhow::bail!(
+            "{e}. This run resumes on port {port}, which its join string names (run.listen \
+             has port 0; the port is recorded in {}): free that port, or set run.listen to \
+             a fixed port and give the workers the new join string from {}",
+            dir.join("identity.json").display(),
+            dir.join("join.txt").display(),
+            port = listen.port(),
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let port = endpoint.local_addr()?.port();
+    if identity.port != Some(port) {
+        identity.record_port(dir, port)?;
+    }
+    Ok(endpoint)
+}
+
 /// Runs a training run to its end (or until Ctrl-C or SIGTERM); returns how it ended.
 pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     let dir = cfg.run.output_dir.clone();
@@ -78,7 +107,14 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
         _ => cfg.training.threads,
     };
     trainer::runtime::set_threads(threads);
-    let identity = state::RunIdentity::load_or_create(&dir)?;
+    let mut identity = state::RunIdentity::load_or_create(&dir)?;
+    let limits = proto::tls::TransportLimits {
+        idle_timeout: Duration::from_secs_f64(cfg.network.idle_timeout_s),
+        keep_alive: Duration::from_secs_f64((cfg.network.idle_timeout_s / 3.0).min(5.0)),
+        ..Default::default()
+    };
+    let endpoint = bind(&cfg, &dir, &mut identity, &limits)?;
+    let bound = endpoint.local_addr()?;
     let split = Dataset::load_split(&cfg.data.dir)
         .with_context(|| format!("loading the data set from {}", cfg.data.dir.display()))?;
     let n_params = trainer::Net::new(cfg.model.kind, tch::Device::Cpu, cfg.run.seed).n_params();
@@ -101,13 +137,6 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
             nesterov: cfg.inner_optimizer.nesterov,
         },
     };
-    let limits = proto::tls::TransportLimits {
-        idle_timeout: Duration::from_secs_f64(cfg.network.idle_timeout_s),
-        keep_alive: Duration::from_secs_f64((cfg.network.idle_timeout_s / 3.0).min(5.0)),
-        ..Default::default()
-    };
-    let endpoint = proto::tls::server_endpoint(&identity.tls, cfg.run.listen, &limits)?;
-    let bound = endpoint.local_addr()?;
     let addr = match &cfg.run.public_addr {
         Some(a) => a.clone(),
         None if bound.ip().is_unspecified() => {
