@@ -101,6 +101,8 @@ fn bind(
 pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     let dir = cfg.run.output_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // One coordinator per folder, for as long as this one runs (before anything is written).
+    let _lock = state::DirLock::acquire(&dir)?;
     // Re-execution must use the workers' thread count to reproduce their bits.
     let threads = match cfg.workers.deterministic_threads {
         Some(t) if cfg.verification.enabled() => Some(t as usize),

@@ -1,11 +1,11 @@
-//! The run's identity file (TLS certificate, join secret, run id, port) in the output
-//! directory, and the atomic write (temp file, fsync, rename, fsync of the directory) every
-//! file of the coordinator goes through.
+//! The output directory's own files: its lock (one coordinator per folder), the run's
+//! identity (TLS certificate, join secret, run id, port), and the atomic write (temp file,
+//! fsync, rename, fsync of the directory) every file of the coordinator goes through.
 
-use std::fs::OpenOptions;
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,76 @@ fn write_atomically(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Name of the lock file in an output directory.
+pub const LOCK_FILE: &str = "coordinator.lock";
+
+/// Why the output directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another coordinator holds the lock.
+    #[error(
+        "{dir} is in use by another coordinator (pid {}); stop it first, or give this run another run.output_dir",
+        pid.map_or_else(|| "unknown".to_string(), |p| p.to_string())
+    )]
+    Busy {
+        /// The output directory.
+        dir: PathBuf,
+        /// The process holding it, as it wrote into the lock file.
+        pid: Option<u32>,
+    },
+    /// The lock file could not be opened, written or locked.
+    #[error("cannot lock {path}: {source}")]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// The lock on an output directory, held while this value lives: an advisory, exclusive
+/// lock (`flock`) on `coordinator.lock`, which names the holder's pid. The OS releases it
+/// when the process ends in any way, so a `kill -9` leaves no stale lock behind.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Locks `dir` (which must exist), or says which process holds it.
+    pub fn acquire(dir: &Path) -> Result<Self, LockError> {
+        let path = dir.join(LOCK_FILE);
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(LockError::Busy {
+                    dir: dir.to_path_buf(),
+                    pid: text.trim().parse().ok(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        file.set_len(0)
+            .and_then(|_| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .and_then(|_| file.sync_data())
+            .map_err(io)?;
+        Ok(DirLock { _file: file })
+    }
 }
 
 /// The address to listen on: the configured one, except that a resumed run configured with
@@ -173,5 +243,24 @@ mod tests {
         assert_eq!(listen_addr(any, false, Some(7311)), any);
         assert_eq!(listen_addr(any, true, None), any);
         assert_eq!(listen_addr(fixed, true, Some(7311)), fixed);
+    }
+
+    #[test]
+    fn a_second_lock_on_a_folder_is_refused_until_the_first_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DirLock::acquire(dir.path()).unwrap();
+        let err = DirLock::acquire(dir.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, LockError::Busy { pid: Some(p), .. } if p == std::process::id()),
+            "{msg}"
+        );
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        drop(first);
+        DirLock::acquire(dir.path()).unwrap();
     }
 }
