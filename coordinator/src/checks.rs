@@ -58,8 +58,11 @@ pub struct Job {
     id: u64,
     /// Who computed it.
     pub worker: WorkerId,
-    /// The connection it came on (challenges go there, or to a later connection).
+    /// The connection challenges go to: the one the result came on, or a later one of the
+    /// same worker.
     pub conn: u64,
+    /// The connection the result came on.
+    origin: u64,
     /// Starting parameters of the task.
     pub params: Arc<Vec<f32>>,
     /// The task.
@@ -91,6 +94,7 @@ impl Job {
             id: 0,
             worker,
             conn,
+            origin: conn,
             params,
             work,
             result,
@@ -531,13 +535,16 @@ impl Checks {
         let n = job.params.len();
         let revealed = match answer {
             Answer::Values(bytes) => compression::decode_exact(&bytes, n, &self.limits).ok(),
+            // An answer on a later connection than the result's may come from a new process
+            // of the worker, which lost what the old one kept (its residuals): no fault of an
+            // honest worker. The result, which cannot be confirmed, still goes.
             Answer::Unavailable(why) => {
                 return vec![Out::Abandoned {
                     worker: job.worker,
                     task_id: job.task_id(),
                     conn: job.conn,
                     reason: format!("could not reveal the error-feedback input: {why}"),
-                    worker_fault: true,
+                    worker_fault: job.conn == job.origin,
                 }]
             }
             Answer::Leaf { .. } => None,
@@ -675,5 +682,106 @@ fn evidence(job: &Job, recomputed: Hash, step: Option<u64>, reason: String) -> E
         recomputed_update: recomputed,
         divergent_step: step,
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use verify::{Signature, WorkerKey};
+
+    fn commitment(task_id: u64, ef_base: u64) -> Commitment {
+        Commitment {
+            run_id: [0; 32],
+            task_id,
+            step: 0,
+            input_params: [0; 32],
+            indices: [0; 32],
+            seed: 0,
+            hyperparams: [0; 32],
+            update: [0; 32],
+            step_root: [0; 32],
+            n_samples: 1,
+            ef_base,
+            encoded_input: [0; 32],
+        }
+    }
+
+    fn challenge(outs: &[Out]) -> (u64, u64) {
+        match outs {
+            [Out::Challenge {
+                conn, challenge_id, ..
+            }] => (*conn, *challenge_id),
+            _ => panic!("expected one challenge"),
+        }
+    }
+
+    fn abandoned(outs: &[Out]) -> (u64, bool) {
+        match outs {
+            [Out::Abandoned {
+                task_id,
+                worker_fault,
+                ..
+            }] => (*task_id, *worker_fault),
+            _ => panic!("expected the check abandoned"),
+        }
+    }
+
+    #[test]
+    fn a_reveal_only_a_former_process_could_give_is_abandoned_without_blame() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let mut checks = start(
+            ModelSpec::Mlp,
+            Arc::new(trainer::Dataset::synthetic(8, 0).into()),
+            OptimizerConfig::default(),
+            CodecConfig::default(),
+            DecodeLimits::default(),
+            tx,
+            Duration::from_secs(60),
+        );
+        let worker = WorkerKey::from_seed([1; 32]).public();
+        // A check of `task`, which continued the residual of `task - 1`, from connection 1.
+        let job = |task: u64| {
+            let result = TaskResult {
+                task_id: task,
+                n_samples: 1,
+                loss_sum: 0.0,
+                update: ByteBuf::new(),
+                commitment: commitment(task, task - 1),
+                signature: Signature([0; 64]),
+                compute_us: 0,
+            };
+            let base = Base {
+                commitment: commitment(task - 1, 0),
+                update: Arc::new(ByteBuf::new()),
+            };
+            let work = Work {
+                indices: vec![0],
+                micro: vec![1],
+                inner_steps: false,
+                seed: 0,
+            };
+            Job::new(
+                worker,
+                1,
+                Arc::new(vec![0.0; 4]),
+                work,
+                Arc::new(result),
+                Some(base),
+                None,
+            )
+        };
+        // The connection the result came on cannot reveal what it should hold: its fault.
+        let (conn, id) = challenge(&checks.submit(job(2)));
+        assert_eq!(conn, 1);
+        let outs = checks.on_reply(1, id, Answer::Unavailable("lost".into()));
+        assert_eq!(abandoned(&outs), (2, true));
+        // The worker reconnects on connection 2, maybe as a new process that lost what the
+        // old one kept: the challenge follows it, and its "unavailable" is nobody's fault.
+        challenge(&checks.submit(job(3)));
+        let (conn, id) = challenge(&checks.retarget(&worker, 2));
+        assert_eq!(conn, 2);
+        let outs = checks.on_reply(2, id, Answer::Unavailable("no longer held".into()));
+        assert_eq!(abandoned(&outs), (3, false));
     }
 }

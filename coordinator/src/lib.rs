@@ -35,7 +35,70 @@ use tracing::{info, warn};
 pub use config::RunConfig;
 pub use scheduler::Outcome;
 
-/// Runs a training run to its end (or until Ctrl-C); returns how it ended.
+/// Waits for Ctrl-C (SIGINT) or, on Unix, SIGTERM; returns which came. Never returns when
+/// neither can be listened for.
+async fn stop_signal() -> &'static str {
+    let ctrl_c = async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => "Ctrl-C",
+            Err(e) => {
+                warn!("cannot listen for Ctrl-C: {e}");
+                std::future::pending().await
+            }
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+                "SIGTERM"
+            }
+            Err(e) => {
+                warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<&'static str>();
+    tokio::select! {
+        s = ctrl_c => s,
+        s = term => s,
+    }
+}
+
+/// Binds the run's UDP socket: on the configured address, or, for a resumed run configured
+/// with port 0, on the port recorded in its identity (the one its join string names); then
+/// records the port bound.
+fn bind(
+    cfg: &RunConfig,
+    dir: &std::path::Path,
+    identity: &mut state::RunIdentity,
+    limits: &proto::tls::TransportLimits,
+) -> Result<quinn::Endpoint> {
+    let listen = state::listen_addr(cfg.run.listen, cfg.run.resume, identity.port);
+    let endpoint = match proto::tls::server_endpoint(&identity.tls, listen, limits) {
+        Ok(e) => e,
+        Err(e) if listen != cfg.run.listen => anyhow::bail!(
+            "{e}. This run resumes on port {port}, which its join string names (run.listen \
+             has port 0; the port is recorded in {}): free that port, or set run.listen to \
+             a fixed port and give the workers the new join string from {}",
+            dir.join("identity.json").display(),
+            dir.join("join.txt").display(),
+            port = listen.port(),
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let port = endpoint.local_addr()?.port();
+    if identity.port != Some(port) {
+        identity.record_port(dir, port)?;
+    }
+    Ok(endpoint)
+}
+
+/// Runs a training run to its end (or until Ctrl-C or SIGTERM); returns how it ended.
 pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     // The model, its data and any initial weights are checked before the output folder is
     // touched, so a bad input changes nothing there.
@@ -51,13 +114,22 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     drop(net);
     let dir = cfg.run.output_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // One coordinator per folder, for as long as this one runs (before anything is written).
+    let _lock = state::DirLock::acquire(&dir)?;
     // Re-execution must use the workers' thread count to reproduce their bits.
     let threads = match cfg.workers.deterministic_threads {
         Some(t) if cfg.verification.enabled() => Some(t as usize),
         _ => cfg.training.threads,
     };
     trainer::runtime::set_threads(threads);
-    let identity = state::RunIdentity::load_or_create(&dir)?;
+    let mut identity = state::RunIdentity::load_or_create(&dir)?;
+    let limits = proto::tls::TransportLimits {
+        idle_timeout: Duration::from_secs_f64(cfg.network.idle_timeout_s),
+        keep_alive: Duration::from_secs_f64((cfg.network.idle_timeout_s / 3.0).min(5.0)),
+        ..Default::default()
+    };
+    let endpoint = bind(&cfg, &dir, &mut identity, &limits)?;
+    let bound = endpoint.local_addr()?;
     let welcome = Welcome {
         run_id: identity.run_id,
         model: spec.to_json(),
@@ -78,18 +150,15 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
             nesterov: cfg.inner_optimizer.nesterov,
         },
     };
-    let limits = proto::tls::TransportLimits {
-        idle_timeout: Duration::from_secs_f64(cfg.network.idle_timeout_s),
-        keep_alive: Duration::from_secs_f64((cfg.network.idle_timeout_s / 3.0).min(5.0)),
-        ..Default::default()
-    };
-    let endpoint = proto::tls::server_endpoint(&identity.tls, cfg.run.listen, &limits)?;
-    let bound = endpoint.local_addr()?;
     let addr = match &cfg.run.public_addr {
         Some(a) => a.clone(),
         None if bound.ip().is_unspecified() => {
             warn!("listening on {bound}; set run.public_addr so remote workers get a reachable address");
-            format!("127.0.0.1:{}", bound.port())
+            let loopback = match bound {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            std::net::SocketAddr::new(loopback, bound.port()).to_string()
         }
         None => bound.to_string(),
     };
@@ -127,10 +196,9 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
     let accept = tokio::spawn(server::accept_loop(endpoint.clone(), ctx));
     let stop_tx = tx.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            info!("Ctrl-C: saving a checkpoint and stopping");
-            let _ = stop_tx.send(server::Event::Stop);
-        }
+        let signal = stop_signal().await;
+        info!("{signal}: saving a checkpoint and stopping");
+        let _ = stop_tx.send(server::Event::Stop);
     });
     let inputs = scheduler::Inputs {
         events: rx,

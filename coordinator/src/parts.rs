@@ -21,6 +21,8 @@ pub struct Attempt {
     pub live: bool,
     /// The error-feedback base the task was given.
     pub ef_base: u64,
+    /// The task's seed (stochastic rounding).
+    pub seed: u64,
     /// Milliseconds the worker computed, once it answered validly.
     pub compute_ms: Option<f64>,
 }

@@ -72,8 +72,6 @@ pub struct Registry {
     standings: HashMap<WorkerId, Standing>,
     /// Banned identities, shared with the accept loop, which refuses them.
     pub banned: Arc<RwLock<HashSet<WorkerId>>>,
-    /// Each worker's last result that a round used (the base of its next error feedback).
-    last_used: HashMap<WorkerId, u64>,
     accepted: HashMap<WorkerId, VecDeque<Accepted>>,
 }
 
@@ -149,16 +147,6 @@ impl Registry {
             .filter(|(_, c)| c.id == *w)
             .map(|(&n, _)| n)
             .collect()
-    }
-
-    /// The error-feedback base to give `w`'s next task (0: none).
-    pub fn ef_base(&self, w: &WorkerId) -> u64 {
-        self.last_used.get(w).copied().unwrap_or(0)
-    }
-
-    /// Records that a round used `w`'s result of `task_id`.
-    pub fn used(&mut self, w: WorkerId, task_id: u64) {
-        self.last_used.insert(w, task_id);
     }
 
     /// Keeps an accepted result for later checks.

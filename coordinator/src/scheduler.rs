@@ -172,12 +172,10 @@ impl Scheduler {
             max_values: n_params,
             max_encoded_bytes: cfg.network.max_frame_bytes as usize,
         };
-        let fresh = TrainState {
-            round: 0,
-            params: init.unwrap_or_else(|| net.flat_params()),
-            opt: Optimizer::new(cfg.optimizer.clone()),
-            downlink_residual: Vec::new(),
-        };
+        let fresh = TrainState::new(
+            init.unwrap_or_else(|| net.flat_params()),
+            Optimizer::new(cfg.optimizer.clone()),
+        );
         let rules = Rules {
             aggregation: cfg.aggregation.clone(),
             downlink: cfg.downlink.clone(),
@@ -391,7 +389,11 @@ impl Scheduler {
             }
         }
         self.started = true;
-        let idle = self.idle();
+        // Parts go to the workers in the order of their keys, not of their connections: the
+        // same workers get the same parts, however they reconnected (each continues its own
+        // error feedback, so this is what a restarted run needs to stay bit for bit).
+        let mut idle = self.idle();
+        idle.sort_by_key(|c| self.reg.conns[c].id);
         // Never more parts than the round's first batch has samples (only the run's last
         // batch can be smaller).
         let n = idle.len().min(batches.first().map_or(1, Vec::len)).max(1);
@@ -402,7 +404,7 @@ impl Scheduler {
         };
         let mut parts = parts::split(&batches, &weights);
         for (i, &conn) in idle.iter().enumerate().take(parts.len()) {
-            self.assign(&mut parts[i], conn)?;
+            self.assign(&mut parts[i], i, conn)?;
         }
         while parts.iter().any(|p| p.done.is_none()) {
             self.dispatch(&mut parts)?;
@@ -452,20 +454,22 @@ impl Scheduler {
                     json!({"step": self.step(), "part": i, "to_conn": conn}),
                 );
             }
-            self.assign(part, conn)?;
+            self.assign(part, i, conn)?;
         }
         Ok(())
     }
 
-    fn assign(&mut self, part: &mut Part, conn: u64) -> Result<()> {
+    /// Sends part `index` of this round to connection `conn`.
+    fn assign(&mut self, part: &mut Part, index: usize, conn: u64) -> Result<()> {
         let Some(w) = self.reg.conns.get(&conn) else {
             return Ok(());
         };
         let held = w.held_version;
-        let ef_base = self.reg.ef_base(&w.id);
+        let ef_base = self.ledger.state.ef_base(&w.id);
         let params = self.downlink.payload(held)?;
         self.meta.next_task += 1;
         let task_id = self.meta.next_task;
+        let seed = task_seed(self.cfg.run.seed, self.step(), index);
         let n = part.indices.len() as f64;
         let timeout = match w.ms_per_sample {
             None => self.cfg.network.first_task_timeout_s,
@@ -479,7 +483,7 @@ impl Scheduler {
             params_hash: self.downlink.hash(),
             indices: part.indices.clone(),
             micro_batches: part.micro.clone(),
-            seed: self.cfg.run.seed ^ task_id,
+            seed,
             hyperparams: self.hyper,
             ef_base,
             inner_steps: self.h > 1,
@@ -503,6 +507,7 @@ impl Scheduler {
             deadline: now + Duration::from_secs_f64(timeout),
             live: true,
             ef_base,
+            seed,
             compute_ms: None,
         });
         Ok(())
@@ -670,9 +675,9 @@ impl Scheduler {
         };
         let part = &mut parts[pi];
         part.attempts[ai].live = false;
-        let ef_base = part.attempts[ai].ef_base;
+        let (ef_base, seed) = (part.attempts[ai].ef_base, part.attempts[ai].seed);
         let elapsed = part.attempts[ai].started.elapsed().as_secs_f64() * 1000.0;
-        let norm = match self.validate(&worker, &res, part, ef_base) {
+        let norm = match self.validate(&worker, &res, part, ef_base, seed) {
             Ok(norm) => norm,
             Err(reason) => {
                 self.counts.rejected += 1;
@@ -742,7 +747,7 @@ impl Scheduler {
                     indices: part.indices.clone(),
                     micro: part.micro.clone(),
                     inner_steps: self.h > 1,
-                    seed: self.cfg.run.seed ^ res.task_id,
+                    seed,
                 },
                 res,
                 base,
@@ -766,6 +771,7 @@ impl Scheduler {
         res: &TaskResult,
         part: &Part,
         ef_base: u64,
+        seed: u64,
     ) -> Result<f64, String> {
         let c = &res.commitment;
         if res.n_samples as usize != part.indices.len() || c.n_samples != res.n_samples {
@@ -783,7 +789,7 @@ impl Scheduler {
             || c.step != self.step()
             || c.input_params != self.downlink.hash()
             || c.indices != verify::hash_indices(&part.indices)
-            || c.seed != self.cfg.run.seed ^ res.task_id
+            || c.seed != seed
             || c.hyperparams != self.hyper
             || (c.ef_base != 0 && c.ef_base != ef_base)
             || (self.h > 1) == (c.step_root == [0; 32])
@@ -1000,9 +1006,6 @@ impl Scheduler {
                 verified: self.verified_now.remove(&d.result.task_id),
             })
             .collect();
-        for c in &contributions {
-            self.reg.used(c.worker, c.task_id);
-        }
         self.meta.wall_s = self.metrics.wall_s();
         (self.meta.bytes_in, self.meta.bytes_out) = self.traffic.get();
         self.meta.workers_seen = self.workers_seen();
@@ -1305,6 +1308,19 @@ fn retire(parts: &mut [Part], conn: u64) {
             a.live = false;
         }
     }
+}
+
+/// The seed of part `part`'s tasks in round `round` (it drives stochastic rounding): a
+/// function of the run's seed, the round and the part, never of the task id (random after a
+/// restart), so that a restarted run draws the same bits as an uninterrupted one.
+fn task_seed(run_seed: u64, round: u64, part: usize) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key("dtrain task seed v1");
+    h.update(&run_seed.to_le_bytes());
+    h.update(&round.to_le_bytes());
+    h.update(&(part as u64).to_le_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(b)
 }
 
 /// What every result's commitment binds as hyperparameters: the outer optimizer, and for

@@ -151,7 +151,7 @@ pub fn flooder(join: &str, conns_per_s: u64, udp_per_s: u64) -> Result<()> {
         let attempts = Arc::new(AtomicU64::new(0));
         let handshakes = Arc::new(AtomicU64::new(0));
         let datagrams = Arc::new(AtomicU64::new(0));
-        let ep = proto::tls::client_endpoint(ticket.fingerprint, &Default::default())?;
+        let ep = proto::tls::client_endpoint(ticket.fingerprint, &Default::default(), addr)?;
         let (a, h) = (attempts.clone(), handshakes.clone());
         tokio::spawn(async move {
             let mut tick =

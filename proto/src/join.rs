@@ -24,6 +24,10 @@ pub enum JoinError {
     /// A hex field has the wrong length or characters.
     #[error("bad {0} in join string: expected 64 hex characters")]
     Hex(&'static str),
+    /// The address is not HOST:PORT with a host name, an IPv4 address or a bracketed IPv6
+    /// address, and a port in 1..=65535.
+    #[error("bad address in join string: {0}")]
+    Address(&'static str),
 }
 
 const SCHEME: &str = "dtrain://";
@@ -62,12 +66,51 @@ impl FromStr for JoinTicket {
         if addr.is_empty() || !addr.contains(':') {
             return Err(JoinError::Format("address must be HOST:PORT"));
         }
+        check_addr(addr)?;
         Ok(JoinTicket {
             addr: addr.to_string(),
             fingerprint: hex32(fp, "fingerprint")?,
             secret: hex32(secret, "secret")?,
         })
     }
+}
+
+/// Checks that `addr` is `HOST:PORT`: a host name, an IPv4 address or an IPv6 address in
+/// brackets, and a port in 1..=65535. What passes may still fail to resolve, but nothing that
+/// fails here could ever be reached.
+fn check_addr(addr: &str) -> Result<(), JoinError> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or(JoinError::Format("address must be HOST:PORT"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
+        _ => return Err(JoinError::Address("the port must be a number in 1..=65535")),
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let ip = inner
+            .strip_suffix(']')
+            .ok_or(JoinError::Address("an IPv6 address needs its closing ']'"))?;
+        ip.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| JoinError::Address("not an IPv6 address between '[' and ']'"))?;
+        return Ok(());
+    }
+    if host.contains(':') {
+        return Err(JoinError::Address(
+            "an IPv6 address goes in brackets, as in [::1]:7070",
+        ));
+    }
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| !l.is_empty() && l.len() <= 63)
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if !name_ok {
+        return Err(JoinError::Address(
+            "the host must be a host name, an IPv4 address or a bracketed IPv6 address",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -118,5 +161,46 @@ mod tests {
             no_port.parse::<JoinTicket>(),
             Err(JoinError::Format(_))
         ));
+    }
+
+    #[test]
+    fn addresses_of_both_families_and_host_names_pass_and_malformed_ones_do_not() {
+        let with = |addr: &str| {
+            JoinTicket {
+                addr: addr.into(),
+                fingerprint: [1; 32],
+                secret: [2; 32],
+            }
+            .to_string()
+            .parse::<JoinTicket>()
+        };
+        for ok in [
+            "127.0.0.1:7070",
+            "[::1]:7070",
+            "[2001:db8::1]:65535",
+            "localhost:7070",
+            "coord-1.example.org:7070",
+        ] {
+            assert_eq!(with(ok).map(|t| t.addr), Ok(ok.to_string()), "{ok}");
+        }
+        for bad in [
+            "::1:7070",
+            "[::1:7070",
+            "[::g]:7070",
+            "[]:7070",
+            "127.0.0.1:0",
+            "127.0.0.1:70000",
+            "127.0.0.1:+80",
+            "127.0.0.1:",
+            ":7070",
+            "host name:7070",
+            "a..b:7070",
+        ] {
+            assert!(
+                matches!(with(bad), Err(JoinError::Address(_))),
+                "{bad}: {:?}",
+                with(bad)
+            );
+        }
     }
 }

@@ -28,6 +28,9 @@ pub enum TlsError {
     /// quinn refused the configuration or could not bind.
     #[error("quic endpoint: {0}")]
     Quic(String),
+    /// The client socket could not be bound (say, no IPv6 on this machine).
+    #[error("cannot open a UDP socket on {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
     /// Reading or writing identity files failed.
     #[error("identity files: {0}")]
     Io(#[from] std::io::Error),
@@ -140,10 +143,13 @@ pub fn server_endpoint(
     quinn::Endpoint::server(cfg, addr).map_err(|e| TlsError::Quic(format!("bind {addr}: {e}")))
 }
 
-/// A client endpoint whose connections accept only the certificate with `fingerprint`.
+/// A client endpoint for connecting to `remote`: bound to an ephemeral port of `remote`'s
+/// address family (an IPv4 socket cannot reach an IPv6 address, nor the reverse), whose
+/// connections accept only the certificate with `fingerprint`.
 pub fn client_endpoint(
     fingerprint: [u8; 32],
     limits: &TransportLimits,
+    remote: SocketAddr,
 ) -> Result<quinn::Endpoint, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedCert {
@@ -160,10 +166,18 @@ pub fn client_endpoint(
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport(limits)?);
-    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let mut ep = quinn::Endpoint::client(bind).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let bind = unspecified_like(remote);
+    let mut ep = quinn::Endpoint::client(bind).map_err(|e| TlsError::Bind(bind, e))?;
     ep.set_default_client_config(cfg);
     Ok(ep)
+}
+
+/// The unspecified address, port 0, of `addr`'s family: what a client socket for `addr` binds.
+pub fn unspecified_like(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
 }
 
 /// Accepts exactly one certificate, identified by its blake3 fingerprint.
@@ -233,16 +247,16 @@ impl ServerCertVerifier for PinnedCert {
 mod tests {
     use super::*;
 
-    async fn try_connect(server: &Identity, pin: [u8; 32]) -> Result<(), String> {
+    async fn try_connect(server: &Identity, pin: [u8; 32], on: &str) -> Result<(), String> {
         let limits = TransportLimits::default();
-        let ep = server_endpoint(server, "127.0.0.1:0".parse().unwrap(), &limits).unwrap();
+        let ep = server_endpoint(server, on.parse().unwrap(), &limits).unwrap();
         let addr = ep.local_addr().unwrap();
         let accept = tokio::spawn(async move {
             if let Some(inc) = ep.accept().await {
                 let _ = inc.await;
             }
         });
-        let client = client_endpoint(pin, &limits).unwrap();
+        let client = client_endpoint(pin, &limits, addr).unwrap();
         let res = match client.connect(addr, "dtrain").unwrap().await {
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
@@ -274,7 +288,7 @@ mod tests {
             let _ = conn.closed().await;
             Ok::<(), String>(())
         });
-        let client = client_endpoint(id.fingerprint(), &limits).unwrap();
+        let client = client_endpoint(id.fingerprint(), &limits, addr).unwrap();
         let conn = client
             .connect(addr, "dtrain")
             .unwrap()
@@ -321,9 +335,23 @@ mod tests {
     #[tokio::test]
     async fn pinned_fingerprint_connects_and_other_is_refused() {
         let id = Identity::generate().unwrap();
-        try_connect(&id, id.fingerprint()).await.unwrap();
+        try_connect(&id, id.fingerprint(), "127.0.0.1:0")
+            .await
+            .unwrap();
         let other = Identity::generate().unwrap();
-        let err = try_connect(&id, other.fingerprint()).await.unwrap_err();
+        let err = try_connect(&id, other.fingerprint(), "127.0.0.1:0")
+            .await
+            .unwrap_err();
         assert!(err.contains("fingerprint mismatch"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_client_reaches_a_server_on_ipv6() {
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("skipped: this machine has no IPv6 loopback");
+            return;
+        }
+        let id = Identity::generate().unwrap();
+        try_connect(&id, id.fingerprint(), "[::1]:0").await.unwrap();
     }
 }

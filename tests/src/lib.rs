@@ -193,6 +193,16 @@ impl Coordinator {
         self.child = Some(child);
     }
 
+    /// The config file it runs on.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The run's output directory.
     pub fn out(&self) -> PathBuf {
         self.dir.path().join("out")

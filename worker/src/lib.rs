@@ -3,6 +3,7 @@
 
 pub mod adversary;
 pub mod compute;
+pub mod dial;
 pub mod hostile;
 
 use std::path::PathBuf;
@@ -152,6 +153,8 @@ fn classify(e: &quinn::ConnectionError) -> SessionError {
 /// What outlives one connection.
 #[derive(Default)]
 struct SessionState {
+    /// Whether this process ever joined the run (then a lost route is an outage to wait out).
+    joined: bool,
     tasks_seen: u64,
     /// The training data loaded for a run, with the digest it was checked against.
     data: Option<([u8; 32], Arc<TrainData>)>,
@@ -209,18 +212,7 @@ async fn session(
     state: &mut SessionState,
 ) -> Result<Exit, SessionError> {
     let retry = |m: String| SessionError::Retry(m);
-    let addr = tokio::net::lookup_host(&opts.ticket.addr)
-        .await
-        .map_err(|e| retry(format!("cannot resolve {}: {e}", opts.ticket.addr)))?
-        .next()
-        .ok_or_else(|| retry(format!("{} resolves to nothing", opts.ticket.addr)))?;
-    let ep = proto::tls::client_endpoint(opts.ticket.fingerprint, &Default::default())
-        .map_err(|e| SessionError::Fatal(e.to_string()))?;
-    let conn = ep
-        .connect(addr, "dtrain")
-        .map_err(|e| retry(e.to_string()))?
-        .await
-        .map_err(|e| classify(&e))?;
+    let (_endpoint, conn) = connect(&opts.ticket, state.joined).await?;
     let closed = |conn: &quinn::Connection, what: String| match conn.close_reason() {
         Some(e) => classify(&e),
         None => retry(what),
@@ -305,6 +297,7 @@ async fn session(
     if state.tamper.is_none() {
         state.tamper = opts.hostile.map(hostile::Tamper::new);
     }
+    state.joined = true;
     info!(run = %hex::encode(&welcome.run_id[..8]), model = model.name(), params = n_params, "joined run");
     loop {
         let msg = match read_frame::<_, ToWorker>(&mut recv, cap).await {
@@ -385,6 +378,91 @@ async fn session(
             sent.map_err(|e| closed(&conn, e.to_string()))?;
         }
     }
+}
+
+/// Connects to the coordinator of `ticket`: resolves its address and tries every resolved
+/// address at once, each over a socket of its own family; the first completed handshake
+/// wins. Returns the endpoint with the connection (the connection lives on the endpoint).
+/// `joined`: whether this process joined the run before (then a lost route is retried).
+async fn connect(
+    ticket: &JoinTicket,
+    joined: bool,
+) -> Result<(quinn::Endpoint, quinn::Connection), SessionError> {
+    use dial::Heal;
+    let addr = &ticket.addr;
+    let mut failures = dial::Failures::default();
+    let resolved = match tokio::net::lookup_host(addr.as_str()).await {
+        Ok(r) => dial::candidates(r),
+        Err(e) => {
+            failures.note(
+                dial::resolve_error(&e),
+                format!("cannot resolve {addr}: {e}"),
+            );
+            Vec::new()
+        }
+    };
+    if resolved.is_empty() {
+        failures.note(Heal::Retry, format!("{addr} resolves to nothing"));
+    }
+    let mut endpoints: Vec<quinn::Endpoint> = Vec::new();
+    let mut attempts = tokio::task::JoinSet::new();
+    for target in resolved {
+        if let Err(e) = dial::route_probe(target) {
+            failures.note(
+                dial::socket_error(&e),
+                format!("cannot reach {target}: {e}"),
+            );
+            continue;
+        }
+        let family = proto::tls::unspecified_like(target);
+        let existing = endpoints.iter().find(|ep| {
+            ep.local_addr()
+                .is_ok_and(|a| proto::tls::unspecified_like(a) == family)
+        });
+        let endpoint = match existing {
+            Some(ep) => ep.clone(),
+            None => {
+                match proto::tls::client_endpoint(ticket.fingerprint, &Default::default(), target) {
+                    Ok(ep) => {
+                        endpoints.push(ep.clone());
+                        ep
+                    }
+                    Err(e) => {
+                        let heal = match &e {
+                            proto::tls::TlsError::Bind(_, io) => dial::socket_error(io),
+                            _ => Heal::Never,
+                        };
+                        failures.note(heal, e.to_string());
+                        continue;
+                    }
+                }
+            }
+        };
+        match endpoint.connect(target, "dtrain") {
+            Ok(connecting) => {
+                attempts.spawn(async move { (target, endpoint, connecting.await) });
+            }
+            Err(e) => failures.note(
+                dial::connect_error(&e),
+                format!("cannot connect to {target}: {e}"),
+            ),
+        }
+    }
+    while let Some(attempt) = attempts.join_next().await {
+        match attempt {
+            // Dropping the set abandons the other attempts.
+            Ok((_, endpoint, Ok(conn))) => return Ok((endpoint, conn)),
+            Ok((target, _, Err(e))) => match classify(&e) {
+                SessionError::Fatal(m) => failures.note(Heal::Never, m),
+                SessionError::Retry(m) => failures.note(Heal::Retry, format!("{target}: {m}")),
+            },
+            Err(e) => failures.note(Heal::Retry, format!("connection attempt failed: {e}")),
+        }
+    }
+    Err(match failures.verdict(joined) {
+        dial::Verdict::Retry(m) => SessionError::Retry(m),
+        dial::Verdict::Stop(m) => SessionError::Fatal(m),
+    })
 }
 
 /// Checks the coordinator's inner optimizer settings and turns them into a config.

@@ -80,7 +80,8 @@ struct Checkpoint {
     standings: Vec<(WorkerId, Standing)>,
 }
 
-const CHECKPOINT_VERSION: u32 = 2;
+/// 3: the state holds the workers' error-feedback bases.
+const CHECKPOINT_VERSION: u32 = 3;
 
 /// Path of the checkpoint in an output directory.
 pub fn checkpoint_path(dir: &Path) -> PathBuf {

@@ -2,6 +2,8 @@
 //! deterministic function of its inputs, so replaying the same records from the same
 //! snapshot (crash recovery, rollbacks) gives the same bits.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use compression::{CodecConfig, DecodeLimits};
 use serde::{Deserialize, Serialize};
@@ -9,7 +11,9 @@ use serde_bytes::ByteBuf;
 use trainer::Optimizer;
 use verify::{AggregateReport, AggregationConfig, WorkerId};
 
-/// What rounds change: the parameters, the optimizer, and the downlink's residual.
+/// What rounds change: the parameters, the optimizer, the downlink's residual, and where each
+/// worker's uplink error feedback continues from. Everything a task depends on besides its
+/// data is here, so a restart from a checkpoint and the log continues bit for bit.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainState {
     /// Rounds applied.
@@ -20,12 +24,33 @@ pub struct TrainState {
     pub opt: Optimizer,
     /// What lossy downlink deltas have not sent yet (empty for a lossless downlink).
     pub downlink_residual: Vec<f32>,
+    /// Each worker's last contribution applied (its task id): the error-feedback base of its
+    /// next task, whose residual the worker keeps. A rollback that removes contributions
+    /// moves it back to the last one that stays.
+    pub ef_bases: BTreeMap<WorkerId, u64>,
 }
 
 impl TrainState {
+    /// A state at round 0 with `params` and `opt` and nothing else.
+    pub fn new(params: Vec<f32>, opt: Optimizer) -> Self {
+        TrainState {
+            round: 0,
+            params,
+            opt,
+            downlink_residual: Vec::new(),
+            ef_bases: BTreeMap::new(),
+        }
+    }
+
     /// Bytes this state takes in memory (roughly).
     pub fn mem_bytes(&self) -> u64 {
         4 * (3 * self.params.len() + self.downlink_residual.len()) as u64
+            + 40 * self.ef_bases.len() as u64
+    }
+
+    /// The error-feedback base of `worker`'s next task (0: none).
+    pub fn ef_base(&self, worker: &WorkerId) -> u64 {
+        self.ef_bases.get(worker).copied().unwrap_or(0)
     }
 }
 
@@ -89,10 +114,11 @@ pub struct Applied {
     pub report: AggregateReport,
 }
 
-/// Applies one round: decodes the contributions, aggregates them (weighted by samples, in
-/// part order), takes an optimizer step, and, for a lossy downlink, replaces the step by its
-/// quantized version (error feedback keeps the rest for later rounds). A round left without
-/// contributions (all removed by a rollback) changes nothing but the round counter.
+/// Applies one round: records each contribution as its worker's next error-feedback base,
+/// decodes the contributions, aggregates them (weighted by samples, in part order), takes an
+/// optimizer step, and, for a lossy downlink, replaces the step by its quantized version
+/// (error feedback keeps the rest for later rounds). A round left without contributions (all
+/// removed by a rollback) changes nothing but the round counter.
 pub fn apply(state: &mut TrainState, rec: &RoundRecord, rules: &Rules) -> Result<Applied> {
     anyhow::ensure!(
         rec.round == state.round,
@@ -101,6 +127,9 @@ pub fn apply(state: &mut TrainState, rec: &RoundRecord, rules: &Rules) -> Result
         state.round
     );
     state.round += 1;
+    for c in &rec.contributions {
+        state.ef_bases.insert(c.worker, c.task_id);
+    }
     if rec.contributions.is_empty() {
         return Ok(Applied::default());
     }

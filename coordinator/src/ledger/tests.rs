@@ -18,12 +18,10 @@ fn rules(downlink: CodecConfig) -> Rules {
 }
 
 fn fresh() -> TrainState {
-    TrainState {
-        round: 0,
-        params: (0..N).map(|i| (i as f32 * 0.1).cos()).collect(),
-        opt: Optimizer::new(OptimizerConfig::default()),
-        downlink_residual: Vec::new(),
-    }
+    TrainState::new(
+        (0..N).map(|i| (i as f32 * 0.1).cos()).collect(),
+        Optimizer::new(OptimizerConfig::default()),
+    )
 }
 
 fn worker(i: u8) -> WorkerId {
@@ -115,6 +113,12 @@ fn a_restart_replays_the_log_to_the_same_bits() {
             bits(&want.downlink_residual)
         );
         assert!(l2.holds(|c| c.task_id == 801 && c.verified));
+        // Where each worker's error feedback continues: its last contribution, also across
+        // the checkpoint (worker 3 joined after it).
+        assert_eq!(l2.state.ef_bases, want.ef_bases);
+        assert_eq!(l2.state.ef_base(&worker(1)), 801);
+        assert_eq!(l2.state.ef_base(&worker(3)), 803);
+        assert_eq!(l2.state.ef_base(&worker(4)), 0);
         // resume = false starts over.
         let (l3, rec) = open(dir.path(), 3, false, downlink).unwrap();
         assert_eq!((l3.state.round, rec.replayed), (0, 0));
@@ -147,6 +151,9 @@ fn a_rollback_equals_never_having_had_the_removed_contributions() {
     assert_eq!(rb.replayed, 7);
     assert_eq!(bits(&l.state.params), bits(&clean.state.params));
     assert_eq!(l.state.round, 10);
+    // Worker 9's error feedback continues from its last contribution that stays.
+    assert_eq!(l.state.ef_base(&worker(9)), 609);
+    assert_eq!(l.state.ef_bases, clean.state.ef_bases);
     assert!(l
         .remove(|c| c.worker == worker(9) && !c.verified)
         .unwrap()
@@ -156,6 +163,7 @@ fn a_rollback_equals_never_having_had_the_removed_contributions() {
     drop(l);
     let (back, _) = open(dir.path(), 1, true, CodecConfig::lossless()).unwrap();
     assert_eq!(bits(&back.state.params), bits(&clean.state.params));
+    assert_eq!(back.state.ef_bases, clean.state.ef_bases);
 }
 
 #[test]
