@@ -28,6 +28,9 @@ use serde_bytes::ByteBuf;
 use trainer::{ModelSpec, OptimizerConfig, TrainData};
 use verify::{Commitment, Evidence, Hash, WorkerId};
 
+use serde::{Deserialize, Serialize};
+use verify::ComputeClass;
+
 use crate::server::Event;
 
 /// The result of the worker's previous used task, whose residual task `t` continues.
@@ -40,7 +43,7 @@ pub struct Base {
 }
 
 /// What a task asked for, besides its parameters.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Work {
     /// Its samples.
     pub indices: Vec<u32>,
@@ -75,6 +78,8 @@ pub struct Job {
     base_input: Option<Vec<f32>>,
     /// Relative L2 tolerance (None: bitwise).
     pub tolerance: Option<f64>,
+    /// The compute class the worker declared (and bound into the commitment).
+    pub class: ComputeClass,
     /// When the worker's answer to the pending challenge is due (kept across reconnects).
     deadline: Option<Instant>,
 }
@@ -89,6 +94,7 @@ impl Job {
         result: Arc<TaskResult>,
         base: Option<Base>,
         tolerance: Option<f64>,
+        class: ComputeClass,
     ) -> Self {
         Job {
             id: 0,
@@ -101,6 +107,7 @@ impl Job {
             base,
             base_input: None,
             tolerance,
+            class,
             deadline: None,
         }
     }
@@ -111,9 +118,10 @@ impl Job {
 }
 
 /// What re-execution concluded.
+#[derive(Debug, Serialize, Deserialize)]
 pub enum Verdict {
-    /// The result is what the task gives.
-    Pass,
+    /// The result is what the task gives; how it was confirmed.
+    Pass(String),
     /// It is not.
     Fail {
         /// What differs.
@@ -122,7 +130,13 @@ pub enum Verdict {
         recomputed: Hash,
         /// The honest inner-step hashes (multi-step tasks), for bisection.
         leaves: Vec<Hash>,
+        /// Relative L2 distance between the decoded updates (infinite when the worker's
+        /// does not decode).
+        distance: f64,
     },
+    /// The result disagrees across compute classes and its own class cannot be reproduced
+    /// here: it is dropped, nobody is accused.
+    Unconfirmed(String),
     /// The check could not run on the coordinator's side (e.g. the revealed base does not
     /// decode, re-execution failed).
     Error(String),
@@ -157,6 +171,8 @@ pub enum Out {
         worker: WorkerId,
         /// Its task.
         task_id: u64,
+        /// How: bitwise, within the tolerance, across classes, in its own class.
+        how: String,
         /// The error-feedback base it continued (0: none).
         base: u64,
         /// Milliseconds of re-execution.
@@ -254,20 +270,156 @@ pub struct Checks {
     limits: DecodeLimits,
 }
 
+/// How the checker treats results computed in another compute class than its own.
+pub struct Classes {
+    /// The class the checker computes in.
+    pub own: ComputeClass,
+    /// Relative L2 distance accepted between classes (the README's calibrated figure).
+    pub tolerance: f64,
+    /// A relative L2 distance beyond any honest difference between classes: evidence even
+    /// when the worker's own class cannot be reproduced here.
+    pub gross: f64,
+    /// How to re-execute in another class (`None`: never).
+    pub emulator: Option<Emulator>,
+}
+
+/// Re-execution in another class: this program (`exe recheck`) started with the class's
+/// settings in its environment, the run config and the job on its stdin (bincode), the
+/// [`Verdict`] on its stdout.
+pub struct Emulator {
+    /// The program (the coordinator's own binary).
+    pub exe: std::path::PathBuf,
+    /// The run config, TOML.
+    pub config: String,
+}
+
+/// What a child re-executing in another class gets.
+#[derive(Serialize, Deserialize)]
+struct EmulatedCheck {
+    config: String,
+    worker: WorkerId,
+    threads: u32,
+    params: Vec<f32>,
+    work: Work,
+    result: TaskResult,
+    base: Option<(Commitment, ByteBuf)>,
+    base_input: Option<Vec<f32>>,
+    tolerance: f64,
+}
+
+impl Emulator {
+    /// Re-executes `job` with `env` set (and every other class variable unset) at the
+    /// worker's thread count.
+    fn run(
+        &self,
+        job: &Job,
+        env: Vec<(String, String)>,
+        tolerance: f64,
+    ) -> Result<Verdict, String> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let req = EmulatedCheck {
+            config: self.config.clone(),
+            worker: job.worker,
+            threads: job.class.threads.max(1),
+            params: job.params.to_vec(),
+            work: job.work.clone(),
+            result: (*job.result).clone(),
+            base: job
+                .base
+                .as_ref()
+                .map(|b| (b.commitment.clone(), (*b.update).clone())),
+            base_input: job.base_input.clone(),
+            tolerance,
+        };
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("recheck")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for v in executor::class::CLASS_ENV_VARS {
+            cmd.env_remove(v);
+        }
+        let mut child = cmd.envs(env).spawn().map_err(|e| e.to_string())?;
+        let body = bincode::serialize(&req).map_err(|e| e.to_string())?;
+        child
+            .stdin
+            .take()
+            .ok_or("no stdin")?
+            .write_all(&body)
+            .map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("the re-execution exited with {}", out.status));
+        }
+        bincode::deserialize(&out.stdout).map_err(|e| e.to_string())
+    }
+}
+
+/// The child side of [`Emulator`]: reads the job from `input`, re-executes it in this
+/// process's class (bitwise, then within the tolerance) and writes the [`Verdict`].
+pub fn serve_emulated_check(
+    input: impl std::io::Read,
+    output: impl std::io::Write,
+) -> anyhow::Result<()> {
+    let req: EmulatedCheck = bincode::deserialize_from(input)?;
+    let cfg = crate::RunConfig::parse(&req.config)?;
+    let spec = cfg.check_model()?;
+    let data = crate::dataset::load(&cfg, &spec)?;
+    trainer::runtime::set_threads(Some(req.threads as usize));
+    let mut exec = Executor::new(
+        &spec,
+        tch::Device::Cpu,
+        Arc::new(data.train),
+        cfg.inner_optimizer.clone(),
+    );
+    let limits = DecodeLimits {
+        max_values: exec.n_params(),
+        max_encoded_bytes: cfg.network.max_frame_bytes as usize,
+    };
+    let mut job = Job::new(
+        req.worker,
+        0,
+        Arc::new(req.params),
+        req.work,
+        Arc::new(req.result),
+        req.base.map(|(commitment, update)| Base {
+            commitment,
+            update: Arc::new(update),
+        }),
+        None,
+        ComputeClass::default(),
+    );
+    job.base_input = req.base_input;
+    let mut verdict = recheck(&mut exec, &job, &cfg.compression, &limits);
+    if let Verdict::Fail { distance, .. } = &verdict {
+        if *distance <= req.tolerance {
+            verdict = Verdict::Pass(format!(
+                "relative L2 {distance:.1e}, within {:.0e}",
+                req.tolerance
+            ));
+        }
+    }
+    bincode::serialize_into(output, &verdict)?;
+    Ok(())
+}
+
 /// Starts the checker thread; its verdicts come back as [`Event::Checked`].
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     model: ModelSpec,
     data: Arc<TrainData>,
     inner: OptimizerConfig,
     codec: CodecConfig,
     limits: DecodeLimits,
+    classes: Classes,
     events: Sender<Event>,
     timeout: Duration,
 ) -> Checks {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("checker".into())
-        .spawn(move || checker(model, data, inner, codec, limits, rx, events))
+        .spawn(move || checker(model, data, inner, codec, limits, classes, rx, events))
         .expect("spawn the checker thread");
     Checks {
         jobs: HashMap::new(),
@@ -280,12 +432,14 @@ pub fn start(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn checker(
     model: ModelSpec,
     data: Arc<TrainData>,
     inner: OptimizerConfig,
     codec: CodecConfig,
     limits: DecodeLimits,
+    classes: Classes,
     jobs: Receiver<Job>,
     events: Sender<Event>,
 ) {
@@ -293,7 +447,7 @@ fn checker(
     for job in jobs {
         let t = Instant::now();
         let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            recheck(&mut exec, &job, &codec, &limits)
+            judge(&mut exec, &job, &codec, &limits, &classes)
         }))
         .unwrap_or_else(|_| Verdict::Error("re-execution panicked".into()));
         let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -306,11 +460,95 @@ fn checker(
     }
 }
 
+/// Re-executes a job and judges it, following the classes: a result of another class that
+/// fails the comparison is not held against the worker until it also fails in its own class
+/// (reproduced here when this machine can, see [`executor::class::emulation_env`]), or
+/// differs by more than any honest difference between classes.
+pub fn judge(
+    exec: &mut Executor,
+    job: &Job,
+    codec: &CodecConfig,
+    limits: &DecodeLimits,
+    classes: &Classes,
+) -> Verdict {
+    let verdict = recheck(exec, job, codec, limits);
+    let Verdict::Fail {
+        reason, distance, ..
+    } = &verdict
+    else {
+        return verdict;
+    };
+    let (distance, tol) = (*distance, classes.tolerance);
+    if job.class.digest() == classes.own.digest() {
+        return verdict;
+    }
+    let (mine, theirs) = (classes.own.label(), job.class.label());
+    if distance <= tol {
+        return Verdict::Pass(format!(
+            "across classes {theirs} and {mine}: relative L2 {distance:.1e} within {tol:.0e}"
+        ));
+    }
+    let env = executor::class::emulation_env(&classes.own, &job.class);
+    match (env, classes.emulator.as_ref()) {
+        (Some(env), Some(em)) => match em.run(job, env, tol) {
+            Ok(Verdict::Pass(how)) => Verdict::Pass(format!(
+                "in its own class {theirs}, reproduced here ({how}); {distance:.1e} from {mine}"
+            )),
+            Ok(Verdict::Fail {
+                reason,
+                recomputed,
+                leaves,
+                distance: own,
+            }) => Verdict::Fail {
+                reason: format!(
+                    "{reason} in its own class {theirs} (reproduced here, relative L2 {own:.1e}) \
+                     and in {mine} ({distance:.1e})"
+                ),
+                recomputed,
+                leaves,
+                distance: own,
+            },
+            Ok(other) => other,
+            Err(e) => Verdict::Unconfirmed(format!(
+                "differs from {mine} by {distance:.1e}; re-execution in its class {theirs} failed: {e}"
+            )),
+        },
+        _ if distance > classes.gross => Verdict::Fail {
+            reason: format!(
+                "{reason}: relative L2 {distance:.1e} from {mine}, beyond any honest difference \
+                 between classes ({:.0e}); its class {theirs} cannot be reproduced here",
+                classes.gross
+            ),
+            recomputed: [0; 32],
+            // Steps of another class do not bisect.
+            leaves: Vec::new(),
+            distance,
+        },
+        _ => Verdict::Unconfirmed(format!(
+            "differs from {mine} by relative L2 {distance:.1e} (tolerance {tol:.0e}) and its \
+             class {theirs} cannot be reproduced here"
+        )),
+    }
+}
+
 fn l2(v: impl Iterator<Item = f64>) -> f64 {
     v.map(|x| x * x).sum::<f64>().sqrt()
 }
 
-/// Re-executes a job and compares.
+/// Relative L2 distance between the worker's decoded update and ours (infinite when the
+/// worker's does not decode); `Err` when ours does not.
+fn distance(theirs: &[u8], ours: &[u8], n: usize, limits: &DecodeLimits) -> Result<f64, String> {
+    let ours = compression::decode_exact(ours, n, limits)
+        .map_err(|e| format!("own update does not decode: {e}"))?;
+    let Ok(theirs) = compression::decode_exact(theirs, n, limits) else {
+        return Ok(f64::INFINITY);
+    };
+    let diff = l2(theirs.iter().zip(&ours).map(|(a, b)| f64::from(a - b)));
+    let norm = l2(ours.iter().map(|&x| f64::from(x))).max(1e-12);
+    Ok(diff / norm)
+}
+
+/// Re-executes a job and compares, bitwise or within `job.tolerance`.
 pub fn recheck(
     exec: &mut Executor,
     job: &Job,
@@ -342,10 +580,15 @@ pub fn recheck(
     };
     let recomputed = verify::hash_update(&enc.bytes);
     let root = raw.step_root();
+    let distance = match distance(&job.result.update, &enc.bytes, raw.values.len(), limits) {
+        Ok(d) => d,
+        Err(e) => return Verdict::Error(e),
+    };
     let fail = |reason: String| Verdict::Fail {
         reason,
         recomputed,
         leaves: raw.leaves.clone(),
+        distance,
     };
     if raw.n as u32 != c.n_samples {
         return fail("sample count differs".into());
@@ -357,30 +600,15 @@ pub fn recheck(
             } else if recomputed != c.update {
                 fail("the same values encode to other bytes".into())
             } else {
-                Verdict::Pass
+                Verdict::Pass("bitwise".into())
             }
         }
-        Some(tol) => {
-            let theirs =
-                match compression::decode_exact(&job.result.update, raw.values.len(), limits) {
-                    Ok(v) => v,
-                    Err(e) => return fail(format!("update does not decode: {e}")),
-                };
-            let ours = match compression::decode_exact(&enc.bytes, raw.values.len(), limits) {
-                Ok(v) => v,
-                Err(e) => return Verdict::Error(format!("own update does not decode: {e}")),
-            };
-            let diff = l2(theirs.iter().zip(&ours).map(|(a, b)| f64::from(a - b)));
-            let norm = l2(ours.iter().map(|&x| f64::from(x))).max(1e-12);
-            if diff / norm <= tol {
-                Verdict::Pass
-            } else {
-                fail(format!(
-                    "update differs by {:.3e} (relative L2), tolerance {tol:.1e}",
-                    diff / norm
-                ))
-            }
+        Some(tol) if distance <= tol => {
+            Verdict::Pass(format!("relative L2 {distance:.1e} within {tol:.0e}"))
         }
+        Some(tol) => fail(format!(
+            "update differs by {distance:.3e} (relative L2), tolerance {tol:.1e}"
+        )),
     }
 }
 
@@ -608,13 +836,14 @@ impl Checks {
         let Done { job, verdict, ms } = done;
         self.jobs.remove(&job.id);
         match verdict {
-            Verdict::Pass => vec![Out::Passed {
+            Verdict::Pass(how) => vec![Out::Passed {
                 worker: job.worker,
                 task_id: job.task_id(),
+                how,
                 base: job.result.commitment.ef_base,
                 ms,
             }],
-            Verdict::Error(reason) => vec![Out::Abandoned {
+            Verdict::Error(reason) | Verdict::Unconfirmed(reason) => vec![Out::Abandoned {
                 worker: job.worker,
                 task_id: job.task_id(),
                 conn: job.conn,
@@ -625,6 +854,7 @@ impl Checks {
                 reason,
                 recomputed,
                 leaves,
+                ..
             } => {
                 let root = verify::MerkleTree::new(leaves.clone()).root();
                 let b = Bisection {

@@ -54,6 +54,11 @@ pub struct RunConfig {
     /// as if killed right after round N is in the write-ahead log and before it is reported.
     #[serde(skip)]
     pub test_crash_after_logging: Option<u64>,
+    /// The coordinator program, which re-executes a result in a worker's compute class
+    /// (`coordinator recheck`); set by `coordinator run`, never from a file. `None`: results
+    /// of classes that fail the cross-class comparison are dropped, nobody is accused.
+    #[serde(skip)]
+    pub recheck_exe: Option<PathBuf>,
 }
 
 fn default_downlink() -> CodecConfig {
@@ -264,6 +269,12 @@ impl Default for NetworkSection {
 pub struct WorkersSection {
     /// Force this many compute threads on every worker (deterministic mode); unset: their choice.
     pub deterministic_threads: Option<u32>,
+    /// The portable deterministic mode: workers and the coordinator's checks compute with
+    /// `executor::class::PORTABLE_ENV` (libtorch's baseline kernels, MKL's `COMPATIBLE`
+    /// path, oneDNN at SSE4.1) at `deterministic_threads` threads (1 when unset), so that
+    /// every x86-64 CPU computes the same bits and is checked bitwise. Slower; see the
+    /// README's "Verification across hardware".
+    pub portable: bool,
     /// Size the workers' shares of each batch so that they finish at the same time (by their
     /// compute times; false: equal shares).
     pub balance_by_speed: bool,
@@ -273,6 +284,7 @@ impl Default for WorkersSection {
     fn default() -> Self {
         WorkersSection {
             deterministic_threads: None,
+            portable: false,
             balance_by_speed: true,
         }
     }
@@ -303,8 +315,13 @@ pub struct VerificationSection {
     pub trusted_after: u32,
     /// How results are compared.
     pub mode: CheckMode,
-    /// Largest relative L2 distance accepted in tolerance mode.
+    /// Largest relative L2 distance accepted in tolerance mode, and between the results of
+    /// two compute classes (calibrated by `experiments classes`).
     pub tolerance: f64,
+    /// A relative L2 distance no honest computation in any class reaches: evidence against
+    /// a result of a class the coordinator cannot reproduce. Below it such a result that
+    /// fails `tolerance` is dropped without accusation.
+    pub gross_tolerance: f64,
     /// Seconds a worker has to answer a challenge about a result it committed to.
     pub challenge_timeout_s: f64,
     /// Checks waiting or running before new rounds wait for them.
@@ -321,6 +338,7 @@ impl Default for VerificationSection {
             trusted_after: 20,
             mode: CheckMode::Auto,
             tolerance: 1e-3,
+            gross_tolerance: 0.1,
             challenge_timeout_s: 60.0,
             max_pending: 16,
             max_strikes: 3,
@@ -499,6 +517,9 @@ impl RunConfig {
         }
         if !(v.tolerance.is_finite() && v.tolerance >= 0.0) {
             return bad("verification.tolerance must be a finite number >= 0".into());
+        }
+        if !(v.gross_tolerance.is_finite() && v.gross_tolerance >= v.tolerance) {
+            return bad("verification.gross_tolerance must be finite and >= tolerance".into());
         }
         if v.max_pending == 0 || v.max_strikes == 0 {
             return bad("verification.max_pending and max_strikes must be >= 1".into());

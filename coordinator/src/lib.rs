@@ -99,7 +99,17 @@ fn bind(
 }
 
 /// Runs a training run to its end (or until Ctrl-C or SIGTERM); returns how it ended.
-pub async fn run(cfg: RunConfig) -> Result<Outcome> {
+pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
+    if cfg.workers.portable {
+        // Bitwise equal results need a fixed thread count as well.
+        cfg.workers.deterministic_threads.get_or_insert(1);
+        if !executor::class::portable_env_applied() {
+            anyhow::bail!(
+                "workers.portable: start the coordinator with the portable settings in its \
+                 environment (`coordinator run` does so itself)"
+            );
+        }
+    }
     // The model, its data and any initial weights are checked before the output folder is
     // touched, so a bad input changes nothing there.
     let spec = cfg.check_model()?;
@@ -139,6 +149,7 @@ pub async fn run(cfg: RunConfig) -> Result<Outcome> {
         seq_len: data.seq_len,
         codec: cfg.compression.clone(),
         deterministic_threads: cfg.workers.deterministic_threads,
+        portable: cfg.workers.portable,
         inner_optimizer: proto::InnerOptimizer {
             kind: cfg.inner_optimizer.kind.name().to_string(),
             lr: cfg.inner_optimizer.lr,

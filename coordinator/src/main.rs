@@ -33,6 +33,11 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Internal: re-execute one spot check in this process's compute class (the job on
+    /// stdin, the verdict on stdout); the coordinator starts it with a worker's class
+    /// settings in the environment.
+    #[command(hide = true)]
+    Recheck,
     /// Data sets for language-model runs.
     Data {
         #[command(subcommand)]
@@ -65,8 +70,7 @@ enum DataCmd {
     },
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     trainer::runtime::init_logging();
     let cli = Cli::parse();
     match cli.cmd {
@@ -77,12 +81,24 @@ async fn main() -> Result<()> {
         } => {
             let mut cfg = coordinator::RunConfig::load(&config)?;
             cfg.test_crash_after_logging = test_crash_after_logging;
+            cfg.recheck_exe = std::env::current_exe().ok();
             if steps.is_some() {
                 cfg.training.steps = steps;
                 cfg.validate()?;
             }
-            let outcome = coordinator::run(cfg).await?;
+            if cfg.workers.portable {
+                // Before libtorch, MKL and oneDNN start (they read these once), and before
+                // any other thread exists.
+                for (k, v) in executor::class::PORTABLE_ENV {
+                    std::env::set_var(k, v);
+                }
+            }
+            let runtime = tokio::runtime::Runtime::new()?;
+            let outcome = runtime.block_on(coordinator::run(cfg))?;
             tracing::info!(?outcome, "coordinator exiting");
+        }
+        Cmd::Recheck => {
+            coordinator::checks::serve_emulated_check(std::io::stdin().lock(), std::io::stdout())?;
         }
         Cmd::Check { config } => {
             let cfg = coordinator::RunConfig::load(&config)?;

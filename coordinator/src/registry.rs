@@ -33,8 +33,11 @@ pub struct Conn {
     pub id: WorkerId,
     /// Name and device, as it reported them.
     pub name: String,
-    /// Whether its results can be compared bitwise (CPU in deterministic mode).
+    /// Whether its results are compared bitwise first (deterministic mode, its class the
+    /// checks' class).
     pub bitwise: bool,
+    /// The compute class it computes in (its commitments carry the digest).
+    pub class: verify::ComputeClass,
     /// Where its messages go.
     pub tx: tokio::sync::mpsc::UnboundedSender<Outgoing>,
     /// Its traffic.

@@ -33,6 +33,7 @@ use crate::parts::{self, Attempt, Part};
 use crate::progress::{Progress, StepLine};
 use crate::registry::{Accepted, Conn, Registry};
 use crate::server::{Event, Joined, Outgoing};
+use verify::ComputeClass;
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +117,8 @@ pub struct Scheduler {
     reg: Registry,
     balancer: parts::Balancer,
     checks: Option<Checks>,
+    /// The compute class the checks run in.
+    class: ComputeClass,
     policy: SpotCheckPolicy,
     check_key: [u8; 32],
     /// Workers banned since the last round was committed (their contributions go).
@@ -219,13 +222,27 @@ impl Scheduler {
                 json!({"step": round, "batches": (round * h).min(total_batches), "recovered": true}),
             );
         }
+        let class = executor::class::detect(tch::Device::Cpu, tch::get_num_threads().max(1) as u32);
+        tracing::info!(class = %class.label(), "checks compute in this class");
         let checks = cfg.verification.enabled().then(|| {
+            let emulator = cfg.recheck_exe.clone().and_then(|exe| {
+                Some(checks::Emulator {
+                    exe,
+                    config: toml::to_string(&cfg).ok()?,
+                })
+            });
             checks::start(
                 spec.clone(),
                 train.clone(),
                 cfg.inner_optimizer.clone(),
                 cfg.compression.clone(),
                 limits,
+                checks::Classes {
+                    own: class.clone(),
+                    tolerance: cfg.verification.tolerance,
+                    gross: cfg.verification.gross_tolerance,
+                    emulator,
+                },
                 events_tx.clone(),
                 Duration::from_secs_f64(cfg.verification.challenge_timeout_s),
             )
@@ -234,6 +251,7 @@ impl Scheduler {
         let downlink = Downlink::new(ledger.state.params.clone(), &cfg.downlink);
         let (last_in, last_out) = traffic.get();
         Ok(Scheduler {
+            class,
             hyper: hyperparams_digest(&cfg, &spec),
             progress: Progress::new(total_steps, step),
             policy: cfg.verification.policy(),
@@ -613,16 +631,21 @@ impl Scheduler {
             }
             retire(parts, old);
         }
+        // The class it computes in: as declared, at the run's forced thread count.
+        let mut class = j.class;
+        if let Some(t) = self.cfg.workers.deterministic_threads {
+            class.threads = t;
+        }
+        let same_class = class.digest() == self.class.digest();
         self.metrics.emit(
             "worker_joined",
-            json!({"conn": j.conn, "worker": j.worker.to_string(), "name": j.name, "step": self.step()}),
+            json!({"conn": j.conn, "worker": j.worker.to_string(), "name": j.name, "step": self.step(),
+                   "class": class, "class_label": class.label(), "same_class_as_checks": same_class}),
         );
         let bitwise = match self.cfg.verification.mode {
             CheckMode::Bitwise => true,
             CheckMode::Tolerance => false,
-            CheckMode::Auto => {
-                self.cfg.workers.deterministic_threads.is_some() && j.device == "cpu"
-            }
+            CheckMode::Auto => self.cfg.workers.deterministic_threads.is_some() && same_class,
         };
         self.reg.conns.insert(
             j.conn,
@@ -630,6 +653,7 @@ impl Scheduler {
                 id: j.worker,
                 name: j.name,
                 bitwise,
+                class,
                 tx: j.tx,
                 traffic: j.traffic,
                 busy: None,
@@ -677,7 +701,8 @@ impl Scheduler {
         part.attempts[ai].live = false;
         let (ef_base, seed) = (part.attempts[ai].ef_base, part.attempts[ai].seed);
         let elapsed = part.attempts[ai].started.elapsed().as_secs_f64() * 1000.0;
-        let norm = match self.validate(&worker, &res, part, ef_base, seed) {
+        let declared = self.reg.conns.get(&conn).map(|w| w.class.digest());
+        let norm = match self.validate(&worker, &res, part, ef_base, seed, declared) {
             Ok(norm) => norm,
             Err(reason) => {
                 self.counts.rejected += 1;
@@ -695,7 +720,7 @@ impl Scheduler {
         let per = elapsed / part.indices.len().max(1) as f64;
         w.ms_per_sample = Some(w.ms_per_sample.map_or(per, |o| 0.7 * o + 0.3 * per));
         part.attempts[ai].compute_ms = Some((res.compute_us as f64 / 1000.0).min(elapsed));
-        let bitwise = w.bitwise;
+        let (bitwise, class) = (w.bitwise, w.class.clone());
         self.counts.tasks_ok += 1;
         self.counts.work_ms += (res.compute_us as f64 / 1000.0).min(elapsed);
         self.counts.update_bytes += res.update.len() as u64;
@@ -752,6 +777,7 @@ impl Scheduler {
                 res,
                 base,
                 (!bitwise).then_some(self.cfg.verification.tolerance),
+                class,
             );
             let outs = self
                 .checks
@@ -772,8 +798,12 @@ impl Scheduler {
         part: &Part,
         ef_base: u64,
         seed: u64,
+        class: Option<verify::Hash>,
     ) -> Result<f64, String> {
         let c = &res.commitment;
+        if Some(c.class) != class {
+            return Err("committed in another compute class than the one declared".into());
+        }
         if res.n_samples as usize != part.indices.len() || c.n_samples != res.n_samples {
             return Err(format!(
                 "covers {} samples, asked {}",
@@ -843,6 +873,7 @@ impl Scheduler {
                 Out::Passed {
                     worker,
                     task_id,
+                    how,
                     base,
                     ms,
                 } => {
@@ -862,7 +893,7 @@ impl Scheduler {
                     self.ledger.log_standing(worker, &s)?;
                     self.metrics.emit(
                         "check_passed",
-                        json!({"worker": worker.to_string(), "task_id": task_id, "ms": ms, "step": self.step()}),
+                        json!({"worker": worker.to_string(), "task_id": task_id, "ms": ms, "how": how, "step": self.step()}),
                     );
                 }
                 Out::Caught { evidence, ms } => {

@@ -26,8 +26,8 @@ pub struct Joined {
     pub worker: WorkerId,
     /// Its self-reported name and device.
     pub name: String,
-    /// Its device (`cpu`, `cuda:0`, ...).
-    pub device: String,
+    /// The compute class it declared (strings bounded).
+    pub class: verify::ComputeClass,
     /// Where to send it messages.
     pub tx: UnboundedSender<Outgoing>,
     /// Its traffic counters.
@@ -312,10 +312,11 @@ async fn serve(
             format!("run is full ({} workers)", ctx.limits.max_workers),
         );
     }
-    let device: String = hello.device.chars().take(16).collect();
+    let class = hello.class.clone().bounded();
     let name: String = format!(
-        "{}@{device}",
-        hello.name.chars().take(64).collect::<String>()
+        "{}@{}",
+        hello.name.chars().take(64).collect::<String>(),
+        class.device.chars().take(16).collect::<String>()
     );
     let traffic = Arc::new(Traffic::default());
     let welcome = ToWorker::Welcome(ctx.welcome.clone());
@@ -332,7 +333,7 @@ async fn serve(
                 conn: conn_no,
                 worker: hello.worker_id,
                 name,
-                device,
+                class,
                 tx,
                 traffic: traffic.clone(),
             })))

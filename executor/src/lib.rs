@@ -11,6 +11,7 @@
 //! codec, seed, the error-feedback residual it continues): the inner optimizer starts fresh
 //! in every task, so a re-execution needs nothing of the worker's history but that residual.
 
+pub mod class;
 pub mod params;
 
 use std::sync::Arc;

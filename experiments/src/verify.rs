@@ -183,17 +183,18 @@ fn detect(
                 Arc::new(result),
                 None,
                 None,
+                verify::ComputeClass::default(),
             );
             match recheck(checker, &job, &codec, &limits) {
                 Verdict::Fail { .. } => {
                     d.tasks.push(k);
                     break;
                 }
-                Verdict::Pass => {
+                Verdict::Pass(_) => {
                     rep.checks_passed += 1;
                     d.missed_checks += 1;
                 }
-                Verdict::Error(_) => {}
+                Verdict::Error(_) | Verdict::Unconfirmed(_) => {}
             }
         }
     }

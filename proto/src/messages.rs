@@ -4,7 +4,7 @@
 use compression::CodecConfig;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
-use verify::{Commitment, MerkleProof, Signature, WorkerId};
+use verify::{Commitment, ComputeClass, MerkleProof, Signature, WorkerId};
 
 /// First message of a worker, right after the stream preamble.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -15,10 +15,10 @@ pub struct Hello {
     pub worker_id: WorkerId,
     /// A human-readable name (host name or `--name`); at most 64 bytes are kept.
     pub name: String,
-    /// What it computes on, e.g. `cpu` or `cuda:0`.
-    pub device: String,
-    /// Compute threads it uses.
-    pub threads: u32,
+    /// What decides the bits it computes (device, libtorch, CPU kernels, threads); its
+    /// digest is bound into every commitment. Strings are cut to
+    /// [`verify::class::MAX_CLASS_FIELD`] bytes on arrival.
+    pub class: ComputeClass,
 }
 
 /// What a worker needs to know about the run; sent once after a successful handshake.
@@ -43,6 +43,10 @@ pub struct Welcome {
     pub codec: CodecConfig,
     /// Compute threads the worker must use in deterministic mode (`None`: its own choice).
     pub deterministic_threads: Option<u32>,
+    /// The worker must compute with the portable deterministic settings
+    /// (`executor::class::PORTABLE_ENV`), applied before libtorch starts: a worker started
+    /// without them restarts itself with them and joins again.
+    pub portable: bool,
     /// Local optimizer of multi-step (DiLoCo) tasks.
     pub inner_optimizer: InnerOptimizer,
 }

@@ -79,16 +79,19 @@ pub struct Commitment {
     /// [`hash_f32`] of the exact values that were encoded: the computed update plus the
     /// error-feedback residual taken over from `ef_base`.
     pub encoded_input: Hash,
+    /// [`ComputeClass::digest`](crate::ComputeClass::digest) of the class the worker
+    /// declared and computed in.
+    pub class: Hash,
 }
 
 impl Commitment {
-    /// One blake3 (context `"dtrain commitment v2"`) over a fixed 260-byte layout, in
+    /// One blake3 (context `"dtrain commitment v3"`) over a fixed 292-byte layout, in
     /// declaration order: `run_id`, `task_id` (u64 LE), `step` (u64 LE), `input_params`,
     /// `indices`, `seed` (u64 LE), `hyperparams`, `update`, `step_root`, `n_samples`
-    /// (u32 LE), `ef_base` (u64 LE), `encoded_input`. Independent of serde, so changing a
+    /// (u32 LE), `ef_base` (u64 LE), `encoded_input`, `class`. Independent of serde, so changing a
     /// wire format cannot change signatures.
     pub fn digest(&self) -> Hash {
-        let mut h = blake3::Hasher::new_derive_key("dtrain commitment v2");
+        let mut h = blake3::Hasher::new_derive_key("dtrain commitment v3");
         h.update(&self.run_id);
         h.update(&self.task_id.to_le_bytes());
         h.update(&self.step.to_le_bytes());
@@ -101,6 +104,7 @@ impl Commitment {
         h.update(&self.n_samples.to_le_bytes());
         h.update(&self.ef_base.to_le_bytes());
         h.update(&self.encoded_input);
+        h.update(&self.class);
         *h.finalize().as_bytes()
     }
 }
@@ -123,6 +127,7 @@ pub(crate) mod tests {
             n_samples: 10,
             ef_base: 11,
             encoded_input: [12; 32],
+            class: [13; 32],
         }
     }
 
@@ -180,6 +185,10 @@ pub(crate) mod tests {
                 encoded_input: [0; 32],
                 ..sample()
             },
+            Commitment {
+                class: [0; 32],
+                ..sample()
+            },
         ];
         for v in variants {
             assert_ne!(v.digest(), d, "{v:?}");
@@ -191,7 +200,7 @@ pub(crate) mod tests {
         // Fixed vector: a change of the encoding must be deliberate (and versioned).
         assert_eq!(
             hex::encode(sample().digest()),
-            "439bd671e7776172fcd7e1b7c1e787f0b2ad9de4ae637ae3e52e0138ffea6c71"
+            "32230d4b911c1436000d5d53934fc57750a4a33a159c810d0237cd4284948399"
         );
     }
 
@@ -227,8 +236,9 @@ pub(crate) mod tests {
         buf.extend_from_slice(&c.n_samples.to_le_bytes());
         buf.extend_from_slice(&c.ef_base.to_le_bytes());
         buf.extend_from_slice(&c.encoded_input);
-        assert_eq!(buf.len(), 260);
-        assert_eq!(c.digest(), blake3::derive_key("dtrain commitment v2", &buf));
+        buf.extend_from_slice(&c.class);
+        assert_eq!(buf.len(), 292);
+        assert_eq!(c.digest(), blake3::derive_key("dtrain commitment v3", &buf));
     }
 
     #[test]

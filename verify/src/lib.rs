@@ -34,6 +34,7 @@
 //!     n_samples: 3,
 //!     ef_base: 0,
 //!     encoded_input: hash_f32(&[0.25, 0.5]),
+//!     class: ComputeClass::default().digest(),
 //! };
 //! let sig = key.sign(&c);
 //! assert!(verify_signature(&key.public(), &c, &sig).is_ok());
@@ -60,6 +61,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod class;
 pub mod commit;
 pub mod evidence;
 pub mod identity;
@@ -67,6 +69,7 @@ pub mod merkle;
 pub mod policy;
 
 pub use aggregate::{aggregate, AggregateError, AggregateReport, AggregationConfig, Rule};
+pub use class::ComputeClass;
 pub use commit::{hash_f32, hash_indices, hash_update, Commitment, Hash};
 pub use evidence::Evidence;
 pub use identity::{verify_signature, Signature, WorkerId, WorkerKey};

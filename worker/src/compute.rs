@@ -59,6 +59,8 @@ pub struct Compute {
     held: Option<Held>,
     sent: VecDeque<Sent>,
     adversary: Option<Adversary>,
+    /// Digest of the compute class declared on the current connection.
+    class: Hash,
 }
 
 impl Compute {
@@ -89,7 +91,13 @@ impl Compute {
             held: None,
             sent: VecDeque::new(),
             adversary,
+            class: [0; 32],
         }
+    }
+
+    /// Sets the compute class (its [`verify::ComputeClass::digest`]) bound into commitments.
+    pub fn set_class(&mut self, class: Hash) {
+        self.class = class;
     }
 
     /// Number of model parameters.
@@ -189,6 +197,7 @@ impl Compute {
             n_samples: raw.n as u32,
             ef_base,
             encoded_input: verify::hash_f32(&enc.encoded_input),
+            class: self.class,
         };
         let signature = self.key.sign(&commitment);
         let keep_input = !enc.residual.is_empty();

@@ -17,7 +17,7 @@ use proto::{
 use tracing::{info, warn};
 use trainer::tokens::TokenWindows;
 use trainer::{Dataset, ModelSpec, TrainData};
-use verify::WorkerKey;
+use verify::{ComputeClass, WorkerKey};
 
 use compute::Compute;
 use hostile::Send;
@@ -88,13 +88,14 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
     let key = WorkerKey::load_or_create(&opts.key_path)
         .map_err(|e| WorkerError::Setup(format!("key {}: {e}", opts.key_path.display())))?;
     let device = trainer::runtime::pick_device(opts.allow_cuda);
-    info!(id = %key.public().short(), device = %trainer::runtime::device_name(device), "worker starting");
+    let class = executor::class::detect(device, tch::get_num_threads().max(1) as u32);
+    info!(id = %key.public().short(), device = %trainer::runtime::device_name(device), class = %class.label(), "worker starting");
     let mut backoff = Duration::from_millis(250);
     let mut failing_since: Option<Instant> = None;
     let mut state = SessionState::default();
     loop {
         let mut progressed = false;
-        match session(&opts, &key, device, &mut progressed, &mut state).await {
+        match session(&opts, &key, device, &class, &mut progressed, &mut state).await {
             Ok(exit) => return Ok(exit),
             Err(SessionError::Fatal(msg)) => return Err(WorkerError::Refused(msg)),
             Err(SessionError::Retry(msg)) => {
@@ -124,6 +125,30 @@ fn rand_jitter(max: u64) -> u64 {
         .map(|d| d.subsec_nanos() as u64)
         .unwrap_or(0);
     nanos % max.max(1)
+}
+
+/// Replaces this process by a new one of the same program and arguments with the portable
+/// deterministic settings in its environment (libtorch, MKL and oneDNN read them only when
+/// they start); returns only when that fails.
+fn restart_portable() -> SessionError {
+    use std::os::unix::process::CommandExt;
+    info!("the run computes in the portable deterministic mode: restarting with its settings");
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return SessionError::Fatal(format!("cannot find this program to restart: {e}")),
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .envs(executor::class::PORTABLE_ENV)
+        .exec();
+    SessionError::Fatal(format!(
+        "could not restart with the portable settings ({err}); start the worker with {}",
+        executor::class::PORTABLE_ENV
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ))
 }
 
 /// Maps a connection error to retry-or-not, reading the coordinator's close reason.
@@ -208,6 +233,7 @@ async fn session(
     opts: &WorkerOptions,
     key: &WorkerKey,
     device: tch::Device,
+    class: &ComputeClass,
     progressed: &mut bool,
     state: &mut SessionState,
 ) -> Result<Exit, SessionError> {
@@ -222,8 +248,7 @@ async fn session(
         secret: opts.ticket.secret,
         worker_id: key.public(),
         name: opts.name.clone(),
-        device: trainer::runtime::device_name(device),
-        threads: opts.threads.unwrap_or(0) as u32,
+        class: class.clone(),
     });
     write_preamble(&mut send, opts.protocol_version)
         .await
@@ -263,8 +288,19 @@ async fn session(
             d
         }
     };
+    if welcome.portable && !class.portable {
+        conn.close(
+            quinn::VarInt::from_u32(close::DONE),
+            b"restarting with the portable settings",
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        return Err(restart_portable());
+    }
+    // The class the coordinator expects: the declared one at the run's forced thread count.
+    let mut class = class.clone();
     if let Some(t) = welcome.deterministic_threads {
         trainer::runtime::set_threads(Some(t as usize));
+        class.threads = t;
     }
     welcome
         .codec
@@ -293,6 +329,9 @@ async fn session(
         return Err(SessionError::Fatal(
             "model size differs from the coordinator's; update the worker".into(),
         ));
+    }
+    if let Some(c) = state.compute.as_mut() {
+        c.set_class(class.digest());
     }
     if state.tamper.is_none() {
         state.tamper = opts.hostile.map(hostile::Tamper::new);
