@@ -86,6 +86,7 @@ pub struct Job {
 
 impl Job {
     /// A job; `base` must be given when the commitment names an error-feedback base.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         worker: WorkerId,
         conn: u64,
@@ -472,17 +473,20 @@ pub fn judge(
     classes: &Classes,
 ) -> Verdict {
     let verdict = recheck(exec, job, codec, limits);
-    let Verdict::Fail {
-        reason, distance, ..
-    } = &verdict
-    else {
-        return verdict;
-    };
-    let (distance, tol) = (*distance, classes.tolerance);
     if job.class.digest() == classes.own.digest() {
         return verdict;
     }
     let (mine, theirs) = (classes.own.label(), job.class.label());
+    let (reason, distance) = match &verdict {
+        Verdict::Fail {
+            reason, distance, ..
+        } => (reason, *distance),
+        Verdict::Pass(how) => {
+            return Verdict::Pass(format!("across classes {theirs} and {mine}: {how}"))
+        }
+        _ => return verdict,
+    };
+    let tol = classes.tolerance;
     if distance <= tol {
         return Verdict::Pass(format!(
             "across classes {theirs} and {mine}: relative L2 {distance:.1e} within {tol:.0e}"
@@ -934,6 +938,7 @@ mod tests {
             n_samples: 1,
             ef_base,
             encoded_input: [0; 32],
+            class: [0; 32],
         }
     }
 
@@ -957,6 +962,90 @@ mod tests {
         }
     }
 
+    /// A result of a multiple `scale` of the honest update of task 1, from a worker of
+    /// `class`, judged by a checker of class `own` that cannot start re-executions.
+    fn judged(own: &ComputeClass, class: ComputeClass, scale: f32) -> Verdict {
+        let data = Arc::new(trainer::Dataset::synthetic(32, 0).into());
+        let mut exec = Executor::new(&ModelSpec::Mlp, tch::Device::Cpu, data, Default::default());
+        let params = trainer::Net::new(&ModelSpec::Mlp, tch::Device::Cpu, 0).flat_params();
+        let (indices, micro) = (vec![0, 1, 2, 3], vec![4]);
+        let raw = exec.compute(&params, &indices, &micro, false).unwrap();
+        let values: Vec<f32> = raw.values.iter().map(|v| v * scale).collect();
+        let codec = CodecConfig::default();
+        let enc = encode_update(&values, None, &codec, 0).unwrap();
+        let commitment = Commitment {
+            update: verify::hash_update(&enc.bytes),
+            encoded_input: verify::hash_f32(&enc.encoded_input),
+            n_samples: 4,
+            ..commitment(1, 0)
+        };
+        let result = TaskResult {
+            task_id: 1,
+            n_samples: 4,
+            loss_sum: raw.loss_sum,
+            update: ByteBuf::from(enc.bytes),
+            commitment,
+            signature: Signature([0; 64]),
+            compute_us: 0,
+        };
+        let work = Work {
+            indices,
+            micro,
+            inner_steps: false,
+            seed: 0,
+        };
+        let worker = WorkerKey::from_seed([1; 32]).public();
+        let job = Job::new(
+            worker,
+            1,
+            Arc::new(params),
+            work,
+            Arc::new(result),
+            None,
+            None,
+            class,
+        );
+        let classes = Classes {
+            own: own.clone(),
+            tolerance: 1e-2,
+            gross: 0.5,
+            emulator: None,
+        };
+        let limits = DecodeLimits::default();
+        judge(&mut exec, &job, &codec, &limits, &classes)
+    }
+
+    #[test]
+    fn a_class_that_cannot_be_reproduced_is_accused_only_beyond_any_honest_difference() {
+        let own = executor::class::detect(tch::Device::Cpu, 1);
+        let other = ComputeClass {
+            cpu_vendor: "another vendor".into(),
+            ..own.clone()
+        };
+        // The same bits from another class: confirmed, and said to be across classes.
+        assert!(
+            matches!(judged(&own, other.clone(), 1.0), Verdict::Pass(h) if h.starts_with("across classes"))
+        );
+        // 5% off: more than the tolerance, less than the gross bound: dropped, no accusation.
+        assert!(matches!(
+            judged(&own, other.clone(), 1.05),
+            Verdict::Unconfirmed(_)
+        ));
+        // Ten times: no class computes that.
+        match judged(&own, other, 10.0) {
+            Verdict::Fail { reason, leaves, .. } => {
+                assert!(reason.contains("beyond any honest difference"), "{reason}");
+                assert!(leaves.is_empty());
+            }
+            v => panic!("{v:?}"),
+        }
+        // Within its own class, 5% off is a mismatch.
+        assert!(matches!(
+            judged(&own, own.clone(), 1.05),
+            Verdict::Fail { .. }
+        ));
+    }
+
     #[test]
     fn a_reveal_only_a_former_process_could_give_is_abandoned_without_blame() {
         let (tx, _rx) = std::sync::mpsc::channel();
@@ -966,6 +1055,12 @@ mod tests {
             OptimizerConfig::default(),
             CodecConfig::default(),
             DecodeLimits::default(),
+            Classes {
+                own: ComputeClass::default(),
+                tolerance: 1e-2,
+                gross: 0.5,
+                emulator: None,
+            },
             tx,
             Duration::from_secs(60),
         );
@@ -999,6 +1094,7 @@ mod tests {
                 Arc::new(result),
                 Some(base),
                 None,
+                ComputeClass::default(),
             )
         };
         // The connection the result came on cannot reveal what it should hold: its fault.

@@ -239,7 +239,7 @@ impl Scheduler {
                 limits,
                 checks::Classes {
                     own: class.clone(),
-                    tolerance: cfg.verification.tolerance,
+                    tolerance: cfg.verification.tolerance_for(&cfg.compression),
                     gross: cfg.verification.gross_tolerance,
                     emulator,
                 },
@@ -776,7 +776,7 @@ impl Scheduler {
                 },
                 res,
                 base,
-                (!bitwise).then_some(self.cfg.verification.tolerance),
+                (!bitwise).then_some(self.cfg.verification.tolerance_for(&self.cfg.compression)),
                 class,
             );
             let outs = self

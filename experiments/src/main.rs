@@ -2,6 +2,7 @@
 //! network, no workers) with the same schedule and optimizer as a swarm run, the yardstick
 //! for the swarm's accuracy and wall time.
 
+mod classes;
 mod flood;
 mod lm_bench;
 mod lm_parity;
@@ -110,8 +111,40 @@ enum Cmd {
         /// Global batches of the accuracy runs.
         #[arg(long, default_value_t = 938)]
         batches: u64,
+        /// Only the mixed-fleet rows (workers on two CPU capabilities): `mixed.md`.
+        #[arg(long)]
+        mixed_only: bool,
         /// Output folder.
         #[arg(long, default_value = "results/verify")]
+        out: PathBuf,
+    },
+    /// Compute classes: distances between honest results of differently set-up CPUs, per
+    /// model and codec, the recommended cross-class tolerance, and the portable mode's cost.
+    Classes {
+        /// Tasks per model and mode.
+        #[arg(long, default_value_t = 8)]
+        tasks: usize,
+        /// Samples per micro-batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Output folder.
+        #[arg(long, default_value = "results/classes")]
+        out: PathBuf,
+    },
+    /// The child of `classes`: computes its tasks in this process's class.
+    #[command(hide = true)]
+    ClassTasks {
+        /// Tasks per model and mode.
+        #[arg(long)]
+        tasks: usize,
+        /// Samples per micro-batch.
+        #[arg(long)]
+        batch: usize,
+        /// Data folder (Fashion-MNIST).
+        #[arg(long, default_value = trainer::data::DEFAULT_DIR)]
+        data_dir: PathBuf,
+        /// Where to write the updates.
+        #[arg(long)]
         out: PathBuf,
     },
     /// Language-model throughput: tch vs PyTorch eager, a one-worker swarm vs one process.
@@ -252,14 +285,25 @@ fn main() -> Result<()> {
             trials,
             honest_checks,
             batches,
+            mixed_only,
             out,
         } => verify::run(&verify::Settings {
             ps,
             trials,
             honest_checks,
             batches,
+            mixed_only,
             out,
         })?,
+        Cmd::Classes { tasks, batch, out } => {
+            classes::run(&classes::Settings { tasks, batch, out })?
+        }
+        Cmd::ClassTasks {
+            tasks,
+            batch,
+            data_dir,
+            out,
+        } => classes::class_tasks(tasks, batch, &data_dir, &out)?,
         Cmd::Sweep {
             runs,
             model,

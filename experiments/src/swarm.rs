@@ -56,7 +56,8 @@ impl Drop for Procs {
 }
 
 /// Runs `config` (TOML; its `output_dir` must be `out`) in a fresh `dir` with one worker per
-/// entry of `workers` (extra arguments for each) and the `sidecars` (program and arguments,
+/// entry of `workers` (extra arguments for each; an entry `env:KEY=VALUE` sets a variable
+/// of the worker's environment instead, e.g. to compute as another CPU does) and the `sidecars` (program and arguments,
 /// `{join}` replaced by the join string) beside them, waits for the run to end, and returns
 /// its metrics.
 pub fn run(
@@ -102,7 +103,12 @@ pub fn run(
                 .args(["--name", &format!("w{i}")])
                 .arg("--key")
                 .arg(dir.join(format!("w{i}.key")))
-                .args(extra)
+                .args(extra.iter().filter(|a| !a.starts_with("env:")))
+                .envs(
+                    extra
+                        .iter()
+                        .filter_map(|a| a.strip_prefix("env:")?.split_once('=')),
+                )
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join(format!("w{i}.log")))?)
                 .spawn()?,

@@ -38,6 +38,8 @@ pub struct Settings {
     pub honest_checks: u64,
     /// Global batches of the accuracy runs.
     pub batches: u64,
+    /// Only the mixed-fleet rows (`mixed.md`).
+    pub mixed_only: bool,
     /// Output folder.
     pub out: PathBuf,
 }
@@ -233,9 +235,89 @@ fn policy_toml(p: f64, new_p: f64) -> String {
     format!("[verification]\np = {p}\nnew_worker_p = {new_p}\ntrusted_after = 20\n\n")
 }
 
-/// Runs everything and writes `verify.csv`, `verify.md` and `verify.png`.
+/// The kernels of another CPU on this machine (libtorch's portable capability).
+const OTHER_CPU: &str = "env:ATEN_CPU_CAPABILITY=default";
+
+/// The mixed fleet: half the workers compute with [`OTHER_CPU`]. False positives over at
+/// least `honest_checks` re-executed honest results, then detection of each adversary that
+/// computes with [`OTHER_CPU`] beside one honest worker of each class. Returns Markdown.
+fn mixed_fleet(s: &Settings) -> Result<String> {
+    let rounds = s.honest_checks.div_ceil(WORKERS as u64);
+    let other = |i: usize| {
+        if i % 2 == 0 {
+            vec![OTHER_CPU.to_string()]
+        } else {
+            Vec::new()
+        }
+    };
+    let cfg = format!(
+        "{}[compression]\ncodec = \"int8\"\n\n[optimizer]\nkind = \"sgd\"\nlr = 0.7\nmomentum = 0.9\n\
+         nesterov = true\n\n{}",
+        swarm::base_config("mlp", 2 * rounds, PART * WORKERS, 2, WORKERS, 1),
+        policy_toml(1.0, 1.0)
+    );
+    let args: Vec<Vec<String>> = (0..WORKERS).map(other).collect();
+    let r = swarm::run(&s.out.join("runs/honest-mixed"), &cfg, &args, &[])?;
+    let sum = r.summary()?;
+    let hows: Vec<&str> = r
+        .events("check_passed")
+        .iter()
+        .filter_map(|e| e["how"].as_str())
+        .collect();
+    let across = hows.iter().filter(|h| !h.starts_with("bitwise")).count();
+    let (checks, caught, abandoned) = (
+        sum["checks"].as_u64().unwrap_or(0),
+        sum["cheats_caught"].as_u64().unwrap_or(0),
+        sum["checks_abandoned"].as_u64().unwrap_or(0),
+    );
+    println!("mixed fleet: {checks} checks ({across} across classes), {caught} accusations, {abandoned} abandoned");
+    let mut md = format!(
+        "\nMixed fleet (4 workers, 2 of them on libtorch's portable kernels,          `ATEN_CPU_CAPABILITY=default`, the others and the checks on this CPU's AVX2 kernels;          int8 with error feedback, H = 2, every result checked): **{caught}** accusations and          {abandoned} abandoned checks over **{checks}** re-executed honest results, {across} of          them compared across classes.\n\n         | adversary on the other kernels | caught | honest workers accused |\n| --- | --- | --- |\n"
+    );
+    const MODES: [&str; 5] = ["noise", "scaled", "sign-flip", "zero", "wrong-data"];
+    for mode in MODES {
+        let cfg = format!(
+            "{}{}",
+            swarm::base_config("mlp", 120, PART * 3, 1, 3, 1),
+            policy_toml(0.2, 1.0)
+        );
+        let args = vec![
+            vec![OTHER_CPU.to_string()],
+            Vec::new(),
+            vec![
+                OTHER_CPU.to_string(),
+                "--test-adversary".into(),
+                mode.into(),
+            ],
+        ];
+        let r = swarm::run(&s.out.join(format!("runs/mixed-{mode}")), &cfg, &args, &[])?;
+        let sum = r.summary()?;
+        let banned = sum["banned"].as_array().map_or(0, Vec::len);
+        let accused = r
+            .events("cheat_detected")
+            .iter()
+            .filter(|e| !e["reason"].as_str().unwrap_or("").contains("its own class"))
+            .count();
+        let caught = if banned >= 1 { "yes" } else { "no" };
+        println!("mixed fleet, {mode}: banned {banned}");
+        md += &format!(
+            "| {mode} | {caught} | {} |\n",
+            banned.saturating_sub(1) + accused
+        );
+    }
+    Ok(md)
+}
+
+/// Runs everything and writes `verify.csv`, `verify.md` and `verify.png` (with
+/// `mixed_only`, only `mixed.md`).
 pub fn run(s: &Settings) -> Result<()> {
     std::fs::create_dir_all(&s.out)?;
+    let mixed = mixed_fleet(s)?;
+    std::fs::write(s.out.join("mixed.md"), &mixed)?;
+    if s.mixed_only {
+        println!("{mixed}");
+        return Ok(());
+    }
     tch::set_num_threads(1);
     let data = Arc::new(TrainData::from(Dataset::load_idx(
         std::path::Path::new(trainer::data::DEFAULT_DIR),
@@ -359,7 +441,10 @@ pub fn run(s: &Settings) -> Result<()> {
         &overhead,
         clean,
         &accuracy,
-    )
+    )?;
+    let md = std::fs::read_to_string(s.out.join("verify.md"))?;
+    std::fs::write(s.out.join("verify.md"), md + &mixed)?;
+    Ok(())
 }
 
 fn write(

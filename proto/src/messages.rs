@@ -207,7 +207,7 @@ pub enum ToWorker {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ToCoordinator {
     /// Handshake.
-    Hello(Hello),
+    Hello(Box<Hello>),
     /// A finished task.
     Result(Box<TaskResult>),
     /// The worker could not do a task; the part goes elsewhere.

@@ -312,10 +312,23 @@ pub struct Worker {
 impl Worker {
     /// Starts `worker --join JOIN` with one thread, a key in `dir`, and `extra` arguments.
     pub fn start(join: &str, dir: &Path, name: &str, extra: &[&str]) -> Self {
+        Self::start_env(join, dir, name, extra, &[])
+    }
+
+    /// [`Worker::start`] with `env` added to its environment (e.g. `ATEN_CPU_CAPABILITY`,
+    /// to compute as another CPU does).
+    pub fn start_env(
+        join: &str,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = dir.join(format!("{name}.log"));
         let child = worker_command(join, &dir.join(format!("{name}.key")), 60)
             .args(["--name", name])
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))

@@ -244,12 +244,12 @@ async fn session(
         None => retry(what),
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| classify(&e))?;
-    let hello = ToCoordinator::Hello(Hello {
+    let hello = ToCoordinator::Hello(Box::new(Hello {
         secret: opts.ticket.secret,
         worker_id: key.public(),
         name: opts.name.clone(),
         class: class.clone(),
-    });
+    }));
     write_preamble(&mut send, opts.protocol_version)
         .await
         .map_err(|e| closed(&conn, e.to_string()))?;
