@@ -244,7 +244,7 @@ const OTHER_CPU: &str = "env:ATEN_CPU_CAPABILITY=default";
 fn mixed_fleet(s: &Settings) -> Result<String> {
     let rounds = s.honest_checks.div_ceil(WORKERS as u64);
     let other = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             vec![OTHER_CPU.to_string()]
         } else {
             Vec::new()
