@@ -76,6 +76,10 @@ pub struct Job {
     pub base: Option<Base>,
     /// The values the worker revealed for the base.
     base_input: Option<Vec<f32>>,
+    /// The values the worker revealed it encoded for this task (asked for results of another
+    /// compute class with a lossy codec, so that the comparison is not of quantized values,
+    /// where a tiny difference can flip a level).
+    own_input: Option<Vec<f32>>,
     /// Relative L2 tolerance (None: bitwise).
     pub tolerance: Option<f64>,
     /// The compute class the worker declared (and bound into the commitment).
@@ -107,6 +111,7 @@ impl Job {
             result,
             base,
             base_input: None,
+            own_input: None,
             tolerance,
             class,
             deadline: None,
@@ -244,6 +249,8 @@ impl Bisection {
 enum Stage {
     /// The worker to reveal the base's encoded values.
     Reveal,
+    /// The worker to reveal the values it encoded for the task itself.
+    RevealOwn,
     /// The worker to open an inner-step hash.
     Bisect(Bisection),
 }
@@ -269,6 +276,11 @@ pub struct Checks {
     to_checker: Sender<Job>,
     timeout: Duration,
     limits: DecodeLimits,
+    /// Digest of the checks' compute class.
+    own_class: Hash,
+    /// Whether the codec loses information (then results of other classes reveal their
+    /// encoded values).
+    lossy: bool,
 }
 
 /// How the checker treats results computed in another compute class than its own.
@@ -305,6 +317,7 @@ struct EmulatedCheck {
     result: TaskResult,
     base: Option<(Commitment, ByteBuf)>,
     base_input: Option<Vec<f32>>,
+    own_input: Option<Vec<f32>>,
     tolerance: f64,
 }
 
@@ -331,6 +344,7 @@ impl Emulator {
                 .as_ref()
                 .map(|b| (b.commitment.clone(), (*b.update).clone())),
             base_input: job.base_input.clone(),
+            own_input: job.own_input.clone(),
             tolerance,
         };
         let mut cmd = Command::new(&self.exe);
@@ -392,6 +406,7 @@ pub fn serve_emulated_check(
         ComputeClass::default(),
     );
     job.base_input = req.base_input;
+    job.own_input = req.own_input;
     let mut verdict = recheck(&mut exec, &job, &cfg.compression, &limits);
     if let Verdict::Fail { distance, .. } = &verdict {
         if *distance <= req.tolerance {
@@ -418,6 +433,7 @@ pub fn start(
     timeout: Duration,
 ) -> Checks {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let (own_class, lossy) = (classes.own.digest(), !codec.codec.is_lossless());
     std::thread::Builder::new()
         .name("checker".into())
         .spawn(move || checker(model, data, inner, codec, limits, classes, rx, events))
@@ -430,6 +446,8 @@ pub fn start(
         to_checker: tx,
         timeout,
         limits,
+        own_class,
+        lossy,
     }
 }
 
@@ -472,9 +490,35 @@ pub fn judge(
     limits: &DecodeLimits,
     classes: &Classes,
 ) -> Verdict {
+    if let Some(input) = &job.own_input {
+        // Encoding is plain Rust, the same bits in every class: the revealed values must
+        // give exactly the bytes sent.
+        let bytes = compression::encode(input, codec, job.work.seed);
+        if !bytes.is_ok_and(|b| verify::hash_update(&b) == job.result.commitment.update) {
+            return Verdict::Fail {
+                reason: "the values it revealed encode to other bytes than it sent".into(),
+                recomputed: [0; 32],
+                leaves: Vec::new(),
+                distance: f64::INFINITY,
+            };
+        }
+    }
     let verdict = recheck(exec, job, codec, limits);
     if job.class.digest() == classes.own.digest() {
-        return verdict;
+        // Bits that differ within the tolerance are no evidence either: two machines that
+        // declare the same class may still run other kernels (a library choosing by cache
+        // size or CPU model).
+        return match verdict {
+            Verdict::Fail { distance, .. } if distance <= classes.tolerance => {
+                Verdict::Unconfirmed(format!(
+                    "other bits in the same declared class {}, relative L2 {distance:.1e} \
+                     within {:.0e}",
+                    job.class.label(),
+                    classes.tolerance
+                ))
+            }
+            v => v,
+        };
     }
     let (mine, theirs) = (classes.own.label(), job.class.label());
     let (reason, distance) = match &verdict {
@@ -539,6 +583,15 @@ fn l2(v: impl Iterator<Item = f64>) -> f64 {
     v.map(|x| x * x).sum::<f64>().sqrt()
 }
 
+/// Relative L2 distance of `theirs` from `ours` (infinite when the lengths differ).
+fn rel_l2(theirs: &[f32], ours: &[f32]) -> f64 {
+    if theirs.len() != ours.len() {
+        return f64::INFINITY;
+    }
+    let diff = l2(theirs.iter().zip(ours).map(|(a, b)| f64::from(a - b)));
+    diff / l2(ours.iter().map(|&x| f64::from(x))).max(1e-12)
+}
+
 /// Relative L2 distance between the worker's decoded update and ours (infinite when the
 /// worker's does not decode); `Err` when ours does not.
 fn distance(theirs: &[u8], ours: &[u8], n: usize, limits: &DecodeLimits) -> Result<f64, String> {
@@ -547,9 +600,7 @@ fn distance(theirs: &[u8], ours: &[u8], n: usize, limits: &DecodeLimits) -> Resu
     let Ok(theirs) = compression::decode_exact(theirs, n, limits) else {
         return Ok(f64::INFINITY);
     };
-    let diff = l2(theirs.iter().zip(&ours).map(|(a, b)| f64::from(a - b)));
-    let norm = l2(ours.iter().map(|&x| f64::from(x))).max(1e-12);
-    Ok(diff / norm)
+    Ok(rel_l2(&theirs, &ours))
 }
 
 /// Re-executes a job and compares, bitwise or within `job.tolerance`.
@@ -584,9 +635,13 @@ pub fn recheck(
     };
     let recomputed = verify::hash_update(&enc.bytes);
     let root = raw.step_root();
-    let distance = match distance(&job.result.update, &enc.bytes, raw.values.len(), limits) {
-        Ok(d) => d,
-        Err(e) => return Verdict::Error(e),
+    // Of the values encoded when the worker revealed them, else of the decoded updates.
+    let distance = match &job.own_input {
+        Some(theirs) => rel_l2(theirs, &enc.encoded_input),
+        None => match distance(&job.result.update, &enc.bytes, raw.values.len(), limits) {
+            Ok(d) => d,
+            Err(e) => return Verdict::Error(e),
+        },
     };
     let fail = |reason: String| Verdict::Fail {
         reason,
@@ -666,15 +721,18 @@ impl Checks {
         self.resume(job)
     }
 
-    /// Asks for the base's reveal, or runs the job.
+    /// Asks for what the job still needs revealed (the base's encoded values, then those of
+    /// a result of another class with a lossy codec), or runs it.
     fn resume(&mut self, job: Job) -> Vec<Out> {
-        match &job.base {
-            Some(base) => {
-                let task = base.commitment.task_id;
-                self.ask(job, Stage::Reveal, task, Query::EncodedInput)
-            }
-            None => self.run(job),
+        if let (Some(base), None) = (&job.base, &job.base_input) {
+            let task = base.commitment.task_id;
+            return self.ask(job, Stage::Reveal, task, Query::EncodedInput);
         }
+        if self.lossy && job.own_input.is_none() && job.class.digest() != self.own_class {
+            let task = job.task_id();
+            return self.ask(job, Stage::RevealOwn, task, Query::EncodedInput);
+        }
+        self.run(job)
     }
 
     fn run(&mut self, job: Job) -> Vec<Out> {
@@ -728,7 +786,7 @@ impl Checks {
             };
             let job = Job { conn, ..job };
             out.extend(match stage {
-                Stage::Reveal => self.resume(job),
+                Stage::Reveal | Stage::RevealOwn => self.resume(job),
                 Stage::Bisect(b) => self.bisect(job, b),
             });
         }
@@ -756,6 +814,7 @@ impl Checks {
         job.deadline = None;
         match stage {
             Stage::Reveal => self.on_reveal(job, answer),
+            Stage::RevealOwn => self.on_reveal_own(job, answer),
             Stage::Bisect(b) => self.on_leaf(job, answer, b),
         }
     }
@@ -784,7 +843,7 @@ impl Checks {
         match revealed {
             Some(v) if verify::hash_f32(&v) == base.commitment.encoded_input => {
                 job.base_input = Some(v);
-                self.run(job)
+                self.resume(job)
             }
             _ => {
                 let e = evidence(
@@ -792,6 +851,41 @@ impl Checks {
                     [0; 32],
                     None,
                     "revealed error-feedback input does not match its signed commitment".into(),
+                );
+                vec![Out::Caught {
+                    evidence: Box::new(e),
+                    ms: 0.0,
+                }]
+            }
+        }
+    }
+
+    fn on_reveal_own(&mut self, mut job: Job, answer: Answer) -> Vec<Out> {
+        let n = job.params.len();
+        let revealed = match answer {
+            Answer::Values(bytes) => compression::decode_exact(&bytes, n, &self.limits).ok(),
+            Answer::Unavailable(why) => {
+                return vec![Out::Abandoned {
+                    worker: job.worker,
+                    task_id: job.task_id(),
+                    conn: job.conn,
+                    reason: format!("could not reveal the values it encoded: {why}"),
+                    worker_fault: job.conn == job.origin,
+                }]
+            }
+            Answer::Leaf { .. } => None,
+        };
+        match revealed {
+            Some(v) if verify::hash_f32(&v) == job.result.commitment.encoded_input => {
+                job.own_input = Some(v);
+                self.resume(job)
+            }
+            _ => {
+                let e = evidence(
+                    &job,
+                    [0; 32],
+                    None,
+                    "revealed encoded values do not match its signed commitment".into(),
                 );
                 vec![Out::Caught {
                     evidence: Box::new(e),
@@ -894,7 +988,7 @@ impl Checks {
             };
             out.push(match stage {
                 Stage::Bisect(b) => b.caught(&job, None),
-                Stage::Reveal => Out::Abandoned {
+                Stage::Reveal | Stage::RevealOwn => Out::Abandoned {
                     worker: job.worker,
                     task_id: job.task_id(),
                     conn: job.conn,
@@ -1044,6 +1138,75 @@ mod tests {
             judged(&own, own.clone(), 1.05),
             Verdict::Fail { .. }
         ));
+    }
+
+    #[test]
+    fn a_lossy_result_of_another_class_reveals_what_it_encoded() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let codec = CodecConfig {
+            codec: compression::CodecKind::Int8,
+            ..CodecConfig::default()
+        };
+        let mut checks = start(
+            ModelSpec::Mlp,
+            Arc::new(trainer::Dataset::synthetic(8, 0).into()),
+            OptimizerConfig::default(),
+            codec,
+            DecodeLimits::default(),
+            Classes {
+                own: ComputeClass::default(),
+                tolerance: 1e-2,
+                gross: 0.5,
+                emulator: None,
+            },
+            tx,
+            Duration::from_secs(60),
+        );
+        let worker = WorkerKey::from_seed([1; 32]).public();
+        let other = ComputeClass {
+            cpu_capability: "DEFAULT".into(),
+            ..ComputeClass::default()
+        };
+        let result = TaskResult {
+            task_id: 5,
+            n_samples: 1,
+            loss_sum: 0.0,
+            update: ByteBuf::new(),
+            commitment: commitment(5, 0),
+            signature: Signature([0; 64]),
+            compute_us: 0,
+        };
+        let work = Work {
+            indices: vec![0],
+            micro: vec![1],
+            inner_steps: false,
+            seed: 0,
+        };
+        let job = Job::new(
+            worker,
+            1,
+            Arc::new(vec![0.0; 4]),
+            work,
+            Arc::new(result),
+            None,
+            Some(1e-2),
+            other,
+        );
+        // The task's own encoded values are asked for...
+        let outs = checks.submit(job);
+        let [Out::Challenge {
+            challenge_id,
+            task_id: 5,
+            query: Query::EncodedInput,
+            ..
+        }] = outs.as_slice()
+        else {
+            panic!("expected a reveal of task 5's encoded values");
+        };
+        // ...and values that are not the committed ones are evidence.
+        let bytes = compression::encode(&[1.0; 4], &CodecConfig::lossless(), 0).unwrap();
+        let outs = checks.on_reply(1, *challenge_id, Answer::Values(ByteBuf::from(bytes)));
+        assert!(matches!(outs.as_slice(), [Out::Caught { .. }]));
     }
 
     #[test]

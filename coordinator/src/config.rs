@@ -332,6 +332,13 @@ pub struct VerificationSection {
 }
 
 impl VerificationSection {
+    /// The relative L2 tolerance between results of two compute classes: `tolerance` when
+    /// set, else 1e-2. It applies to the values encoded (a result of another class with a
+    /// lossy codec reveals them), so the fp32 calibration holds for every codec.
+    pub fn cross_class_tolerance(&self) -> f64 {
+        self.tolerance.unwrap_or(1e-2)
+    }
+
     /// The relative L2 tolerance for updates encoded with `codec`: `tolerance` when set,
     /// else the smallest power of ten at least 5x the largest honest distance between
     /// compute classes that `experiments classes` measured for the codec (results/classes:

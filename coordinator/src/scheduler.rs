@@ -239,7 +239,7 @@ impl Scheduler {
                 limits,
                 checks::Classes {
                     own: class.clone(),
-                    tolerance: cfg.verification.tolerance_for(&cfg.compression),
+                    tolerance: cfg.verification.cross_class_tolerance(),
                     gross: cfg.verification.gross_tolerance,
                     emulator,
                 },
@@ -776,7 +776,11 @@ impl Scheduler {
                 },
                 res,
                 base,
-                (!bitwise).then_some(self.cfg.verification.tolerance_for(&self.cfg.compression)),
+                (!bitwise).then_some(if class.digest() == self.class.digest() {
+                    self.cfg.verification.tolerance_for(&self.cfg.compression)
+                } else {
+                    self.cfg.verification.cross_class_tolerance()
+                }),
                 class,
             );
             let outs = self

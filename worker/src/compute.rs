@@ -200,7 +200,9 @@ impl Compute {
             class: self.class,
         };
         let signature = self.key.sign(&commitment);
-        let keep_input = !enc.residual.is_empty();
+        // Kept whenever the bytes lose information: revealed for error-feedback checks and
+        // for checks across compute classes.
+        let keep_input = !self.codec.codec.is_lossless();
         self.sent.push_back(Sent {
             task_id: task.task_id,
             encoded_input: if keep_input {
@@ -238,7 +240,7 @@ impl Compute {
                     Err(e) => Answer::Unavailable(e.to_string()),
                 }
             }
-            Query::EncodedInput => Answer::Unavailable("no error-feedback input kept".into()),
+            Query::EncodedInput => Answer::Unavailable("no encoded values kept".into()),
             Query::Leaf { index } => match (&s.tree, s.leaves.get(*index as usize)) {
                 (Some(t), Some(leaf)) => match t.proof(*index as usize) {
                     Some(proof) => Answer::Leaf { leaf: *leaf, proof },
