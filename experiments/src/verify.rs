@@ -265,6 +265,26 @@ fn mixed_fleet(s: &Settings) -> Result<String> {
         .filter_map(|e| e["how"].as_str())
         .collect();
     let across = hows.iter().filter(|h| !h.starts_with("bitwise")).count();
+    // Relative L2 distances of the values encoded, between the other kernels' results and
+    // their re-execution on this CPU's kernels.
+    let mut dist: Vec<f64> = hows
+        .iter()
+        .filter_map(|h| h.strip_prefix("across classes"))
+        .filter_map(|h| {
+            h.split("relative L2 ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    dist.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        dist.get(((dist.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let (checks, caught, abandoned) = (
         sum["checks"].as_u64().unwrap_or(0),
         sum["cheats_caught"].as_u64().unwrap_or(0),
@@ -272,7 +292,16 @@ fn mixed_fleet(s: &Settings) -> Result<String> {
     );
     println!("mixed fleet: {checks} checks ({across} across classes), {caught} accusations, {abandoned} abandoned");
     let mut md = format!(
-        "\nMixed fleet (4 workers, 2 of them on libtorch's portable kernels,          `ATEN_CPU_CAPABILITY=default`, the others and the checks on this CPU's AVX2 kernels;          int8 with error feedback, H = 2, every result checked): **{caught}** accusations and          {abandoned} abandoned checks over **{checks}** re-executed honest results, {across} of          them compared across classes.\n\n         | adversary on the other kernels | caught | honest workers accused |\n| --- | --- | --- |\n"
+        "\nMixed fleet (4 workers, 2 of them on libtorch's portable kernels, \
+         `ATEN_CPU_CAPABILITY=default`, the others and the checks on this CPU's AVX2 kernels; \
+         int8 with error feedback, H = 2, every result checked): **{caught}** accusations and \
+         {abandoned} abandoned checks over **{checks}** re-executed honest results, {across} of \
+         them compared across classes. Their distances (values encoded, relative L2): median \
+         {:.1e}, 99th percentile {:.1e}, largest {:.1e}, against the tolerance 1e-2.\n\n\
+         | adversary on the other kernels | caught | honest workers accused |\n| --- | --- | --- |\n",
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
     );
     const MODES: [&str; 5] = ["noise", "scaled", "sign-flip", "zero", "wrong-data"];
     for mode in MODES {
