@@ -269,14 +269,14 @@ fn mixed_fleet(s: &Settings) -> Result<String> {
     // their re-execution on this CPU's kernels.
     let mut dist: Vec<f64> = hows
         .iter()
-        .filter_map(|h| h.strip_prefix("across classes"))
         .filter_map(|h| {
-            h.split("relative L2 ")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()
+            let d = if h.starts_with("across classes") {
+                h.split("relative L2 ").nth(1)?
+            } else {
+                // Confirmed in its own class: "...; DISTANCE from CLASS".
+                h.rsplit("; ").next()?
+            };
+            d.split(' ').next()?.parse().ok()
         })
         .collect();
     dist.sort_by(f64::total_cmp);
