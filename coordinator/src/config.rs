@@ -360,7 +360,7 @@ impl Default for VerificationSection {
             trusted_after: 20,
             mode: CheckMode::Auto,
             tolerance: None,
-            gross_tolerance: 0.5,
+            gross_tolerance: 1.0,
             challenge_timeout_s: 60.0,
             max_pending: 16,
             max_strikes: 3,

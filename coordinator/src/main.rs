@@ -58,7 +58,7 @@ enum DataCmd {
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
-        /// Fraction of the tokens held out as the validation shard.
+        /// Fraction of the tokens held out as the validation shard (evenly spaced blocks).
         #[arg(long, default_value_t = 0.01)]
         val_fraction: f64,
         /// Most tokens per training shard.

@@ -2,13 +2,18 @@
 //! ([`trainer::tokens`]). Tokenization is byte-level (ids are the UTF-8 bytes, vocabulary
 //! 256) or any Hugging Face `tokenizer.json` through the `tokenizers` crate. Files are read
 //! in the order given (folders: their files sorted by path), their ids laid end to end; the
-//! last `val_fraction` of the stream becomes the validation shard, the rest is cut into
-//! training shards of at most `shard_tokens` ids.
+//! validation shard is `val_fraction` of the stream held out as [`VAL_BLOCKS`] evenly spaced
+//! blocks (the end of each of as many equal parts), so that it samples every part of the
+//! corpus rather than its last files; the rest is cut into training shards of at most
+//! `shard_tokens` ids.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use trainer::tokens::{write_shard, Manifest, TokenDtype, TokenizerInfo, FORMAT};
+
+/// Blocks the validation shard is taken from (fewer when it has under two tokens a block).
+pub const VAL_BLOCKS: usize = 64;
 
 /// Which tokenizer.
 #[derive(Clone, Debug)]
@@ -141,16 +146,16 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
             ids.len()
         );
     }
-    let split = ids.len() - n_val;
+    let (train_ids, val_ids) = hold_out(&ids, n_val);
     let dtype = TokenDtype::for_vocab(info.vocab_size);
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    let train = ids[..split]
+    let train = train_ids
         .chunks(opts.shard_tokens as usize)
         .enumerate()
         .map(|(i, chunk)| write_shard(&opts.out, &format!("train-{i:05}.bin"), chunk, dtype))
         .collect::<std::io::Result<Vec<_>>>()?;
-    let val = write_shard(&opts.out, "val.bin", &ids[split..], dtype)?;
+    let val = write_shard(&opts.out, "val.bin", &val_ids, dtype)?;
     let manifest = Manifest {
         format: FORMAT.into(),
         tokenizer: info,
@@ -159,6 +164,25 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
     };
     manifest.save(&opts.out)?;
     Ok(manifest)
+}
+
+/// Splits `ids` into training and about `n_val` validation ids: the last `n_val / blocks`
+/// ids of each of `blocks` equal parts go to validation, the rest (in order) to training.
+fn hold_out(ids: &[u32], n_val: usize) -> (Vec<u32>, Vec<u32>) {
+    let blocks = VAL_BLOCKS.min(n_val / 2).max(1);
+    let (part, per) = (ids.len() / blocks, n_val / blocks);
+    let (mut train, mut val) = (Vec::with_capacity(ids.len()), Vec::with_capacity(n_val));
+    for b in 0..blocks {
+        let end = if b + 1 == blocks {
+            ids.len()
+        } else {
+            (b + 1) * part
+        };
+        let start = end - per;
+        train.extend_from_slice(&ids[b * part..start]);
+        val.extend_from_slice(&ids[start..end]);
+    }
+    (train, val)
 }
 
 #[cfg(test)]
@@ -175,6 +199,24 @@ mod tests {
             shard_tokens: 300,
             skip_suffixes: vec![".dat".into()],
         }
+    }
+
+    #[test]
+    fn validation_samples_the_whole_corpus() {
+        // Ten "files" of one letter each: validation holds some of every one.
+        let ids: Vec<u32> = (0..10u32)
+            .flat_map(|f| std::iter::repeat_n(f, 1000))
+            .collect();
+        let (train, val) = hold_out(&ids, 500);
+        assert_eq!(train.len() + val.len(), ids.len());
+        assert!(val.len() <= 500 && val.len() >= 450, "{}", val.len());
+        for f in 0..10 {
+            assert!(val.contains(&f), "file {f} has no validation ids");
+        }
+        assert!(
+            train.windows(2).all(|w| w[0] <= w[1]),
+            "training keeps the order"
+        );
     }
 
     #[test]

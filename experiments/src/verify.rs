@@ -292,7 +292,7 @@ fn mixed_fleet(s: &Settings) -> Result<String> {
     );
     println!("mixed fleet: {checks} checks ({across} across classes), {caught} accusations, {abandoned} abandoned");
     let mut md = format!(
-        "\nMixed fleet (4 workers, 2 of them on libtorch's portable kernels, \
+        "\nMixed fleet (4 workers, 2 of them on libtorch's baseline kernels, \
          `ATEN_CPU_CAPABILITY=default`, the others and the checks on this CPU's AVX2 kernels; \
          int8 with error feedback, H = 2, every result checked): **{caught}** accusations and \
          {abandoned} abandoned checks over **{checks}** re-executed honest results, {across} of \
