@@ -166,13 +166,15 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
     Ok(manifest)
 }
 
-/// Splits `ids` into training and about `n_val` validation ids: the last `n_val / blocks`
-/// ids of each of `blocks` equal parts go to validation, the rest (in order) to training.
+/// Splits `ids` into training and `n_val` (at most half of them) validation ids: the end of
+/// each of `blocks` equal parts (`n_val / blocks` ids, one more for the first
+/// `n_val % blocks`) goes to validation, the rest (in order) to training.
 fn hold_out(ids: &[u32], n_val: usize) -> (Vec<u32>, Vec<u32>) {
     let blocks = VAL_BLOCKS.min(n_val / 2).max(1);
-    let (part, per) = (ids.len() / blocks, n_val / blocks);
+    let part = ids.len() / blocks;
     let (mut train, mut val) = (Vec::with_capacity(ids.len()), Vec::with_capacity(n_val));
     for b in 0..blocks {
+        let per = n_val / blocks + usize::from(b < n_val % blocks);
         let end = if b + 1 == blocks {
             ids.len()
         } else {
@@ -209,7 +211,7 @@ mod tests {
             .collect();
         let (train, val) = hold_out(&ids, 500);
         assert_eq!(train.len() + val.len(), ids.len());
-        assert!(val.len() <= 500 && val.len() >= 450, "{}", val.len());
+        assert_eq!(val.len(), 500);
         for f in 0..10 {
             assert!(val.contains(&f), "file {f} has no validation ids");
         }
