@@ -226,7 +226,7 @@ enum Cmd {
             default_value = "fp32:1,int8:1,int4:1,sign1:1,topk:1,int8:8,int8:32,int4:32,sign1:32,topk:32,int4:64"
         )]
         runs: Vec<String>,
-        /// Model: cnn or mlp.
+        /// Model: cnn, mlp, or llama (`configs/llama-demo.json` on the shards of `make demo-lm`).
         #[arg(long, default_value = "cnn")]
         model: String,
         /// Global batches per configuration.

@@ -1,6 +1,7 @@
 //! `experiments sweep`: codecs and DiLoCo's H on a real swarm (a coordinator and worker
 //! processes on loopback per configuration), every row on the same training samples. Writes
-//! `sweep.csv`, `sweep.md` and `sweep.png` (test accuracy against uplink bytes).
+//! `sweep.csv`, `sweep.md` and `sweep.png` (test accuracy, or for the language model the
+//! validation loss, against uplink bytes).
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,8 @@ use crate::swarm;
 pub struct Sweep {
     /// Configurations as `codec:H` (`[compression] codec`, `training.local_steps`).
     pub runs: Vec<String>,
-    /// `cnn` or `mlp`.
+    /// `cnn`, `mlp`, or `llama` (`configs/llama-demo.json` on the byte-level fortunes shards
+    /// of `make demo-lm`, windows of 128 tokens).
     pub model: String,
     /// Global batches per configuration (the same samples for every row).
     pub batches: u64,
@@ -42,13 +44,31 @@ struct Row {
     h: u32,
     up: u64,
     down: u64,
-    /// Mean over the seeds, and its standard deviation.
+    /// Test accuracy (validation loss for the language model): mean over the seeds, and its
+    /// standard deviation.
     acc: f64,
     acc_sd: f64,
     wall_s: f64,
 }
 
-fn config(s: &Sweep, codec: &str, h: u32, seed: u64) -> String {
+/// The language model's config and shards (made by `make demo-lm`).
+const LM_CONFIG: &str = "configs/llama-demo.json";
+const LM_SHARDS: &str = "runs/shards/fortunes";
+
+fn is_lm(s: &Sweep) -> bool {
+    s.model == "llama"
+}
+
+/// The summary field a row reports, and its name in the table.
+fn metric(s: &Sweep) -> (&'static str, &'static str) {
+    if is_lm(s) {
+        ("final_val_loss", "val loss")
+    } else {
+        ("final_test_acc", "test acc")
+    }
+}
+
+fn config(s: &Sweep, codec: &str, h: u32, seed: u64) -> Result<String> {
     let optimizers = if h > 1 {
         format!(
             "[optimizer]\nkind = \"sgd\"\nlr = {}\nmomentum = {}\nnesterov = {}\n\n\
@@ -58,17 +78,30 @@ fn config(s: &Sweep, codec: &str, h: u32, seed: u64) -> String {
             s.outer_momentum > 0.0,
             s.inner_lr
         )
+    } else if is_lm(s) {
+        format!("[optimizer]\nkind = \"adamw\"\nlr = {}\n\n", s.inner_lr)
     } else {
         "[optimizer]\nkind = \"adam\"\nlr = 0.001\n\n".to_string()
     };
+    let mut base = swarm::base_config(&s.model, s.batches, s.batch, h, s.workers, seed);
+    if is_lm(s) {
+        let abs = |p: &str| -> Result<String> { Ok(std::path::absolute(p)?.display().to_string()) };
+        base = base.replace(
+            "kind = \"llama\"\n",
+            &format!("kind = \"llama\"\nconfig = \"{}\"\n", abs(LM_CONFIG)?),
+        );
+        base += &format!(
+            "[data]\nshards = \"{}\"\nseq_len = 128\n\n",
+            abs(LM_SHARDS)?
+        );
+    }
     // Spot checks are off: this table measures the codecs (a check with error feedback also
     // uploads an fp32 vector; see `experiments verify`).
-    format!(
-        "{}{optimizers}[compression]\ncodec = \"{codec}\"\nzstd_level = 1\n\n\
+    Ok(format!(
+        "{base}{optimizers}[compression]\ncodec = \"{codec}\"\nzstd_level = 1\n\n\
          [downlink]\ncodec = \"{}\"\nzstd_level = 1\n\n[verification]\np = 0.0\nnew_worker_p = 0.0\n",
-        swarm::base_config(&s.model, s.batches, s.batch, h, s.workers, seed),
         s.downlink
-    )
+    ))
 }
 
 fn parse(run: &str) -> Result<(String, u32)> {
@@ -92,8 +125,16 @@ pub fn run(s: &Sweep) -> Result<()> {
         let (mut up, mut down, mut wall) = (0u64, 0u64, 0f64);
         for seed in 1..=s.seeds.max(1) {
             let dir = s.out.join("runs").join(format!("{codec}-h{h}-s{seed}"));
-            let cfg = config(s, &codec, h, seed);
-            let done = swarm::run(&dir, &cfg, &vec![Vec::new(); s.workers], &[])?;
+            let cfg = config(s, &codec, h, seed)?;
+            let args = if is_lm(s) {
+                vec![
+                    "--data-dir".to_string(),
+                    std::path::absolute(LM_SHARDS)?.display().to_string(),
+                ]
+            } else {
+                Vec::new()
+            };
+            let done = swarm::run(&dir, &cfg, &vec![args; s.workers], &[])?;
             let sum = done.summary()?;
             n_params = done
                 .events("start")
@@ -107,7 +148,7 @@ pub fn run(s: &Sweep) -> Result<()> {
                     s.batches
                 );
             }
-            accs.push(sum["final_test_acc"].as_f64().unwrap_or(0.0));
+            accs.push(sum[metric(s).0].as_f64().unwrap_or(f64::NAN));
             up += sum["bytes_in"].as_u64().unwrap_or(0);
             down += sum["bytes_out"].as_u64().unwrap_or(0);
             wall += sum["wall_s"].as_f64().unwrap_or(0.0);
@@ -126,11 +167,12 @@ pub fn run(s: &Sweep) -> Result<()> {
             wall_s: wall / k,
         };
         println!(
-            "{:>6} H={:<3} up {:>13} B  down {:>13} B  acc {:.4} (sd {:.4}, {} seeds)  {:.1} s",
+            "{:>6} H={:<3} up {:>13} B  down {:>13} B  {} {:.4} (sd {:.4}, {} seeds)  {:.1} s",
             row.codec,
             row.h,
             row.up,
             row.down,
+            metric(s).1,
             row.acc,
             row.acc_sd,
             accs.len(),
@@ -143,21 +185,31 @@ pub fn run(s: &Sweep) -> Result<()> {
     let base = rows.iter().find(|r| r.codec == "fp32" && r.h == 1);
     let (base_up, base_acc) = base.map_or((f64::NAN, f64::NAN), |r| (r.up as f64, r.acc));
     let mut csv = String::from(
-        "codec,h,bytes_up,bytes_down,up_vs_fp32_sync,up_vs_raw_fp32,test_acc,test_acc_sd,acc_delta_points,wall_s\n",
+        "codec,h,bytes_up,bytes_down,up_vs_fp32_sync,up_vs_raw_fp32,metric,metric_sd,metric_delta,wall_s\n",
     );
+    let (what, scale, unit) = if is_lm(s) {
+        ("val loss", 1.0, "nats")
+    } else {
+        ("test acc", 100.0, "points")
+    };
     let mut md = format!(
         "{} model, {} global batches of {} on {} workers (the same samples in every row), \
-         downlink {}; H = 1 rows: Adam 1e-3 on the coordinator; H > 1 rows: AdamW {} on the \
+         downlink {}; H = 1 rows: {} on the coordinator; H > 1 rows: AdamW {} on the \
          workers, outer SGD lr {} momentum {}; written by `experiments sweep`. \"vs fp32 sync\" divides the fp32 H=1 row's \
          uplink bytes (zstd included) by the row's; \"vs raw\" divides 4 bytes x parameters x \
-         batches x workers. Accuracy, bytes and time are means over {} seed(s) (± standard deviation).\n\n\
-         | codec | H | uplink bytes | downlink bytes | vs fp32 sync | vs raw fp32 | test acc | Δ acc (points) | wall s |\n\
+         batches x workers. {what}, bytes and time are means over {} seed(s) (± standard deviation).\n\n\
+         | codec | H | uplink bytes | downlink bytes | vs fp32 sync | vs raw fp32 | {what} | Δ ({unit}) | wall s |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         s.model,
         s.batches,
         s.batch,
         s.workers,
         s.downlink,
+        if is_lm(s) {
+            format!("AdamW {}", s.inner_lr)
+        } else {
+            "Adam 1e-3".to_string()
+        },
         s.inner_lr,
         s.outer_lr,
         s.outer_momentum,
@@ -166,7 +218,7 @@ pub fn run(s: &Sweep) -> Result<()> {
     for r in &rows {
         let rel = base_up / r.up.max(1) as f64;
         let vs_raw = raw / r.up.max(1) as f64;
-        let delta = (r.acc - base_acc) * 100.0;
+        let delta = (r.acc - base_acc) * scale;
         csv += &format!(
             "{},{},{},{},{rel:.2},{vs_raw:.2},{:.4},{:.4},{delta:.2},{:.1}\n",
             r.codec, r.h, r.up, r.down, r.acc, r.acc_sd, r.wall_s
@@ -185,12 +237,12 @@ pub fn run(s: &Sweep) -> Result<()> {
     }
     std::fs::write(s.out.join("sweep.csv"), csv)?;
     std::fs::write(s.out.join("sweep.md"), &md)?;
-    plot(&rows, &s.out.join("sweep.png"))?;
+    plot(&rows, what, &s.out.join("sweep.png"))?;
     println!("\n{md}\nwritten to {}", s.out.display());
     Ok(())
 }
 
-fn plot(rows: &[Row], path: &Path) -> Result<()> {
+fn plot(rows: &[Row], what: &str, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let xmin = rows
@@ -199,10 +251,10 @@ fn plot(rows: &[Row], path: &Path) -> Result<()> {
         .fold(f64::MAX, f64::min)
         / 2.0;
     let xmax = rows.iter().map(|r| r.up as f64).fold(1.0, f64::max) * 2.0;
-    let ymin = rows.iter().map(|r| r.acc).fold(1.0, f64::min) - 0.02;
-    let ymax = rows.iter().map(|r| r.acc).fold(0.0, f64::max) + 0.02;
+    let ymin = rows.iter().map(|r| r.acc).fold(f64::MAX, f64::min) - 0.02;
+    let ymax = rows.iter().map(|r| r.acc).fold(f64::MIN, f64::max) + 0.02;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Test accuracy vs uplink bytes", ("sans-serif", 24))
+        .caption(format!("{what} vs uplink bytes"), ("sans-serif", 24))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
@@ -210,7 +262,7 @@ fn plot(rows: &[Row], path: &Path) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc("uplink bytes (log)")
-        .y_desc("test accuracy")
+        .y_desc(what)
         .x_label_formatter(&|x| format!("{x:.0e}"))
         .draw()?;
     let hs: Vec<u32> = {
