@@ -195,6 +195,8 @@ fn pytorch(s: &LmBench, hf_config: &Path, threads: usize) -> Result<Value> {
 /// A one-worker swarm with `h` inner steps per round; tokens per second over its rounds
 /// after the first.
 fn swarm_rate(s: &LmBench, c: &LlamaConfig, shards: &Path, h: u32) -> Result<f64> {
+    // The run config lives in another folder: relative paths would resolve from there.
+    let shards = std::path::absolute(shards)?;
     let llama = toml::to_string(c)?;
     let cfg = format!(
         "{}[model.llama]\n{llama}\n[data]\nshards = \"{}\"\nseq_len = {}\n\n\
