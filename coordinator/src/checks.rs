@@ -813,15 +813,22 @@ impl Checks {
         };
         job.deadline = None;
         match stage {
-            Stage::Reveal => self.on_reveal(job, answer),
-            Stage::RevealOwn => self.on_reveal_own(job, answer),
+            Stage::Reveal => self.on_values(job, answer, false),
+            Stage::RevealOwn => self.on_values(job, answer, true),
             Stage::Bisect(b) => self.on_leaf(job, answer, b),
         }
     }
 
-    fn on_reveal(&mut self, mut job: Job, answer: Answer) -> Vec<Out> {
-        let Some(base) = job.base.clone() else {
-            return Vec::new();
+    /// The worker revealed values it encoded: of the base (`own` false) or of the task
+    /// itself; they must hash to what the signed commitment says.
+    fn on_values(&mut self, mut job: Job, answer: Answer, own: bool) -> Vec<Out> {
+        let (expected, what) = if own {
+            (job.result.commitment.encoded_input, "encoded values")
+        } else {
+            match &job.base {
+                Some(b) => (b.commitment.encoded_input, "error-feedback input"),
+                None => return Vec::new(),
+            }
         };
         let n = job.params.len();
         let revealed = match answer {
@@ -834,15 +841,19 @@ impl Checks {
                     worker: job.worker,
                     task_id: job.task_id(),
                     conn: job.conn,
-                    reason: format!("could not reveal the error-feedback input: {why}"),
+                    reason: format!("could not reveal the {what}: {why}"),
                     worker_fault: job.conn == job.origin,
                 }]
             }
             Answer::Leaf { .. } => None,
         };
         match revealed {
-            Some(v) if verify::hash_f32(&v) == base.commitment.encoded_input => {
-                job.base_input = Some(v);
+            Some(v) if verify::hash_f32(&v) == expected => {
+                if own {
+                    job.own_input = Some(v);
+                } else {
+                    job.base_input = Some(v);
+                }
                 self.resume(job)
             }
             _ => {
@@ -850,42 +861,7 @@ impl Checks {
                     &job,
                     [0; 32],
                     None,
-                    "revealed error-feedback input does not match its signed commitment".into(),
-                );
-                vec![Out::Caught {
-                    evidence: Box::new(e),
-                    ms: 0.0,
-                }]
-            }
-        }
-    }
-
-    fn on_reveal_own(&mut self, mut job: Job, answer: Answer) -> Vec<Out> {
-        let n = job.params.len();
-        let revealed = match answer {
-            Answer::Values(bytes) => compression::decode_exact(&bytes, n, &self.limits).ok(),
-            Answer::Unavailable(why) => {
-                return vec![Out::Abandoned {
-                    worker: job.worker,
-                    task_id: job.task_id(),
-                    conn: job.conn,
-                    reason: format!("could not reveal the values it encoded: {why}"),
-                    worker_fault: job.conn == job.origin,
-                }]
-            }
-            Answer::Leaf { .. } => None,
-        };
-        match revealed {
-            Some(v) if verify::hash_f32(&v) == job.result.commitment.encoded_input => {
-                job.own_input = Some(v);
-                self.resume(job)
-            }
-            _ => {
-                let e = evidence(
-                    &job,
-                    [0; 32],
-                    None,
-                    "revealed encoded values do not match its signed commitment".into(),
+                    format!("the revealed {what} do not match its signed commitment"),
                 );
                 vec![Out::Caught {
                     evidence: Box::new(e),
@@ -1140,14 +1116,11 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_lossy_result_of_another_class_reveals_what_it_encoded() {
+    /// Checks of the MLP on synthetic data with `codec`, in the default class, whose
+    /// verdicts go nowhere.
+    fn checks_for(codec: CodecConfig) -> Checks {
         let (tx, _rx) = std::sync::mpsc::channel();
-        let codec = CodecConfig {
-            codec: compression::CodecKind::Int8,
-            ..CodecConfig::default()
-        };
-        let mut checks = start(
+        start(
             ModelSpec::Mlp,
             Arc::new(trainer::Dataset::synthetic(8, 0).into()),
             OptimizerConfig::default(),
@@ -1161,7 +1134,15 @@ mod tests {
             },
             tx,
             Duration::from_secs(60),
-        );
+        )
+    }
+
+    #[test]
+    fn a_lossy_result_of_another_class_reveals_what_it_encoded() {
+        let mut checks = checks_for(CodecConfig {
+            codec: compression::CodecKind::Int8,
+            ..CodecConfig::default()
+        });
         let worker = WorkerKey::from_seed([1; 32]).public();
         let other = ComputeClass {
             cpu_capability: "DEFAULT".into(),
@@ -1211,22 +1192,7 @@ mod tests {
 
     #[test]
     fn a_reveal_only_a_former_process_could_give_is_abandoned_without_blame() {
-        let (tx, _rx) = std::sync::mpsc::channel();
-        let mut checks = start(
-            ModelSpec::Mlp,
-            Arc::new(trainer::Dataset::synthetic(8, 0).into()),
-            OptimizerConfig::default(),
-            CodecConfig::default(),
-            DecodeLimits::default(),
-            Classes {
-                own: ComputeClass::default(),
-                tolerance: 1e-2,
-                gross: 0.5,
-                emulator: None,
-            },
-            tx,
-            Duration::from_secs(60),
-        );
+        let mut checks = checks_for(CodecConfig::default());
         let worker = WorkerKey::from_seed([1; 32]).public();
         // A check of `task`, which continued the residual of `task - 1`, from connection 1.
         let job = |task: u64| {

@@ -70,25 +70,15 @@ struct ClassOutput {
     ms: Vec<f64>,
 }
 
-/// A small Llama (2 layers, width 64, byte vocabulary).
+/// A small Llama (2 layers, width 64, byte vocabulary): the bench model, narrower.
 fn llama() -> ModelSpec {
     ModelSpec::Llama(Box::new(LlamaConfig {
-        vocab_size: 256,
         hidden_size: 64,
         intermediate_size: 172,
         num_hidden_layers: 2,
-        num_attention_heads: 4,
         num_key_value_heads: Some(2),
         max_position_embeddings: 64,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: false,
-        head_dim: None,
-        hidden_act: None,
-        rope_scaling: None,
-        rope_parameters: None,
-        attention_bias: None,
-        mlp_bias: None,
+        ..crate::lm_bench::default_config()
     }))
 }
 

@@ -54,7 +54,7 @@ pub struct LmBench {
 }
 
 /// The CPU bench model: 4 layers, width 256, 4 heads, vocabulary 256 (3.4M parameters).
-fn default_config() -> LlamaConfig {
+pub(crate) fn default_config() -> LlamaConfig {
     LlamaConfig {
         vocab_size: 256,
         hidden_size: 256,
