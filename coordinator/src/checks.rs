@@ -3,8 +3,10 @@
 //! A check of task `t` re-executes it from the same parameters and samples with the same
 //! executor code the workers run, continues the same error-feedback residual, encodes with
 //! the same seed, and compares with what the worker committed: bitwise (the hash of the
-//! encoded values, the update bytes and the inner-step root) for CPU workers in
-//! deterministic mode, within a relative tolerance otherwise. The residual comes from the
+//! encoded values, the update bytes and the inner-step root) for workers of the checks' own
+//! compute class in deterministic mode, within a relative tolerance otherwise ([`judge`]:
+//! across classes on the values encoded, with a re-execution in the worker's own class
+//! before any accusation). The residual comes from the
 //! worker's previous used result `b`: the worker reveals the values it encoded for `b`
 //! (which must hash to `b`'s signed commitment), and the residual is those values minus the
 //! decoding of `b`'s bytes. A passed check thus confirms the task's computation and encoding
@@ -140,8 +142,10 @@ pub enum Verdict {
         /// does not decode).
         distance: f64,
     },
-    /// The result disagrees across compute classes and its own class cannot be reproduced
-    /// here: it is dropped, nobody is accused.
+    /// The disagreement is no evidence: bits that differ within the tolerance in one
+    /// declared class, or a difference across classes below the gross bound where the
+    /// worker's class could not be reproduced faithfully (or its re-execution failed). The
+    /// result is dropped, nobody is accused.
     Unconfirmed(String),
     /// The check could not run on the coordinator's side (e.g. the revealed base does not
     /// decode, re-execution failed).
@@ -287,14 +291,20 @@ pub struct Checks {
 pub struct Classes {
     /// The class the checker computes in.
     pub own: ComputeClass,
-    /// Relative L2 distance accepted between classes (the README's calibrated figure).
+    /// Relative L2 distance accepted between classes, of the values encoded.
     pub tolerance: f64,
-    /// A relative L2 distance beyond any honest difference between classes: evidence even
-    /// when the worker's own class cannot be reproduced here.
+    /// Relative L2 distance between decoded updates below which other bits in the checks'
+    /// own class are not taken as evidence (the codec's tolerance).
+    pub decoded_tolerance: f64,
+    /// A relative L2 distance beyond any honest difference between classes (reached or
+    /// passed): evidence even when the worker's own class cannot be reproduced here.
     pub gross: f64,
     /// How to re-execute in another class (`None`: never).
     pub emulator: Option<Emulator>,
 }
+
+/// The longest a re-execution in another class may take.
+const EMULATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Re-execution in another class: this program (`exe recheck`) started with the class's
 /// settings in its environment, the run config and the job on its stdin (bincode), the
@@ -304,12 +314,16 @@ pub struct Emulator {
     pub exe: std::path::PathBuf,
     /// The run config, TOML.
     pub config: String,
+    /// [`TrainData::digest`] of the training data the checks use (the child must load
+    /// the same).
+    pub dataset_digest: Hash,
 }
 
 /// What a child re-executing in another class gets.
 #[derive(Serialize, Deserialize)]
 struct EmulatedCheck {
     config: String,
+    dataset_digest: Hash,
     worker: WorkerId,
     threads: u32,
     params: Vec<f32>,
@@ -334,6 +348,7 @@ impl Emulator {
         use std::process::{Command, Stdio};
         let req = EmulatedCheck {
             config: self.config.clone(),
+            dataset_digest: self.dataset_digest,
             worker: job.worker,
             threads: job.class.threads.max(1),
             params: job.params.to_vec(),
@@ -357,17 +372,39 @@ impl Emulator {
         }
         let mut child = cmd.envs(env).spawn().map_err(|e| e.to_string())?;
         let body = bincode::serialize(&req).map_err(|e| e.to_string())?;
-        child
-            .stdin
-            .take()
-            .ok_or("no stdin")?
-            .write_all(&body)
+        let (mut stdin, mut stdout) = match (child.stdin.take(), child.stdout.take()) {
+            (Some(i), Some(o)) => (i, o),
+            _ => return Err("no pipes to the re-execution".into()),
+        };
+        // The answer is read on a thread so that a hung child is killed at the deadline
+        // instead of stopping the checks.
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut stdout, &mut out).map(|_| out)
+        });
+        let written = stdin.write_all(&body);
+        drop(stdin);
+        let deadline = Instant::now() + EMULATION_TIMEOUT;
+        let status = loop {
+            match child.try_wait().map_err(|e| e.to_string())? {
+                Some(status) => break status,
+                None if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("no answer in {EMULATION_TIMEOUT:?}"));
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        written.map_err(|e| e.to_string())?;
+        let out = reader
+            .join()
+            .map_err(|_| "the reader failed".to_string())?
             .map_err(|e| e.to_string())?;
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!("the re-execution exited with {}", out.status));
+        if !status.success() {
+            return Err(format!("the re-execution exited with {status}"));
         }
-        bincode::deserialize(&out.stdout).map_err(|e| e.to_string())
+        bincode::deserialize(&out).map_err(|e| e.to_string())
     }
 }
 
@@ -381,6 +418,9 @@ pub fn serve_emulated_check(
     let cfg = crate::RunConfig::parse(&req.config)?;
     let spec = cfg.check_model()?;
     let data = crate::dataset::load(&cfg, &spec)?;
+    if data.train.digest() != req.dataset_digest {
+        anyhow::bail!("the training data on disk changed since the run started");
+    }
     trainer::runtime::set_threads(Some(req.threads as usize));
     let mut exec = Executor::new(
         &spec,
@@ -504,78 +544,89 @@ pub fn judge(
         }
     }
     let verdict = recheck(exec, job, codec, limits);
-    if job.class.digest() == classes.own.digest() {
-        // Bits that differ within the tolerance are no evidence either: two machines that
-        // declare the same class may still run other kernels (a library choosing by cache
-        // size or CPU model).
-        return match verdict {
-            Verdict::Fail { distance, .. } if distance <= classes.tolerance => {
-                Verdict::Unconfirmed(format!(
-                    "other bits in the same declared class {}, relative L2 {distance:.1e} \
-                     within {:.0e}",
-                    job.class.label(),
-                    classes.tolerance
-                ))
-            }
-            v => v,
-        };
-    }
     let (mine, theirs) = (classes.own.label(), job.class.label());
     let (reason, distance) = match &verdict {
         Verdict::Fail {
             reason, distance, ..
-        } => (reason, *distance),
-        Verdict::Pass(how) => {
+        } => (reason.clone(), *distance),
+        Verdict::Pass(how) if job.class.digest() != classes.own.digest() => {
             return Verdict::Pass(format!("across classes {theirs} and {mine}: {how}"))
         }
         _ => return verdict,
     };
+    if job.class.digest() == classes.own.digest() {
+        // Bits that differ within the tolerance are no evidence either: two machines that
+        // declare the same class may still run other kernels (a library choosing by CPU
+        // model). The decoded updates are compared unless the values encoded were revealed.
+        let tol = if job.own_input.is_some() {
+            classes.tolerance
+        } else {
+            classes.decoded_tolerance
+        };
+        return if distance <= tol {
+            Verdict::Unconfirmed(format!(
+                "other bits in the same declared class {theirs}, relative L2 {distance:.1e} \
+                 within {tol:.0e}"
+            ))
+        } else {
+            verdict
+        };
+    }
     let tol = classes.tolerance;
     if distance <= tol {
         return Verdict::Pass(format!(
             "across classes {theirs} and {mine}: relative L2 {distance:.1e} within {tol:.0e}"
         ));
     }
-    let env = executor::class::emulation_env(&classes.own, &job.class);
-    match (env, classes.emulator.as_ref()) {
-        (Some(env), Some(em)) => match em.run(job, env, tol) {
-            Ok(Verdict::Pass(how)) => Verdict::Pass(format!(
-                "in its own class {theirs}, reproduced here ({how}); {distance:.1e} from {mine}"
-            )),
-            Ok(Verdict::Fail {
-                reason,
-                recomputed,
-                leaves,
-                distance: own,
-            }) => Verdict::Fail {
+    let gross = |why: String| {
+        if distance >= classes.gross {
+            Verdict::Fail {
                 reason: format!(
-                    "{reason} in its own class {theirs} (reproduced here, relative L2 {own:.1e}) \
-                     and in {mine} ({distance:.1e})"
+                    "{reason}: relative L2 {distance:.1e} from {mine}, beyond any honest \
+                     difference between classes ({:.0e}); {why}",
+                    classes.gross
                 ),
-                recomputed,
-                leaves,
-                distance: own,
-            },
-            Ok(other) => other,
-            Err(e) => Verdict::Unconfirmed(format!(
-                "differs from {mine} by {distance:.1e}; re-execution in its class {theirs} failed: {e}"
-            )),
-        },
-        _ if distance > classes.gross => Verdict::Fail {
-            reason: format!(
-                "{reason}: relative L2 {distance:.1e} from {mine}, beyond any honest difference \
-                 between classes ({:.0e}); its class {theirs} cannot be reproduced here",
-                classes.gross
-            ),
-            recomputed: [0; 32],
-            // Steps of another class do not bisect.
-            leaves: Vec::new(),
-            distance,
-        },
-        _ => Verdict::Unconfirmed(format!(
-            "differs from {mine} by relative L2 {distance:.1e} (tolerance {tol:.0e}) and its \
-             class {theirs} cannot be reproduced here"
+                recomputed: [0; 32],
+                // Steps of another class do not bisect.
+                leaves: Vec::new(),
+                distance,
+            }
+        } else {
+            Verdict::Unconfirmed(format!(
+                "differs from {mine} by relative L2 {distance:.1e} (tolerance {tol:.0e}); {why}"
+            ))
+        }
+    };
+    let env = executor::class::emulation_env(&classes.own, &job.class);
+    let Some((env, em)) = env.zip(classes.emulator.as_ref()) else {
+        return gross(format!("its class {theirs} cannot be reproduced here"));
+    };
+    match em.run(job, env, tol) {
+        Ok(Verdict::Pass(how)) => Verdict::Pass(format!(
+            "in its own class {theirs}, reproduced here ({how}); {distance:.1e} from {mine}"
         )),
+        // Reproduced faithfully, an honest result gives the same bits; other bits beyond
+        // the tolerance there mean an unfaithful reproduction (another CPU model behind the
+        // same declared class) or a small lie: no accusation short of the gross bound.
+        Ok(Verdict::Fail {
+            reason,
+            recomputed,
+            leaves,
+            distance: own,
+        }) if own >= classes.gross => Verdict::Fail {
+            reason: format!(
+                "{reason} in its own class {theirs} (reproduced here, relative L2 {own:.1e}) \
+                 and in {mine} ({distance:.1e})"
+            ),
+            recomputed,
+            leaves,
+            distance: own,
+        },
+        Ok(Verdict::Fail { distance: own, .. }) => gross(format!(
+            "reproduced in its class {theirs} here it differs by {own:.1e}"
+        )),
+        Ok(other) => other,
+        Err(e) => gross(format!("re-execution in its class {theirs} failed: {e}")),
     }
 }
 
@@ -657,7 +708,13 @@ pub fn recheck(
             if root != c.step_root || verify::hash_f32(&enc.encoded_input) != c.encoded_input {
                 fail("re-execution computes other values".into())
             } else if recomputed != c.update {
-                fail("the same values encode to other bytes".into())
+                // Encoding is the same in every class: never relaxed.
+                Verdict::Fail {
+                    reason: "the same values encode to other bytes".into(),
+                    recomputed,
+                    leaves: raw.leaves.clone(),
+                    distance: f64::INFINITY,
+                }
             } else {
                 Verdict::Pass("bitwise".into())
             }
@@ -1078,6 +1135,7 @@ mod tests {
         let classes = Classes {
             own: own.clone(),
             tolerance: 1e-2,
+            decoded_tolerance: 1e-2,
             gross: 0.5,
             emulator: None,
         };
@@ -1129,6 +1187,7 @@ mod tests {
             Classes {
                 own: ComputeClass::default(),
                 tolerance: 1e-2,
+                decoded_tolerance: 1e-2,
                 gross: 0.5,
                 emulator: None,
             },

@@ -315,9 +315,9 @@ pub struct VerificationSection {
     pub trusted_after: u32,
     /// How results are compared.
     pub mode: CheckMode,
-    /// Largest relative L2 distance accepted in tolerance mode, and between the results of
-    /// two compute classes; unset: the codec's calibrated value
-    /// ([`VerificationSection::tolerance_for`]).
+    /// Largest relative L2 distance accepted in tolerance mode (decoded updates) and between
+    /// the results of two compute classes (values encoded); unset:
+    /// [`VerificationSection::tolerance_for`] and [`VerificationSection::cross_class_tolerance`].
     pub tolerance: Option<f64>,
     /// A relative L2 distance no honest computation in any class reaches: evidence against
     /// a result of a class the coordinator cannot reproduce. Below it such a result that
@@ -340,10 +340,10 @@ impl VerificationSection {
     }
 
     /// The relative L2 tolerance for updates encoded with `codec`: `tolerance` when set,
-    /// else the smallest power of ten at least 5x the largest honest distance between
-    /// compute classes that `experiments classes` measured for the codec (results/classes:
-    /// fp32 3.9e-4, int8 4.1e-4, int4 1.4e-3, top-k 1.8e-4, sign1 8.5e-3): 1e-2, and 1e-1
-    /// for sign1, whose signs flip on tiny differences.
+    /// else 1e-2, and 1e-1 for sign1, whose signs flip on tiny differences: at least 5x the
+    /// largest honest distance between compute classes that `experiments classes` measured
+    /// for each codec (results/classes: fp32 3.9e-4, int8 4.1e-4, int4 1.4e-3, top-k
+    /// 1.8e-4, sign1 8.5e-3).
     pub fn tolerance_for(&self, codec: &CodecConfig) -> f64 {
         self.tolerance.unwrap_or(match codec.codec {
             compression::CodecKind::Sign1 => 1e-1,

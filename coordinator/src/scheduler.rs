@@ -229,6 +229,7 @@ impl Scheduler {
                 Some(checks::Emulator {
                     exe,
                     config: toml::to_string(&cfg).ok()?,
+                    dataset_digest: train.digest(),
                 })
             });
             checks::start(
@@ -240,6 +241,7 @@ impl Scheduler {
                 checks::Classes {
                     own: class.clone(),
                     tolerance: cfg.verification.cross_class_tolerance(),
+                    decoded_tolerance: cfg.verification.tolerance_for(&cfg.compression),
                     gross: cfg.verification.gross_tolerance,
                     emulator,
                 },

@@ -312,7 +312,13 @@ async fn serve(
             format!("run is full ({} workers)", ctx.limits.max_workers),
         );
     }
-    let class = hello.class.clone().bounded();
+    if let Err(e) = hello.class.validate() {
+        return reject(
+            close::VERSION,
+            format!("invalid compute class: {e}; update the worker"),
+        );
+    }
+    let class = hello.class.clone();
     let name: String = format!(
         "{}@{}",
         hello.name.chars().take(64).collect::<String>(),

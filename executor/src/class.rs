@@ -22,11 +22,12 @@ pub const PORTABLE_ENV: [(&str, &str); 4] = [
     ("DNNL_MAX_CPU_ISA", "SSE41"),
 ];
 
-/// Whether this process was started with the portable settings in its environment.
+/// Whether this process was started with the portable settings in its environment (spelt
+/// exactly so: libtorch compares `ATEN_CPU_CAPABILITY` case-sensitively).
 pub fn portable_env_applied() -> bool {
     PORTABLE_ENV
         .iter()
-        .all(|(k, v)| std::env::var(k).is_ok_and(|x| x.eq_ignore_ascii_case(v)))
+        .all(|(k, v)| std::env::var(k).is_ok_and(|x| x == *v))
 }
 
 /// The highest capability libtorch's dispatcher can use on this CPU (`AVX512` when it has
@@ -47,24 +48,41 @@ pub fn native_capability() -> &'static str {
 }
 
 fn rank(cap: &str) -> u8 {
-    match cap {
-        "AVX512" => 2,
-        "AVX2" => 1,
-        _ => 0,
-    }
+    verify::class::capability_rank(cap).unwrap_or(0)
 }
 
-/// The capability libtorch dispatches to in this process: `ATEN_CPU_CAPABILITY` when set to
-/// one the CPU supports, else [`native_capability`].
+/// `MKL_CBWR` values this machine can set to reproduce another class's MKL path.
+const MKL_PATHS: [&str; 7] = [
+    "auto",
+    "COMPATIBLE",
+    "SSE2",
+    "SSE4_2",
+    "AVX",
+    "AVX2",
+    "AVX512",
+];
+/// `ONEDNN_MAX_CPU_ISA` values likewise.
+const ONEDNN_ISAS: [&str; 9] = [
+    "auto",
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_AMX",
+];
+
+/// The capability libtorch dispatches to in this process: `ATEN_CPU_CAPABILITY` when it is
+/// exactly `default`, `avx2` or `avx512` (libtorch compares case-sensitively and ignores
+/// anything else), else [`native_capability`].
 pub fn dispatched_capability() -> String {
-    let native = native_capability();
-    let wanted = std::env::var("ATEN_CPU_CAPABILITY")
-        .map(|v| v.to_ascii_uppercase())
-        .unwrap_or_default();
-    match wanted.as_str() {
-        "DEFAULT" => "DEFAULT".into(),
-        "AVX2" | "AVX512" if rank(&wanted) <= rank(native) => wanted,
-        _ => native.into(),
+    match std::env::var("ATEN_CPU_CAPABILITY").as_deref() {
+        Ok("default") => "DEFAULT".into(),
+        Ok("avx2") => "AVX2".into(),
+        Ok("avx512") => "AVX512".into(),
+        _ => native_capability().into(),
     }
 }
 
@@ -172,7 +190,12 @@ pub fn emulation_env(own: &ComputeClass, other: &ComputeClass) -> Option<Vec<(St
                 .collect(),
         );
     }
-    if other.cpu_vendor != own.cpu_vendor || other.cpu_isa != own.cpu_isa {
+    if other.cpu_vendor != own.cpu_vendor
+        || other.cpu_isa != own.cpu_isa
+        || rank(&other.cpu_capability) > rank(&own.cpu_isa)
+        || !MKL_PATHS.contains(&other.mkl_cbwr.as_str())
+        || !ONEDNN_ISAS.contains(&other.onednn_isa.as_str())
+    {
         return None;
     }
     let mut env = vec![(

@@ -44,12 +44,86 @@ pub struct ComputeClass {
     pub portable: bool,
 }
 
+/// The most threads a declared class may have.
+pub const MAX_CLASS_THREADS: u32 = 1024;
+
+/// The order of libtorch's x86 capabilities (`None` for others, e.g. another architecture's).
+pub fn capability_rank(cap: &str) -> Option<u8> {
+    match cap {
+        "DEFAULT" => Some(0),
+        "AVX2" => Some(1),
+        "AVX512" => Some(2),
+        _ => None,
+    }
+}
+
 impl ComputeClass {
+    /// Checks a declared class: printable ASCII without spaces in the settings, threads in
+    /// 1..=[`MAX_CLASS_THREADS`], and on x86-64 a dispatched capability the CPU's own
+    /// capability covers. Errors name the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let fields = [
+            ("device", &self.device),
+            ("arch", &self.arch),
+            ("torch", &self.torch),
+            ("cpu_vendor", &self.cpu_vendor),
+            ("cpu_capability", &self.cpu_capability),
+            ("cpu_isa", &self.cpu_isa),
+            ("mkl_cbwr", &self.mkl_cbwr),
+            ("onednn_isa", &self.onednn_isa),
+        ];
+        for (name, v) in fields {
+            if v.is_empty()
+                || v.len() > MAX_CLASS_FIELD
+                || v.chars().any(|c| !(' '..='~').contains(&c))
+            {
+                return Err(format!(
+                    "{name} must be 1 to {MAX_CLASS_FIELD} printable ASCII characters"
+                ));
+            }
+        }
+        for (name, v) in [
+            ("cpu_capability", &self.cpu_capability),
+            ("cpu_isa", &self.cpu_isa),
+            ("mkl_cbwr", &self.mkl_cbwr),
+            ("onednn_isa", &self.onednn_isa),
+        ] {
+            if !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ',')
+            {
+                return Err(format!("{name} {v:?} is not a setting"));
+            }
+        }
+        if !(1..=MAX_CLASS_THREADS).contains(&self.threads) {
+            return Err(format!(
+                "threads {} not in 1..={MAX_CLASS_THREADS}",
+                self.threads
+            ));
+        }
+        if self.arch == "x86_64" {
+            match (
+                capability_rank(&self.cpu_capability),
+                capability_rank(&self.cpu_isa),
+            ) {
+                (Some(c), Some(i)) if c <= i => {}
+                _ => {
+                    return Err(format!(
+                        "cpu_capability {} with cpu_isa {} is not a capability this CPU has",
+                        self.cpu_capability, self.cpu_isa
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// blake3 (context `"dtrain compute class v1"`) of the fields that decide the bits, each
     /// as a u32 LE length and its bytes: `device`, `arch`, `torch`, `threads` (u32 LE),
     /// `portable` (one byte); unless the class is portable on a CPU, also `cpu_vendor`,
-    /// `cpu_capability`, `cpu_isa`, `mkl_cbwr`, `onednn_isa` (before `threads`). Two workers with equal digests are
-    /// expected to compute equal bits.
+    /// `cpu_capability`, `cpu_isa`, `mkl_cbwr`, `onednn_isa` (before `threads`). Two workers
+    /// with equal digests are expected to compute equal bits (the checks still take other
+    /// bits within their tolerance as no evidence: a class may hide other CPU models).
     pub fn digest(&self) -> Hash {
         let mut h = blake3::Hasher::new_derive_key("dtrain compute class v1");
         let mut field = |s: &str| {
@@ -161,6 +235,37 @@ mod tests {
             ..cpu("AVX2", "AuthenticAMD", true)
         };
         assert_ne!(gpu.digest(), cpu("AVX2", "AuthenticAMD", true).digest());
+    }
+
+    #[test]
+    fn declared_classes_are_checked() {
+        assert!(cpu("AVX2", "AuthenticAMD", false).validate().is_ok());
+        let bad = [
+            ComputeClass {
+                threads: 0,
+                ..cpu("AVX2", "x", false)
+            },
+            ComputeClass {
+                threads: u32::MAX,
+                ..cpu("AVX2", "x", false)
+            },
+            ComputeClass {
+                cpu_isa: "AVX2".into(),
+                ..cpu("AVX512", "x", false)
+            },
+            ComputeClass {
+                mkl_cbwr: "AVX2\0".into(),
+                ..cpu("AVX2", "x", false)
+            },
+            ComputeClass {
+                onednn_isa: "AVX2; rm".into(),
+                ..cpu("AVX2", "x", false)
+            },
+            cpu("NEON", "x", false),
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ impl Failure {
 /// What the worker remembers of a result it sent.
 struct Sent {
     task_id: u64,
-    /// The exact values encoded (kept only when error feedback is on).
+    /// The exact values encoded (kept whenever the codec is lossy).
     encoded_input: Vec<f32>,
     /// Error-feedback residual left by the task (empty when off).
     residual: Vec<f32>,
