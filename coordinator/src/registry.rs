@@ -36,7 +36,11 @@ pub struct Conn {
     /// Whether its results are compared bitwise first (deterministic mode, its class the
     /// checks' class).
     pub bitwise: bool,
-    /// The compute class it computes in (its commitments carry the digest).
+    /// Whether it computes in the checks' own compute class.
+    pub same_class: bool,
+    /// [`verify::ComputeClass::digest`] of its class, which its commitments must carry.
+    pub class_digest: verify::Hash,
+    /// The compute class it computes in.
     pub class: verify::ComputeClass,
     /// Where its messages go.
     pub tx: tokio::sync::mpsc::UnboundedSender<Outgoing>,

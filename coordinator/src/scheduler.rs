@@ -33,7 +33,6 @@ use crate::parts::{self, Attempt, Part};
 use crate::progress::{Progress, StepLine};
 use crate::registry::{Accepted, Conn, Registry};
 use crate::server::{Event, Joined, Outgoing};
-use verify::ComputeClass;
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,8 +116,8 @@ pub struct Scheduler {
     reg: Registry,
     balancer: parts::Balancer,
     checks: Option<Checks>,
-    /// The compute class the checks run in.
-    class: ComputeClass,
+    /// Digest of the compute class the checks run in.
+    class_digest: verify::Hash,
     policy: SpotCheckPolicy,
     check_key: [u8; 32],
     /// Workers banned since the last round was committed (their contributions go).
@@ -223,6 +222,7 @@ impl Scheduler {
             );
         }
         let class = executor::class::detect(tch::Device::Cpu, tch::get_num_threads().max(1) as u32);
+        let class_digest = class.digest();
         tracing::info!(class = %class.label(), "checks compute in this class");
         let checks = cfg.verification.enabled().then(|| {
             let emulator = cfg.recheck_exe.clone().and_then(|exe| {
@@ -239,7 +239,7 @@ impl Scheduler {
                 cfg.compression.clone(),
                 limits,
                 checks::Classes {
-                    own: class.clone(),
+                    own: class,
                     tolerance: cfg.verification.cross_class_tolerance(),
                     decoded_tolerance: cfg.verification.tolerance_for(&cfg.compression),
                     gross: cfg.verification.gross_tolerance,
@@ -253,7 +253,7 @@ impl Scheduler {
         let downlink = Downlink::new(ledger.state.params.clone(), &cfg.downlink);
         let (last_in, last_out) = traffic.get();
         Ok(Scheduler {
-            class,
+            class_digest,
             hyper: hyperparams_digest(&cfg, &spec),
             progress: Progress::new(total_steps, step),
             policy: cfg.verification.policy(),
@@ -638,7 +638,8 @@ impl Scheduler {
         if let Some(t) = self.cfg.workers.deterministic_threads {
             class.threads = t;
         }
-        let same_class = class.digest() == self.class.digest();
+        let class_digest = class.digest();
+        let same_class = class_digest == self.class_digest;
         self.metrics.emit(
             "worker_joined",
             json!({"conn": j.conn, "worker": j.worker.to_string(), "name": j.name, "step": self.step(),
@@ -655,6 +656,8 @@ impl Scheduler {
                 id: j.worker,
                 name: j.name,
                 bitwise,
+                same_class,
+                class_digest,
                 class,
                 tx: j.tx,
                 traffic: j.traffic,
@@ -703,7 +706,7 @@ impl Scheduler {
         part.attempts[ai].live = false;
         let (ef_base, seed) = (part.attempts[ai].ef_base, part.attempts[ai].seed);
         let elapsed = part.attempts[ai].started.elapsed().as_secs_f64() * 1000.0;
-        let declared = self.reg.conns.get(&conn).map(|w| w.class.digest());
+        let declared = self.reg.conns.get(&conn).map(|w| w.class_digest);
         let norm = match self.validate(&worker, &res, part, ef_base, seed, declared) {
             Ok(norm) => norm,
             Err(reason) => {
@@ -722,7 +725,7 @@ impl Scheduler {
         let per = elapsed / part.indices.len().max(1) as f64;
         w.ms_per_sample = Some(w.ms_per_sample.map_or(per, |o| 0.7 * o + 0.3 * per));
         part.attempts[ai].compute_ms = Some((res.compute_us as f64 / 1000.0).min(elapsed));
-        let (bitwise, class) = (w.bitwise, w.class.clone());
+        let (bitwise, same_class, class) = (w.bitwise, w.same_class, w.class.clone());
         self.counts.tasks_ok += 1;
         self.counts.work_ms += (res.compute_us as f64 / 1000.0).min(elapsed);
         self.counts.update_bytes += res.update.len() as u64;
@@ -778,7 +781,7 @@ impl Scheduler {
                 },
                 res,
                 base,
-                (!bitwise).then_some(if class.digest() == self.class.digest() {
+                (!bitwise).then_some(if same_class {
                     self.cfg.verification.tolerance_for(&self.cfg.compression)
                 } else {
                     self.cfg.verification.cross_class_tolerance()
