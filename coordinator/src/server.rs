@@ -315,7 +315,10 @@ async fn serve(
     if let Err(e) = hello.class.validate() {
         return reject(
             close::VERSION,
-            format!("invalid compute class: {e}; update the worker"),
+            format!(
+                "invalid compute class: {e}; check the worker's ATEN_CPU_CAPABILITY, MKL_CBWR \
+                 and ONEDNN_MAX_CPU_ISA settings, or update the worker"
+            ),
         );
     }
     let class = hello.class.clone();
