@@ -18,7 +18,7 @@
 //! the first divergent step, which the evidence names: one step that anyone can re-execute
 //! from the agreed state before it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -744,6 +744,21 @@ impl Checks {
         self.jobs.values().any(|s| {
             matches!(s, Slot::Waiting { job, stage: Stage::Bisect(_), .. } if job.worker == *worker)
         })
+    }
+
+    /// The workers whose results are being disputed.
+    pub fn disputed_workers(&self) -> HashSet<WorkerId> {
+        self.jobs
+            .values()
+            .filter_map(|s| match s {
+                Slot::Waiting {
+                    job,
+                    stage: Stage::Bisect(_),
+                    ..
+                } => Some(job.worker),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Sends `query` about `task_id` to the job's connection and parks the job until the

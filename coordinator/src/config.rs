@@ -209,6 +209,34 @@ pub struct TrainingSection {
     /// Compute threads of the coordinator (evaluation).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Samples per inner batch at most when rounds grow with the workers present; unset: a
+    /// round uses `global_batch` samples per inner step whatever the number of workers (and
+    /// at most that many workers). When set, each inner batch of a round merges
+    /// `k = ceil(workers * min_micro_batch / global_batch)` consecutive global batches, up to
+    /// this many samples. The optimizer's learning rate stays as configured: for SGD the
+    /// linear scaling rule (Goyal et al., 2017, "Accurate, Large Minibatch SGD") suggests
+    /// `lr * k`, for Adam(W) the square-root rule (Malladi et al., 2022, "On the SDEs and
+    /// Scaling Rules for Adaptive Gradient Algorithms") `lr * sqrt(k)`; set `lr` for the
+    /// batch the swarm usually reaches.
+    #[serde(default)]
+    pub max_global_batch: Option<usize>,
+    /// Fewest samples a worker gets per inner batch when rounds grow (default 8).
+    #[serde(default = "eight")]
+    pub min_micro_batch: usize,
+}
+
+fn eight() -> usize {
+    8
+}
+
+impl TrainingSection {
+    /// How rounds grow with the workers present (`max_global_batch` set).
+    pub fn growth(&self) -> Option<rounds::Growth> {
+        self.max_global_batch.map(|max| rounds::Growth {
+            min_micro_batch: self.min_micro_batch,
+            max_global_batch: max,
+        })
+    }
 }
 
 fn one() -> u64 {
@@ -235,6 +263,9 @@ pub struct NetworkSection {
     pub first_task_timeout_s: f64,
     /// Deadline floor for later tasks, seconds.
     pub min_task_timeout_s: f64,
+    /// Seconds after which a round's unanswered parts go to workers that finished, beyond 4x
+    /// the time its first answer took (stragglers nobody predicted).
+    pub straggler_grace_s: f64,
     /// Connections in the TLS or protocol handshake at once; more are refused at once.
     pub max_handshakes: usize,
     /// Frames a connection may send per second (burst: twice that); faster peers are slowed.
@@ -249,12 +280,13 @@ pub struct NetworkSection {
 impl Default for NetworkSection {
     fn default() -> Self {
         NetworkSection {
-            max_workers: 64,
+            max_workers: 10_000,
             max_frame_bytes: 256 << 20,
             handshake_timeout_s: 10.0,
             idle_timeout_s: 30.0,
             first_task_timeout_s: 60.0,
             min_task_timeout_s: 5.0,
+            straggler_grace_s: 1.5,
             max_handshakes: 32,
             max_frames_per_s: 200.0,
             max_bytes_per_s: 1e9,
@@ -517,6 +549,17 @@ impl RunConfig {
         if !(1..=10_000).contains(&self.training.local_steps) {
             return bad("training.local_steps must be in 1..=10000".into());
         }
+        if let Some(max) = self.training.max_global_batch {
+            if max < self.training.global_batch || max > 1 << 24 {
+                return bad(format!(
+                    "training.max_global_batch must be in global_batch ({})..=16777216, got {max}",
+                    self.training.global_batch
+                ));
+            }
+            if !(1..=1 << 20).contains(&self.training.min_micro_batch) {
+                return bad("training.min_micro_batch must be in 1..=1048576".into());
+            }
+        }
         if self.model.config.is_none() {
             self.check_model()?;
         }
@@ -580,6 +623,7 @@ impl RunConfig {
             ("idle_timeout_s", n.idle_timeout_s),
             ("first_task_timeout_s", n.first_task_timeout_s),
             ("min_task_timeout_s", n.min_task_timeout_s),
+            ("straggler_grace_s", n.straggler_grace_s),
         ] {
             if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
                 return bad(format!("{name} must be in (0, 86400) seconds"));

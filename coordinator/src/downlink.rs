@@ -1,15 +1,17 @@
 //! What the coordinator sends so that a worker holds the current parameters: nothing when
 //! it holds them already, a delta from the version it holds (lossless XOR, or the chain of
 //! quantized deltas of a lossy downlink), or the full vector. Payloads are cached per
-//! version, so a round encodes each distinct payload once whatever the number of workers.
+//! version, so a round encodes each distinct payload once whatever the number of workers,
+//! and every task that carries it shares its bytes ([`bytes::Bytes`], reference-counted):
+//! the messages queued for N workers hold one copy, not N.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use anyhow::Result;
+use bytes::Bytes;
 use compression::CodecConfig;
 use proto::ParamsPayload;
-use serde_bytes::ByteBuf;
 use verify::Hash;
 
 /// Older versions kept as XOR bases.
@@ -23,12 +25,12 @@ pub struct Downlink {
     version: u64,
     hash: Hash,
     params: Arc<Vec<f32>>,
-    full: Option<ByteBuf>,
-    xor: HashMap<u64, ByteBuf>,
+    full: Option<Bytes>,
+    xor: HashMap<u64, Bytes>,
     /// Earlier versions' values (newest last).
     older: VecDeque<(u64, Arc<Vec<f32>>)>,
     /// Lossy deltas: `(v, d)` turns version `v - 1` into `v` (consecutive, newest last).
-    adds: VecDeque<(u64, ByteBuf)>,
+    adds: VecDeque<(u64, Bytes)>,
 }
 
 impl Downlink {
@@ -75,7 +77,7 @@ impl Downlink {
         self.xor.clear();
         match delta {
             Some(d) => {
-                self.adds.push_back((self.version, ByteBuf::from(d)));
+                self.adds.push_back((self.version, Bytes::from(d)));
                 while self.adds.len() > MAX_CHAIN {
                     self.adds.pop_front();
                 }
@@ -93,7 +95,7 @@ impl Downlink {
             return Ok(ParamsPayload::Held);
         }
         if let Some(pos) = self.adds.iter().position(|(v, _)| *v == held + 1) {
-            let deltas: Vec<ByteBuf> = self.adds.iter().skip(pos).map(|(_, d)| d.clone()).collect();
+            let deltas: Vec<Bytes> = self.adds.iter().skip(pos).map(|(_, d)| d.clone()).collect();
             return Ok(ParamsPayload::Add { base: held, deltas });
         }
         let Some((_, base)) = self.older.iter().find(|(v, _)| *v == held) else {
@@ -105,7 +107,7 @@ impl Downlink {
                 delta: d.clone(),
             });
         }
-        let d = ByteBuf::from(compression::encode_xor_delta(
+        let d = Bytes::from(compression::encode_xor_delta(
             base,
             &self.params,
             self.zstd_level,
@@ -123,7 +125,7 @@ impl Downlink {
                 zstd_level: self.zstd_level,
                 ..CodecConfig::lossless()
             };
-            self.full = Some(ByteBuf::from(compression::encode(&self.params, &cfg, 0)?));
+            self.full = Some(Bytes::from(compression::encode(&self.params, &cfg, 0)?));
         }
         Ok(ParamsPayload::Full(self.full.clone().unwrap_or_default()))
     }

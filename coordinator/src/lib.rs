@@ -2,12 +2,12 @@
 //!
 //! * [`config`]: the TOML run configuration.
 //! * [`server`]: QUIC accept loop, handshake, limits and per-connection relays.
-//! * [`scheduler`]: rounds over the connected workers, churn, stragglers, bans, evaluation;
-//!   [`parts`]: how a round is split.
+//! * [`scheduler`]: the driver of the round core ([`rounds`]: workers, parts, deadlines,
+//!   strikes, bans as a state machine): tasks, validation, commits, evaluation.
 //! * [`ledger`]: the training state, the write-ahead log, checkpoints, rollbacks.
 //! * [`downlink`]: parameter payloads (full, XOR deltas, quantized deltas).
 //! * [`checks`]: spot checks by re-execution, challenges, dispute bisection.
-//! * [`registry`]: connected workers and their standing (reputation, strikes, bans).
+//! * [`registry`]: the driver's side of each connection, and results kept for checks.
 //! * [`state`]: the run identity (atomic writes).
 //! * [`metrics`]: `metrics.jsonl` and traffic counters; [`progress`]: the live line.
 
@@ -17,7 +17,6 @@ pub mod dataset;
 pub mod downlink;
 pub mod ledger;
 pub mod metrics;
-pub mod parts;
 pub mod prepare;
 pub mod progress;
 pub mod registry;

@@ -1,15 +1,16 @@
-//! The scheduler: synchronous data parallelism (or DiLoCo rounds) over whichever workers are
-//! connected, with spot checks of their results.
+//! The scheduler: the driver of the round core ([`rounds::Core`]). It owns the clock, the
+//! connections' channels, the ledger (disk), the downlink payloads, the spot checks and the
+//! reports, and feeds the core.
 //!
-//! Each round splits its global batch (its H global batches) over the idle workers (by speed
-//! when they differ much), sends every part with what the worker needs to hold the current
-//! parameters, and waits for all parts. A part whose worker leaves, answers with an invalid
-//! result, or misses its deadline goes to another idle worker (the first valid answer wins).
-//! The round is then committed to the ledger (aggregate, optimizer step, write-ahead log) in
-//! part order, so the result does not depend on arrival order. A random sample of accepted
-//! results is re-executed ([`crate::checks`]); a worker caught cheating is banned and its
-//! unverified contributions are rolled back.
+//! The core splits each round's global batch (its H global batches) over the idle workers,
+//! reassigns parts whose worker leaves, fails or misses its deadline, keeps strikes and bans,
+//! and hands over a complete round in part order. This driver sends the tasks (with what each
+//! worker needs to hold the current parameters), validates results before the core accepts
+//! them, commits rounds to the ledger (aggregate, optimizer step, write-ahead log), runs the
+//! spot checks the core draws ([`crate::checks`]), and rolls back the unverified
+//! contributions of banned workers.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -18,20 +19,20 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use compression::DecodeLimits;
 use proto::{close, Task, TaskResult, ToCoordinator, ToWorker};
+use rounds::{Action, CloseWhy, Commit, Core, Input, TaskView, Valid};
 use serde_json::json;
 use tracing::{info, warn};
 use trainer::schedule::BatchSchedule;
 use trainer::{Evaluation, ModelSpec, Net, Optimizer, TrainData};
-use verify::{Evidence, SpotCheckPolicy, WorkerId};
+use verify::WorkerId;
 
 use crate::checks::{self, Checks, Out};
 use crate::config::{CheckMode, RunConfig};
 use crate::downlink::Downlink;
 use crate::ledger::{Contribution, Ledger, Meta, RoundRecord, Rules, TrainState};
 use crate::metrics::{Metrics, Traffic};
-use crate::parts::{self, Attempt, Part};
 use crate::progress::{Progress, StepLine};
-use crate::registry::{Accepted, Conn, Registry};
+use crate::registry::{Accepted, Link, Links};
 use crate::server::{Event, Joined, Outgoing};
 
 /// How a run ended.
@@ -99,6 +100,37 @@ pub struct Inputs {
     pub check_key: [u8; 32],
 }
 
+/// The run's batch schedule as the core reads it.
+pub struct Schedule(RefCell<BatchSchedule>);
+
+impl rounds::Batches for Schedule {
+    fn batch(&self, index: u64) -> Vec<u32> {
+        self.0.borrow_mut().batch(index)
+    }
+}
+
+impl Schedule {
+    fn steps_per_epoch(&self) -> u64 {
+        self.0.borrow().steps_per_epoch()
+    }
+}
+
+/// What a result is checked against before the core accepts it.
+struct Expected<'a> {
+    run_id: [u8; 32],
+    hyper: [u8; 32],
+    round: u64,
+    params_hash: verify::Hash,
+    n_params: usize,
+    limits: &'a DecodeLimits,
+    multi_step: bool,
+    /// The error-feedback base the task was given.
+    ef_base: u64,
+    /// The class the worker declared.
+    class: Option<verify::Hash>,
+    norms: &'a NormTracker,
+}
+
 /// The scheduler and the run state it owns.
 pub struct Scheduler {
     cfg: RunConfig,
@@ -109,23 +141,23 @@ pub struct Scheduler {
     net: Net,
     ledger: Ledger,
     downlink: Downlink,
-    schedule: BatchSchedule,
-    total_steps: u64,
+    core: Core<Arc<TaskResult>, Schedule>,
+    links: Links,
     h: u64,
     total_batches: u64,
-    reg: Registry,
-    balancer: parts::Balancer,
     checks: Option<Checks>,
     /// Digest of the compute class the checks run in.
     class_digest: verify::Hash,
-    policy: SpotCheckPolicy,
-    check_key: [u8; 32],
+    /// Banned identities, shared with the accept loop, which refuses them.
+    banned: Arc<std::sync::RwLock<HashSet<WorkerId>>>,
     /// Workers banned since the last round was committed (their contributions go).
     to_remove: HashSet<WorkerId>,
     /// Single results to remove (their check could not be completed).
     to_drop: HashSet<u64>,
     /// Results confirmed by a check before their round was committed.
     verified_now: HashSet<u64>,
+    /// A round the core handed over, to commit.
+    complete: Option<Commit<Arc<TaskResult>>>,
     /// The usual norm of accepted updates.
     norms: NormTracker,
     seen: HashSet<WorkerId>,
@@ -139,7 +171,6 @@ pub struct Scheduler {
     last_eval: Option<(u64, Evaluation)>,
     /// Training tokens per second, smoothed over rounds (language models).
     token_rate: Option<f64>,
-    started: bool,
 }
 
 impl Scheduler {
@@ -164,10 +195,11 @@ impl Scheduler {
             l => l.min(train.len()),
         };
         let schedule = BatchSchedule::new(n, cfg.training.global_batch, cfg.run.seed);
+        let steps_per_epoch = schedule.steps_per_epoch();
         let total_batches = cfg
             .training
             .steps
-            .unwrap_or(cfg.training.epochs * schedule.steps_per_epoch());
+            .unwrap_or(cfg.training.epochs * steps_per_epoch);
         let h = u64::from(cfg.training.local_steps.max(1));
         let total_steps = total_batches.div_ceil(h);
         let limits = DecodeLimits {
@@ -204,7 +236,7 @@ impl Scheduler {
         metrics.emit(
             if step > 0 { "resume" } else { "start" },
             json!({"step": step, "total_steps": total_steps, "local_steps": h, "total_batches": total_batches,
-                   "n_params": n_params, "steps_per_epoch": schedule.steps_per_epoch(),
+                   "n_params": n_params, "steps_per_epoch": steps_per_epoch,
                    "global_batch": cfg.training.global_batch, "codec": cfg.compression, "downlink": cfg.downlink,
                    "replayed": recovered.replayed, "verification": cfg.verification, "aggregation": cfg.aggregation}),
         );
@@ -218,7 +250,7 @@ impl Scheduler {
         for round in last_reported.map_or(step + 1, |r| r + 1)..=step {
             metrics.emit(
                 "step",
-                json!({"step": round, "batches": (round * h).min(total_batches), "recovered": true}),
+                json!({"step": round, "batches": meta.batches_done, "recovered": true}),
             );
         }
         let class = executor::class::detect(tch::Device::Cpu, tch::get_num_threads().max(1) as u32);
@@ -252,11 +284,42 @@ impl Scheduler {
         drop(events_tx);
         let downlink = Downlink::new(ledger.state.params.clone(), &cfg.downlink);
         let (last_in, last_out) = traffic.get();
+        {
+            let mut set = banned.write().unwrap_or_else(|e| e.into_inner());
+            set.extend(
+                recovered
+                    .standings
+                    .iter()
+                    .filter(|(_, s)| s.rep.banned)
+                    .map(|(w, _)| *w),
+            );
+        }
+        let core = Core::new(
+            rounds::Config {
+                min_workers: cfg.run.min_workers,
+                balance_by_speed: cfg.workers.balance_by_speed,
+                first_task_timeout: Duration::from_secs_f64(cfg.network.first_task_timeout_s),
+                min_task_timeout: Duration::from_secs_f64(cfg.network.min_task_timeout_s),
+                straggler_grace: Duration::from_secs_f64(cfg.network.straggler_grace_s),
+                max_strikes: cfg.verification.max_strikes,
+                max_pending_checks: cfg.verification.max_pending,
+                checks: cfg
+                    .verification
+                    .enabled()
+                    .then(|| (cfg.verification.policy(), check_key)),
+                run_seed: cfg.run.seed,
+                inner_batches: h,
+                total_batches,
+                growth: cfg.training.growth(),
+            },
+            Schedule(RefCell::new(schedule)),
+            recovered.standings.clone(),
+            meta.next_task,
+        );
         Ok(Scheduler {
             class_digest,
             hyper: hyperparams_digest(&cfg, &spec),
             progress: Progress::new(total_steps, step),
-            policy: cfg.verification.policy(),
             run_id,
             events,
             test,
@@ -264,10 +327,11 @@ impl Scheduler {
             net,
             ledger,
             downlink,
-            schedule,
-            total_steps,
+            core,
+            links: Links::default(),
             h,
             total_batches,
+            banned,
             // A ban or a dropped result whose rollback a crash interrupted is redone.
             to_remove: recovered
                 .standings
@@ -276,11 +340,9 @@ impl Scheduler {
                 .map(|(w, _)| *w)
                 .collect(),
             to_drop: recovered.dropped.iter().copied().collect(),
-            reg: Registry::new(recovered.standings, banned),
-            balancer: parts::Balancer::default(),
             checks,
-            check_key,
             verified_now: HashSet::new(),
+            complete: None,
             norms: NormTracker::default(),
             seen: HashSet::new(),
             meta,
@@ -294,7 +356,6 @@ impl Scheduler {
             },
             last_eval: None,
             token_rate: None,
-            started: false,
             cfg,
         })
     }
@@ -303,15 +364,16 @@ impl Scheduler {
         self.ledger.state.round
     }
 
-    /// Runs until every step is done or the operator stops the run.
+    /// Runs until every global batch is done or the operator stops the run.
     pub fn run(mut self) -> Result<Outcome> {
-        while self.step() < self.total_steps {
+        while self.meta.batches_done < self.total_batches {
+            let before = self.meta.batches_done;
             if !self.train_step()? {
                 // Contributions of workers banned meanwhile leave before the state is saved.
                 self.roll_back()?;
                 self.save_checkpoint()?;
                 self.metrics.emit("stopped", json!({"step": self.step()}));
-                for c in self.reg.conns.values() {
+                for c in self.links.conns.values() {
                     let _ = c.tx.send(Outgoing::Close(
                         close::GOING_AWAY,
                         "coordinator stopping; the run will resume".into(),
@@ -320,282 +382,273 @@ impl Scheduler {
                 self.progress.finish();
                 return Ok(Outcome::Stopped);
             }
-            self.after_step()?;
+            self.after_step(before)?;
         }
         self.finish()?;
         Ok(Outcome::Finished)
     }
 
-    /// Global batches done after `round` rounds.
-    fn batches_done(&self, round: u64) -> u64 {
-        (round * self.h).min(self.total_batches)
-    }
-
-    /// Waits for an event (at most `wait`) and handles it; false on a stop request.
-    fn pump(&mut self, wait: Duration, parts: &mut [Part]) -> Result<bool> {
+    /// Waits for an event (at most `wait`), hands it and what is due to the core, and carries
+    /// out the core's actions; false on a stop request.
+    fn pump(&mut self, wait: Duration) -> Result<bool> {
         let ok = match self.events.recv_timeout(wait) {
-            Ok(ev) => self.handle(ev, parts)?,
+            Ok(ev) => self.handle(ev)?,
             Err(RecvTimeoutError::Timeout) => true,
             Err(RecvTimeoutError::Disconnected) => bail!("network side ended"),
         };
-        if let Some(c) = self.checks.as_mut() {
-            let outs = c.tick(Instant::now());
-            self.act(outs, parts)?;
-        }
-        // A worker that neither answers nor leaves holds its slot: close it (no strike; it
-        // may just be a very slow machine), it can come back.
         let now = Instant::now();
-        let hung: Vec<u64> = self
-            .reg
-            .conns
-            .iter()
-            .filter(|(_, c)| c.busy_until.is_some_and(|t| t < now))
-            .map(|(&n, _)| n)
-            .collect();
-        for conn in hung {
-            if let Some(c) = self.reg.conns.remove(&conn) {
-                warn!(conn, worker = %c.id.short(), "no answer to its task long past its deadline; closing");
-                let _ = c.tx.send(Outgoing::Close(
-                    close::TIMEOUT,
-                    "no answer to its task".into(),
-                ));
-            }
-            retire(parts, conn);
+        if let Some(c) = self.checks.as_mut() {
+            let outs = c.tick(now);
+            self.act(outs)?;
         }
+        self.core.handle_timeout(now);
+        self.apply()?;
         Ok(ok)
-    }
-
-    /// Idle workers that may get work (not under a dispute).
-    fn idle(&self) -> Vec<u64> {
-        self.reg
-            .idle()
-            .into_iter()
-            .filter(|c| {
-                let w = &self.reg.conns[c].id;
-                !self.checks.as_ref().is_some_and(|k| k.disputed(w))
-            })
-            .collect()
     }
 
     /// One round; false when the operator stopped the run.
     fn train_step(&mut self) -> Result<bool> {
-        let step_start = Instant::now();
-        let step = self.step();
-        let batches: Vec<Vec<u32>> = (self.batches_done(step)..self.batches_done(step + 1))
-            .map(|b| self.schedule.batch(b))
-            .collect();
-        let need = if self.started {
-            1
-        } else {
-            self.cfg.run.min_workers.max(1)
-        };
-        let mut waited = Instant::now();
+        self.core
+            .open_round(Instant::now(), self.step(), self.meta.batches_done);
         loop {
-            let backlog = self.checks.as_ref().map_or(0, Checks::len);
-            if self.idle().len() >= need && backlog < self.cfg.verification.max_pending {
-                break;
+            self.apply()?;
+            if let Some(c) = self.complete.take() {
+                self.commit_round(c)?;
+                return Ok(true);
             }
-            if waited.elapsed() > Duration::from_secs(10) {
-                info!(
-                    step,
-                    connected = self.reg.conns.len(),
-                    backlog,
-                    "waiting for workers"
-                );
-                waited = Instant::now();
-            }
-            if !self.pump(Duration::from_millis(200), &mut [])? {
-                return Ok(false);
-            }
-        }
-        self.started = true;
-        // Parts go to the workers in the order of their keys, not of their connections: the
-        // same workers get the same parts, however they reconnected (each continues its own
-        // error feedback, so this is what a restarted run needs to stay bit for bit).
-        let mut idle = self.idle();
-        idle.sort_by_key(|c| self.reg.conns[c].id);
-        // Never more parts than the round's first batch has samples (only the run's last
-        // batch can be smaller).
-        let n = idle.len().min(batches.first().map_or(1, Vec::len)).max(1);
-        let weights = if self.cfg.workers.balance_by_speed {
-            self.balancer.weights(&idle[..n])
-        } else {
-            vec![1.0; n]
-        };
-        let mut parts = parts::split(&batches, &weights);
-        for (i, &conn) in idle.iter().enumerate().take(parts.len()) {
-            self.assign(&mut parts[i], i, conn)?;
-        }
-        while parts.iter().any(|p| p.done.is_none()) {
-            self.dispatch(&mut parts)?;
             let now = Instant::now();
-            let wait = parts
-                .iter()
-                .flat_map(|p| p.attempts.iter().filter(|a| a.live))
-                .map(|a| a.deadline.saturating_duration_since(now))
-                .min()
-                .unwrap_or(Duration::from_millis(200))
-                .clamp(Duration::from_millis(5), Duration::from_millis(200));
-            if !self.pump(wait, &mut parts)? {
+            let wait = self
+                .core
+                .poll_timeout()
+                .map_or(Duration::from_millis(200), |t| {
+                    t.saturating_duration_since(now)
+                })
+                .clamp(Duration::from_millis(1), Duration::from_millis(200));
+            if !self.pump(wait)? {
                 return Ok(false);
             }
         }
-        self.commit_round(parts, step_start)?;
-        Ok(true)
     }
 
-    /// Gives every part that has no live, in-time attempt to an idle worker: one that has not
-    /// tried it yet, else one that tried it once (it may have lacked the parameters' base).
-    fn dispatch(&mut self, parts: &mut [Part]) -> Result<()> {
-        let now = Instant::now();
-        for (i, part) in parts.iter_mut().enumerate() {
-            if !part.needs_worker(now) {
-                continue;
-            }
-            let tries = |c: &u64| part.attempts.iter().filter(|a| a.conn == *c).count();
-            let idle = self.idle();
-            let Some(conn) = idle
-                .iter()
-                .find(|c| tries(c) == 0)
-                .or_else(|| {
-                    idle.iter().find(|c| {
-                        tries(c) == 1 && !part.attempts.iter().any(|a| a.conn == **c && a.live)
-                    })
-                })
-                .copied()
-            else {
-                continue;
-            };
-            if !part.attempts.is_empty() {
-                self.counts.reassigned += 1;
-                info!(step = self.step(), part = i, to = conn, "reassigning part");
-                self.metrics.emit(
-                    "reassigned",
-                    json!({"step": self.step(), "part": i, "to_conn": conn}),
-                );
-            }
-            self.assign(part, i, conn)?;
+    /// Tells the core the checks' backlog and disputes, then carries out its actions.
+    fn apply(&mut self) -> Result<()> {
+        if let Some(c) = &self.checks {
+            self.core
+                .set_checks(Instant::now(), c.len(), c.disputed_workers());
+        }
+        while let Some(a) = self.core.poll_action() {
+            self.carry_out(a)?;
         }
         Ok(())
     }
 
-    /// Sends part `index` of this round to connection `conn`.
-    fn assign(&mut self, part: &mut Part, index: usize, conn: u64) -> Result<()> {
-        let Some(w) = self.reg.conns.get(&conn) else {
+    fn carry_out(&mut self, a: Action<Arc<TaskResult>>) -> Result<()> {
+        match a {
+            Action::SendTask {
+                conn,
+                worker,
+                task,
+                reassigned,
+            } => {
+                if reassigned {
+                    self.counts.reassigned += 1;
+                    info!(
+                        step = task.round,
+                        part = task.part,
+                        to = conn,
+                        "reassigning part"
+                    );
+                    self.metrics.emit(
+                        "reassigned",
+                        json!({"step": task.round, "part": task.part, "to_conn": conn}),
+                    );
+                }
+                self.send_task(conn, worker, task)?;
+            }
+            Action::Close {
+                conn,
+                worker,
+                why,
+                reason,
+            } => {
+                let code = match why {
+                    CloseWhy::Protocol => close::PROTOCOL,
+                    CloseWhy::Timeout => {
+                        warn!(conn, worker = %worker.short(), "no answer to its task long past its deadline; closing");
+                        close::TIMEOUT
+                    }
+                    CloseWhy::Auth => close::AUTH,
+                };
+                if let Some(l) = self.links.conns.remove(&conn) {
+                    let _ = l.tx.send(Outgoing::Close(code, reason));
+                }
+            }
+            Action::Rejected {
+                conn,
+                worker,
+                task_id,
+                reason,
+            } => {
+                self.counts.rejected += 1;
+                warn!(worker = %worker.short(), task = task_id, "rejected result: {reason}");
+                self.metrics.emit(
+                    "rejected_result",
+                    json!({"conn": conn, "worker": worker.to_string(), "task_id": task_id, "step": self.step(), "reason": reason}),
+                );
+            }
+            Action::Offence {
+                conn,
+                worker,
+                reason,
+                standing,
+            } => {
+                warn!(conn, worker = %worker.short(), "offence: {reason}");
+                self.ledger.log_standing(worker, &standing)?;
+                self.metrics.emit(
+                    "offence",
+                    json!({"conn": conn, "worker": worker.to_string(), "reason": reason, "strikes": standing.strikes, "step": self.step()}),
+                );
+            }
+            Action::Accepted {
+                conn,
+                worker,
+                task,
+                result,
+                check,
+            } => self.on_accepted(conn, worker, task, result, check)?,
+            Action::Passed { worker, standing } => {
+                self.ledger.log_standing(worker, &standing)?;
+            }
+            Action::Banned {
+                worker,
+                reason,
+                standing,
+            } => {
+                self.ledger.log_standing(worker, &standing)?;
+                self.metrics.emit(
+                    "banned",
+                    json!({"worker": worker.to_string(), "reason": reason, "step": self.step()}),
+                );
+                self.banned
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(worker);
+                if let Some(c) = self.checks.as_mut() {
+                    c.forget(&worker);
+                }
+                self.links.forget(&worker);
+                self.to_remove.insert(worker);
+            }
+            Action::Waiting {
+                round,
+                connected,
+                backlog,
+            } => info!(step = round, connected, backlog, "waiting for workers"),
+            Action::Commit(c) => self.complete = Some(c),
+        }
+        Ok(())
+    }
+
+    /// Sends a task to connection `conn`, with the parameters it needs.
+    fn send_task(&mut self, conn: u64, worker: WorkerId, task: rounds::TaskSpec) -> Result<()> {
+        let Some(held) = self.links.conns.get(&conn).map(|l| l.held_version) else {
             return Ok(());
         };
-        let held = w.held_version;
-        let ef_base = self.ledger.state.ef_base(&w.id);
+        let ef_base = self.ledger.state.ef_base(&worker);
         let params = self.downlink.payload(held)?;
-        self.meta.next_task += 1;
-        let task_id = self.meta.next_task;
-        let seed = task_seed(self.cfg.run.seed, self.step(), index);
-        let n = part.indices.len() as f64;
-        let timeout = match w.ms_per_sample {
-            None => self.cfg.network.first_task_timeout_s,
-            Some(ms) => (4.0 * ms * n / 1000.0 + 1.0).max(self.cfg.network.min_task_timeout_s),
-        };
-        let task = Task {
-            task_id,
-            step: self.step(),
+        let msg = Task {
+            task_id: task.task_id,
+            step: task.round,
             params_version: self.downlink.version(),
             params,
             params_hash: self.downlink.hash(),
-            indices: part.indices.clone(),
-            micro_batches: part.micro.clone(),
-            seed,
+            indices: task.slice.indices,
+            micro_batches: task.slice.micro,
+            seed: task.seed,
             hyperparams: self.hyper,
             ef_base,
             inner_steps: self.h > 1,
         };
-        let w = self.reg.conns.get_mut(&conn).expect("checked above");
-        if w.tx
-            .send(Outgoing::Msg(Box::new(ToWorker::Task(task))))
-            .is_err()
-        {
+        let Some(l) = self.links.conns.get_mut(&conn) else {
             return Ok(());
+        };
+        if l.tx
+            .send(Outgoing::Msg(Box::new(ToWorker::Task(msg))))
+            .is_ok()
+        {
+            l.held_version = Some(self.downlink.version());
+            l.task = Some((task.task_id, ef_base));
+            self.counts.tasks_sent += 1;
         }
-        w.busy = Some(task_id);
-        w.busy_until = Some(Instant::now() + Duration::from_secs_f64(3.0 * timeout + 30.0));
-        w.held_version = Some(self.downlink.version());
-        self.counts.tasks_sent += 1;
-        let now = Instant::now();
-        part.attempts.push(Attempt {
-            task_id,
-            conn,
-            started: now,
-            deadline: now + Duration::from_secs_f64(timeout),
-            live: true,
-            ef_base,
-            seed,
-            compute_ms: None,
-        });
         Ok(())
     }
 
     /// Handles one event; false on a stop request.
-    fn handle(&mut self, ev: Event, parts: &mut [Part]) -> Result<bool> {
+    fn handle(&mut self, ev: Event) -> Result<bool> {
+        let now = Instant::now();
         match ev {
             Event::Stop => return Ok(false),
-            Event::Joined(j) => self.on_join(*j, parts)?,
+            Event::Joined(j) => self.on_join(*j)?,
             Event::Left {
                 conn,
                 reason,
                 offence,
             } => {
-                self.balancer.remove(conn);
-                if let Some(c) = self.reg.conns.remove(&conn) {
+                if let Some(c) = self.links.conns.remove(&conn) {
                     let (bin, bout) = c.traffic.get();
+                    let tasks_ok = self.core.members().get(conn).map_or(0, |m| m.tasks_ok);
                     self.metrics.emit(
                         "worker_left",
                         json!({"conn": conn, "worker": c.id.to_string(), "name": c.name, "reason": reason,
-                               "tasks_ok": c.tasks_ok, "bytes_in": bin, "bytes_out": bout, "step": self.step()}),
+                               "tasks_ok": tasks_ok, "bytes_in": bin, "bytes_out": bout, "step": self.step()}),
                     );
-                    if offence {
-                        self.strike(c.id, conn, &reason, parts)?;
-                    }
                 }
-                retire(parts, conn);
+                self.core.handle(
+                    now,
+                    Input::Left {
+                        conn,
+                        reason,
+                        offence,
+                    },
+                );
             }
             Event::Checked(done) => {
                 if let Some(c) = self.checks.as_mut() {
                     let outs = c.on_done(*done);
-                    self.act(outs, parts)?;
+                    self.act(outs)?;
                 }
             }
             Event::Message { conn, msg, .. } => match *msg {
-                ToCoordinator::Result(res) => self.on_result(conn, *res, parts)?,
+                ToCoordinator::Result(res) => self.on_result(conn, *res),
                 ToCoordinator::TaskFailed {
                     task_id,
                     reason,
                     need_full_params,
                 } => {
                     let reason: String = reason.chars().take(256).collect();
-                    let Some(w) = self.reg.conns.get_mut(&conn) else {
-                        return Ok(true);
-                    };
                     warn!(
                         conn,
                         task_id, need_full_params, "worker could not do its task: {reason}"
                     );
-                    if w.busy != Some(task_id) {
-                        let reason =
-                            format!("failure report for task {task_id}, which it does not hold");
-                        return self.offend(conn, reason, parts).map(|_| true);
+                    let holds = self
+                        .core
+                        .members()
+                        .get(conn)
+                        .is_some_and(|m| m.busy == Some(task_id));
+                    if let Some(l) = self.links.conns.get_mut(&conn).filter(|_| holds) {
+                        l.task = None;
+                        if need_full_params {
+                            l.held_version = None;
+                        }
                     }
-                    w.busy = None;
-                    w.busy_until = None;
-                    w.failures += 1;
-                    let failures = w.failures;
-                    if need_full_params {
-                        w.held_version = None;
-                    }
-                    retire(parts, conn);
-                    if failures > 3 {
-                        let reason =
-                            format!("{failures} failed tasks in a row, the last: {reason}");
-                        self.offend(conn, reason, parts)?;
-                    }
+                    self.core.handle(
+                        now,
+                        Input::TaskFailed {
+                            conn,
+                            task_id,
+                            reason,
+                        },
+                    );
                 }
                 ToCoordinator::ChallengeReply {
                     challenge_id,
@@ -603,7 +656,7 @@ impl Scheduler {
                 } => {
                     if let Some(c) = self.checks.as_mut() {
                         let outs = c.on_reply(conn, challenge_id, answer);
-                        self.act(outs, parts)?;
+                        self.act(outs)?;
                     }
                 }
                 // The connection task refuses a second Hello before it gets here.
@@ -613,8 +666,8 @@ impl Scheduler {
         Ok(true)
     }
 
-    fn on_join(&mut self, j: Joined, parts: &mut [Part]) -> Result<()> {
-        if self.reg.is_banned(&j.worker) {
+    fn on_join(&mut self, j: Joined) -> Result<()> {
+        if self.core.discipline().is_banned(&j.worker) {
             let _ = j.tx.send(Outgoing::Close(
                 close::AUTH,
                 "this worker is banned from the run".into(),
@@ -622,17 +675,6 @@ impl Scheduler {
             return Ok(());
         }
         self.seen.insert(j.worker);
-        // One connection per identity: a worker that restarts replaces its old, dead one at
-        // once instead of after the idle timeout, and its part goes elsewhere now.
-        for old in self.reg.conns_of(&j.worker) {
-            if let Some(c) = self.reg.conns.remove(&old) {
-                let _ = c.tx.send(Outgoing::Close(
-                    close::PROTOCOL,
-                    "replaced by a newer connection".into(),
-                ));
-            }
-            retire(parts, old);
-        }
         // The class it computes in: as declared, at the run's forced thread count.
         let mut class = j.class;
         if let Some(t) = self.cfg.workers.deterministic_threads {
@@ -650,9 +692,9 @@ impl Scheduler {
             CheckMode::Tolerance => false,
             CheckMode::Auto => self.cfg.workers.deterministic_threads.is_some() && same_class,
         };
-        self.reg.conns.insert(
+        self.links.conns.insert(
             j.conn,
-            Conn {
+            Link {
                 id: j.worker,
                 name: j.name,
                 bitwise,
@@ -661,80 +703,80 @@ impl Scheduler {
                 class,
                 tx: j.tx,
                 traffic: j.traffic,
-                busy: None,
-                ms_per_sample: None,
-                busy_until: None,
-                failures: 0,
-                tasks_ok: 0,
                 held_version: None,
+                task: None,
+            },
+        );
+        self.core.handle(
+            Instant::now(),
+            Input::Joined {
+                conn: j.conn,
+                worker: j.worker,
             },
         );
         if let Some(c) = self.checks.as_mut() {
             let outs = c.retarget(&j.worker, j.conn);
-            self.act(outs, parts)?;
+            self.act(outs)?;
         }
         Ok(())
     }
 
-    fn on_result(&mut self, conn: u64, res: TaskResult, parts: &mut [Part]) -> Result<()> {
-        let Some(w) = self.reg.conns.get_mut(&conn) else {
-            return Ok(());
+    /// A result: validated against its task, then handed to the core.
+    fn on_result(&mut self, conn: u64, res: TaskResult) {
+        let Some(link) = self.links.conns.get_mut(&conn) else {
+            return;
         };
-        if w.busy != Some(res.task_id) {
-            let reason = format!("result for task {} that is not this connection's current task (replayed or out of order)", res.task_id);
-            return self.offend(conn, reason, parts);
-        }
-        w.busy = None;
-        w.busy_until = None;
-        w.failures = 0;
-        let worker = w.id;
-        let found = parts.iter_mut().enumerate().find_map(|(i, p)| {
-            let a = p
-                .attempts
-                .iter()
-                .position(|a| a.task_id == res.task_id && a.conn == conn)?;
-            Some((i, a))
-        });
-        let Some((pi, ai)) = found else {
-            tracing::debug!(
-                task = res.task_id,
-                "late result for an earlier round, ignored"
-            );
-            return Ok(());
+        let worker = link.id;
+        let ef_base = link
+            .task
+            .take()
+            .filter(|(t, _)| *t == res.task_id)
+            .map_or(0, |(_, e)| e);
+        let expected = Expected {
+            run_id: self.run_id,
+            hyper: self.hyper,
+            round: self.ledger.state.round,
+            params_hash: self.downlink.hash(),
+            n_params: self.downlink.params().len(),
+            limits: &self.limits,
+            multi_step: self.h > 1,
+            ef_base,
+            class: Some(link.class_digest),
+            norms: &self.norms,
         };
-        let part = &mut parts[pi];
-        part.attempts[ai].live = false;
-        let (ef_base, seed) = (part.attempts[ai].ef_base, part.attempts[ai].seed);
-        let elapsed = part.attempts[ai].started.elapsed().as_secs_f64() * 1000.0;
-        let declared = self.reg.conns.get(&conn).map(|w| w.class_digest);
-        let norm = match self.validate(&worker, &res, part, ef_base, seed, declared) {
-            Ok(norm) => norm,
-            Err(reason) => {
-                self.counts.rejected += 1;
-                warn!(worker = %worker.short(), task = res.task_id, "rejected result: {reason}");
-                self.metrics.emit(
-                "rejected_result",
-                json!({"conn": conn, "worker": worker.to_string(), "task_id": res.task_id, "step": self.step(), "reason": reason}),
-            );
-                return self.offend(conn, format!("invalid result: {reason}"), parts);
-            }
-        };
-        self.norms.add(norm);
-        let w = self.reg.conns.get_mut(&conn).expect("worker present");
-        w.tasks_ok += 1;
-        let per = elapsed / part.indices.len().max(1) as f64;
-        w.ms_per_sample = Some(w.ms_per_sample.map_or(per, |o| 0.7 * o + 0.3 * per));
-        part.attempts[ai].compute_ms = Some((res.compute_us as f64 / 1000.0).min(elapsed));
-        let (bitwise, same_class, class) = (w.bitwise, w.same_class, w.class.clone());
-        self.counts.tasks_ok += 1;
-        self.counts.work_ms += (res.compute_us as f64 / 1000.0).min(elapsed);
-        self.counts.update_bytes += res.update.len() as u64;
-        self.counts.update_raw += 4 * self.downlink.params().len() as u64;
-        if part.done.is_some() {
-            return Ok(());
-        }
         let res = Arc::new(res);
-        self.reg.accept(
+        let now = Instant::now();
+        let counts = &mut self.counts;
+        let mut norm = None;
+        self.core.handle_result(now, conn, res.task_id, |view| {
+            let n = validate(&expected, &worker, &res, view)?;
+            norm = Some(n);
+            let elapsed = now.saturating_duration_since(view.sent).as_secs_f64() * 1000.0;
+            let compute_ms = (res.compute_us as f64 / 1000.0).min(elapsed);
+            counts.tasks_ok += 1;
+            counts.work_ms += compute_ms;
+            counts.update_bytes += res.update.len() as u64;
+            counts.update_raw += 4 * expected.n_params as u64;
+            Ok(Valid {
+                result: res.clone(),
+                compute_ms,
+            })
+        });
+        if let Some(n) = norm {
+            self.norms.add(n);
+        }
+    }
+
+    /// Keeps an accepted result for later checks and, when drawn, spot-checks it.
+    fn on_accepted(
+        &mut self,
+        conn: u64,
+        worker: WorkerId,
+        task: rounds::TaskSpec,
+        res: Arc<TaskResult>,
+        check: bool,
+    ) -> Result<()> {
+        self.links.accept(
             worker,
             Accepted {
                 task_id: res.task_id,
@@ -742,24 +784,15 @@ impl Scheduler {
                 update: Arc::new(res.update.clone()),
             },
         );
-        // Strikes fade: one is forgiven every 50 accepted results.
-        let standing = self.reg.update(worker, |s| {
-            s.rep.tasks += 1;
-            if s.rep.tasks.is_multiple_of(50) {
-                s.strikes = s.strikes.saturating_sub(1);
-            }
-        });
-        let check = self.checks.is_some()
-            && self
-                .policy
-                .should_check(&standing.rep, &self.check_key, res.task_id);
-        part.done = Some(parts::Answer {
-            worker,
-            result: res.clone(),
-        });
+        let Some(link) = self.links.conns.get(&conn) else {
+            return Ok(());
+        };
+        if !check || self.checks.is_none() {
+            return Ok(());
+        }
         let base = match res.commitment.ef_base {
             0 => Some(None),
-            b => self.reg.accepted(&worker, b).map(|a| {
+            b => self.links.accepted(&worker, b).map(|a| {
                 Some(checks::Base {
                     commitment: a.commitment,
                     update: a.update,
@@ -768,100 +801,40 @@ impl Scheduler {
         };
         // A result whose error-feedback base is no longer kept cannot be re-executed exactly;
         // it is not drawn (the base was used at most a few tasks earlier, so this is rare).
-        if let (true, Some(base)) = (check, base) {
-            let job = checks::Job::new(
-                worker,
-                conn,
-                self.downlink.params().clone(),
-                checks::Work {
-                    indices: part.indices.clone(),
-                    micro: part.micro.clone(),
-                    inner_steps: self.h > 1,
-                    seed,
-                },
-                res,
-                base,
-                (!bitwise).then_some(if same_class {
-                    self.cfg.verification.tolerance_for(&self.cfg.compression)
-                } else {
-                    self.cfg.verification.cross_class_tolerance()
-                }),
-                class,
-            );
-            let outs = self
-                .checks
-                .as_mut()
-                .map(|c| c.submit(job))
-                .unwrap_or_default();
-            self.act(outs, parts)?;
-        }
-        Ok(())
+        let Some(base) = base else {
+            return Ok(());
+        };
+        let tolerance = (!link.bitwise).then_some(if link.same_class {
+            self.cfg.verification.tolerance_for(&self.cfg.compression)
+        } else {
+            self.cfg.verification.cross_class_tolerance()
+        });
+        let job = checks::Job::new(
+            worker,
+            conn,
+            self.downlink.params().clone(),
+            checks::Work {
+                indices: task.slice.indices,
+                micro: task.slice.micro,
+                inner_steps: self.h > 1,
+                seed: task.seed,
+            },
+            res,
+            base,
+            tolerance,
+            link.class.clone(),
+        );
+        let outs = self
+            .checks
+            .as_mut()
+            .map(|c| c.submit(job))
+            .unwrap_or_default();
+        self.act(outs)
     }
 
-    /// Checks an untrusted result against what was asked, before anything uses it; returns
-    /// the L2 norm of its update.
-    fn validate(
-        &self,
-        worker: &WorkerId,
-        res: &TaskResult,
-        part: &Part,
-        ef_base: u64,
-        seed: u64,
-        class: Option<verify::Hash>,
-    ) -> Result<f64, String> {
-        let c = &res.commitment;
-        if Some(c.class) != class {
-            return Err("committed in another compute class than the one declared".into());
-        }
-        if res.n_samples as usize != part.indices.len() || c.n_samples != res.n_samples {
-            return Err(format!(
-                "covers {} samples, asked {}",
-                res.n_samples,
-                part.indices.len()
-            ));
-        }
-        if !res.loss_sum.is_finite() || res.loss_sum < 0.0 {
-            return Err("loss is not a finite non-negative number".into());
-        }
-        if c.run_id != self.run_id
-            || c.task_id != res.task_id
-            || c.step != self.step()
-            || c.input_params != self.downlink.hash()
-            || c.indices != verify::hash_indices(&part.indices)
-            || c.seed != seed
-            || c.hyperparams != self.hyper
-            || (c.ef_base != 0 && c.ef_base != ef_base)
-            || (self.h > 1) == (c.step_root == [0; 32])
-        {
-            return Err("commitment does not match the task".into());
-        }
-        if c.update != verify::hash_update(&res.update) {
-            return Err("update bytes do not match the commitment".into());
-        }
-        verify::verify_signature(worker, c, &res.signature)
-            .map_err(|e| format!("signature: {e}"))?;
-        let values =
-            compression::decode_exact(&res.update, self.downlink.params().len(), &self.limits)
-                .map_err(|e| format!("update: {e}"))?;
-        let norm = values
-            .iter()
-            .map(|&x| f64::from(x).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        // Finite but huge values would overflow the optimizer: beyond 100x the usual norm an
-        // update is refused (once enough results set what usual is).
-        if let Some(usual) = self.norms.usual() {
-            if norm > 100.0 * usual {
-                return Err(format!(
-                    "update norm {norm:.3e} is over 100x the usual {usual:.3e}"
-                ));
-            }
-        }
-        Ok(norm)
-    }
-
-    /// Carries out what the checks decided.
-    fn act(&mut self, outs: Vec<Out>, parts: &mut [Part]) -> Result<()> {
+    /// Carries out what the checks decided (the core hears of the verdicts).
+    fn act(&mut self, outs: Vec<Out>) -> Result<()> {
+        let now = Instant::now();
         for o in outs {
             match o {
                 Out::Challenge {
@@ -870,7 +843,7 @@ impl Scheduler {
                     task_id,
                     query,
                 } => {
-                    if let Some(c) = self.reg.conns.get(&conn) {
+                    if let Some(c) = self.links.conns.get(&conn) {
                         let msg = ToWorker::Challenge {
                             challenge_id,
                             task_id,
@@ -898,8 +871,7 @@ impl Scheduler {
                         self.ledger.mark_verified(task_id)?;
                         self.verified_now.insert(task_id);
                     }
-                    let s = self.reg.update(worker, |s| s.rep.checks_passed += 1);
-                    self.ledger.log_standing(worker, &s)?;
+                    self.core.handle(now, Input::CheckPassed { worker });
                     self.metrics.emit(
                         "check_passed",
                         json!({"worker": worker.to_string(), "task_id": task_id, "ms": ms, "how": how, "step": self.step()}),
@@ -909,7 +881,21 @@ impl Scheduler {
                     self.counts.checks += 1;
                     self.counts.caught += 1;
                     self.counts.check_ms += ms;
-                    self.on_caught(*evidence, parts)?;
+                    let e = *evidence;
+                    let worker = e.worker;
+                    warn!(worker = %worker.short(), task = e.commitment.task_id, "cheat detected: {}", e.reason);
+                    self.metrics.emit(
+                        "cheat_detected",
+                        json!({"worker": worker.to_string(), "task_id": e.commitment.task_id, "step": self.step(),
+                               "reason": e.reason, "divergent_step": e.divergent_step, "evidence_valid": e.check(), "evidence": e}),
+                    );
+                    self.core.handle(
+                        now,
+                        Input::Caught {
+                            worker,
+                            reason: e.reason,
+                        },
+                    );
                 }
                 Out::Abandoned {
                     worker,
@@ -928,115 +914,29 @@ impl Scheduler {
                     // restart before the rollback still removes it).
                     self.ledger.mark_dropped(task_id)?;
                     self.to_drop.insert(task_id);
-                    for p in parts.iter_mut() {
-                        if p.done.as_ref().is_some_and(|d| d.result.task_id == task_id) {
-                            p.done = None;
-                        }
-                    }
-                    // A strike only when the worker could have answered: still on the
-                    // connection that was asked (a restarted worker lost what it kept).
-                    if worker_fault && self.reg.conns.contains_key(&conn) {
-                        self.strike(worker, conn, &reason, parts)?;
-                    }
+                    self.core.handle(
+                        now,
+                        Input::CheckAbandoned {
+                            worker,
+                            task_id,
+                            conn,
+                            reason,
+                            worker_fault,
+                        },
+                    );
                 }
             }
         }
         Ok(())
     }
 
-    fn on_caught(&mut self, e: Evidence, parts: &mut [Part]) -> Result<()> {
-        let worker = e.worker;
-        warn!(worker = %worker.short(), task = e.commitment.task_id, "cheat detected: {}", e.reason);
-        self.metrics.emit(
-            "cheat_detected",
-            json!({"worker": worker.to_string(), "task_id": e.commitment.task_id, "step": self.step(),
-                   "reason": e.reason, "divergent_step": e.divergent_step, "evidence_valid": e.check(), "evidence": e}),
-        );
-        self.ban(worker, format!("caught cheating: {}", e.reason), parts)
-    }
-
-    /// A protocol offence: the connection is closed and the worker gets a strike.
-    fn offend(&mut self, conn: u64, reason: String, parts: &mut [Part]) -> Result<()> {
-        let Some(c) = self.reg.conns.remove(&conn) else {
-            return Ok(());
-        };
-        warn!(conn, worker = %c.id.short(), "offence: {reason}");
-        let _ = c.tx.send(Outgoing::Close(close::PROTOCOL, reason.clone()));
-        retire(parts, conn);
-        self.strike(c.id, conn, &reason, parts)
-    }
-
-    fn strike(
-        &mut self,
-        worker: WorkerId,
-        conn: u64,
-        reason: &str,
-        parts: &mut [Part],
-    ) -> Result<()> {
-        let s = self.reg.update(worker, |s| s.strikes += 1);
-        self.ledger.log_standing(worker, &s)?;
-        self.metrics.emit(
-            "offence",
-            json!({"conn": conn, "worker": worker.to_string(), "reason": reason, "strikes": s.strikes, "step": self.step()}),
-        );
-        if s.strikes >= self.cfg.verification.max_strikes && !s.rep.banned {
-            self.ban(
-                worker,
-                format!("{} strikes, the last: {reason}", s.strikes),
-                parts,
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Bans a worker: refuses its key from now on, closes its connections, drops its parts of
-    /// this round, and schedules the removal of its unverified contributions.
-    fn ban(&mut self, worker: WorkerId, reason: String, parts: &mut [Part]) -> Result<()> {
-        let s = self.reg.update(worker, |s| {
-            s.rep.banned = true;
-            s.rep.checks_failed += 1;
-            s.ban_reason = Some(reason.clone());
-        });
-        self.ledger.log_standing(worker, &s)?;
-        self.metrics.emit(
-            "banned",
-            json!({"worker": worker.to_string(), "reason": reason, "step": self.step()}),
-        );
-        for conn in self.reg.conns_of(&worker) {
-            if let Some(c) = self.reg.conns.remove(&conn) {
-                let _ =
-                    c.tx.send(Outgoing::Close(close::AUTH, format!("banned: {reason}")));
-            }
-            retire(parts, conn);
-        }
-        for p in parts.iter_mut() {
-            if p.done.as_ref().is_some_and(|d| d.worker == worker) {
-                p.done = None;
-            }
-        }
-        if let Some(c) = self.checks.as_mut() {
-            c.forget(&worker);
-        }
-        self.to_remove.insert(worker);
-        Ok(())
-    }
-
     /// Applies a finished round: contributions in part order to the ledger (durably), then
     /// the downlink, the accounting and the live line.
-    fn commit_round(&mut self, parts: Vec<Part>, started: Instant) -> Result<()> {
+    fn commit_round(&mut self, c: Commit<Arc<TaskResult>>) -> Result<()> {
         let round = self.step();
-        let times: Vec<(u64, f64)> = parts
+        let contributions: Vec<Contribution> = c
+            .answers
             .iter()
-            .filter_map(|p| {
-                let id = p.done.as_ref()?.result.task_id;
-                let a = p.attempts.iter().find(|a| a.task_id == id)?;
-                Some((a.conn, a.compute_ms?))
-            })
-            .collect();
-        self.balancer.observe(&times);
-        let contributions: Vec<Contribution> = parts
-            .iter()
-            .filter_map(|p| p.done.as_ref())
             .map(|d| Contribution {
                 worker: d.worker,
                 task_id: d.result.task_id,
@@ -1046,6 +946,8 @@ impl Scheduler {
                 verified: self.verified_now.remove(&d.result.task_id),
             })
             .collect();
+        self.meta.next_task = self.core.last_task();
+        self.meta.batches_done = (self.meta.batches_done + c.batches).min(self.total_batches);
         self.meta.wall_s = self.metrics.wall_s();
         (self.meta.bytes_in, self.meta.bytes_out) = self.traffic.get();
         self.meta.workers_seen = self.workers_seen();
@@ -1071,17 +973,19 @@ impl Scheduler {
         self.downlink
             .advance(self.ledger.state.params.clone(), applied.delta);
         let loss = applied.loss_sum / applied.n.max(1) as f64;
-        let step_s = started.elapsed().as_secs_f64();
+        let step_s = c.started.elapsed().as_secs_f64();
         let tokens = applied.n * self.test.tokens_per_sample() as u64;
         if tokens > 0 && step_s > 0.0 {
             let rate = tokens as f64 / step_s;
             self.token_rate = Some(self.token_rate.map_or(rate, |r| 0.9 * r + 0.1 * rate));
         }
         let (bin, bout) = self.traffic.get();
+        // Per-connection traffic, while the list stays short enough for one line.
         let per_worker: Vec<serde_json::Value> = self
-            .reg
+            .links
             .conns
             .iter()
+            .take(PER_WORKER_LINES)
             .map(|(conn, w)| {
                 let (i, o) = w.traffic.get();
                 json!({"conn": conn, "bytes_in": i, "bytes_out": o})
@@ -1090,8 +994,8 @@ impl Scheduler {
         let step = self.step();
         self.metrics.emit(
             "step",
-            json!({"step": step, "batches": self.batches_done(step), "loss": loss,
-                   "parts": parts_used, "workers": self.reg.conns.len(), "samples": samples,
+            json!({"step": step, "batches": self.meta.batches_done, "loss": loss,
+                   "parts": parts_used, "workers": self.links.conns.len(), "samples": samples,
                    "bytes_in": bin, "bytes_out": bout,
                    "round_bytes_in": bin - self.counts.last_in, "round_bytes_out": bout - self.counts.last_out,
                    "uplink_ratio": self.counts.uplink_ratio(), "per_worker": per_worker,
@@ -1103,7 +1007,7 @@ impl Scheduler {
             step,
             &StepLine {
                 loss,
-                workers: self.reg.conns.len(),
+                workers: self.links.conns.len(),
                 bytes_in: bin,
                 bytes_out: bout,
                 uplink_ratio: self.counts.uplink_ratio(),
@@ -1145,13 +1049,16 @@ impl Scheduler {
         self.save_checkpoint()
     }
 
-    fn after_step(&mut self) -> Result<()> {
+    /// Rollbacks, evaluations and checkpoints due after a round; `before`: global batches
+    /// done before it.
+    fn after_step(&mut self, before: u64) -> Result<()> {
         self.roll_back()?;
-        let spe = self.schedule.steps_per_epoch();
+        let spe = self.core.batches().steps_per_epoch().max(1);
         let every = self.cfg.training.eval_every;
         let step = self.step();
-        let epoch_ended = self.batches_done(step - 1) / spe != self.batches_done(step) / spe;
-        if epoch_ended || step == self.total_steps || (every > 0 && step.is_multiple_of(every)) {
+        let done = self.meta.batches_done;
+        let epoch_ended = before / spe != done / spe;
+        if epoch_ended || done >= self.total_batches || (every > 0 && step.is_multiple_of(every)) {
             self.evaluate()?;
             self.save_checkpoint()?;
         } else if (self.cfg.training.checkpoint_every > 0
@@ -1183,7 +1090,8 @@ impl Scheduler {
         self.net.set_flat_params(&self.ledger.state.params)?;
         let e = trainer::evaluate(&self.net, &self.test)?;
         let step = self.step();
-        let epoch = self.batches_done(step) as f64 / self.schedule.steps_per_epoch() as f64;
+        let epoch =
+            self.meta.batches_done as f64 / self.core.batches().steps_per_epoch().max(1) as f64;
         self.last_eval = Some((step, e));
         let epoch = (epoch * 1000.0).round() / 1000.0;
         if self.spec().is_language_model() {
@@ -1252,7 +1160,7 @@ impl Scheduler {
         self.meta.wall_s = self.metrics.wall_s();
         (self.meta.bytes_in, self.meta.bytes_out) = self.traffic.get();
         self.meta.workers_seen = self.workers_seen();
-        let standings = self.reg.standings();
+        let standings = self.core.discipline().all();
         self.ledger.checkpoint(&self.meta, standings)
     }
 
@@ -1264,7 +1172,7 @@ impl Scheduler {
     fn drain_checks(&mut self) -> Result<()> {
         let until = Instant::now() + Duration::from_secs(30);
         while self.checks.as_ref().is_some_and(|c| !c.is_empty()) && Instant::now() < until {
-            self.pump(Duration::from_millis(100), &mut [])?;
+            self.pump(Duration::from_millis(100))?;
         }
         self.roll_back()
     }
@@ -1281,13 +1189,13 @@ impl Scheduler {
         let (bin, bout) = self.traffic.get();
         let c = &self.counts;
         let step = self.step();
-        let mut summary = json!({"steps": step, "batches": self.batches_done(step), "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
+        let mut summary = json!({"steps": step, "batches": self.meta.batches_done, "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
                    "workers_seen": self.workers_seen(), "tasks_sent": c.tasks_sent,
                    "tasks_ok": c.tasks_ok, "rejected": c.rejected, "uplink_ratio": c.uplink_ratio(), "reassigned": c.reassigned,
                    "checks": c.checks, "checks_passed": c.passed, "cheats_caught": c.caught, "checks_abandoned": c.abandoned,
                    "check_ms": c.check_ms, "work_ms": c.work_ms, "verify_overhead": c.check_ms / c.work_ms.max(1e-9),
                    "rollbacks": c.rollbacks, "removed_contributions": c.removed,
-                   "banned": self.reg.standings().iter().filter(|(_, s)| s.rep.banned).map(|(w, _)| w.to_string()).collect::<Vec<_>>(),
+                   "banned": self.core.discipline().banned().map(|w| w.to_string()).collect::<Vec<_>>(),
                    "params_blake3": hex::encode(verify::hash_f32(&self.ledger.state.params))});
         if let Some(o) = summary.as_object_mut() {
             if self.spec().is_language_model() {
@@ -1305,7 +1213,7 @@ impl Scheduler {
             wall_s = self.metrics.wall_s(),
             "run complete"
         );
-        for w in self.reg.conns.values() {
+        for w in self.links.conns.values() {
             let _ = w.tx.send(Outgoing::Msg(Box::new(ToWorker::Shutdown {
                 reason: "run complete".into(),
             })));
@@ -1341,28 +1249,6 @@ impl NormTracker {
     }
 }
 
-/// Marks every attempt of connection `conn` as unable to answer: its parts go elsewhere.
-fn retire(parts: &mut [Part], conn: u64) {
-    for a in parts.iter_mut().flat_map(|p| p.attempts.iter_mut()) {
-        if a.conn == conn {
-            a.live = false;
-        }
-    }
-}
-
-/// The seed of part `part`'s tasks in round `round` (it drives stochastic rounding): a
-/// function of the run's seed, the round and the part, never of the task id (random after a
-/// restart), so that a restarted run draws the same bits as an uninterrupted one.
-fn task_seed(run_seed: u64, round: u64, part: usize) -> u64 {
-    let mut h = blake3::Hasher::new_derive_key("dtrain task seed v1");
-    h.update(&run_seed.to_le_bytes());
-    h.update(&round.to_le_bytes());
-    h.update(&(part as u64).to_le_bytes());
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&h.finalize().as_bytes()[..8]);
-    u64::from_le_bytes(b)
-}
-
 /// What every result's commitment binds as hyperparameters: the outer optimizer, and for
 /// multi-step rounds the inner optimizer and H, and the uplink codec.
 fn hyperparams_digest(cfg: &RunConfig, spec: &ModelSpec) -> [u8; 32] {
@@ -1374,4 +1260,66 @@ fn hyperparams_digest(cfg: &RunConfig, spec: &ModelSpec) -> [u8; 32] {
     h.update(&cfg.training.local_steps.to_le_bytes());
     h.update(&serde_json::to_vec(&cfg.compression).unwrap_or_default());
     *h.finalize().as_bytes()
+}
+
+/// Connections listed with their traffic in a `step` event at most.
+const PER_WORKER_LINES: usize = 256;
+
+/// Checks an untrusted result against what was asked, before anything uses it; returns the
+/// L2 norm of its update.
+fn validate(
+    e: &Expected<'_>,
+    worker: &WorkerId,
+    res: &TaskResult,
+    task: &TaskView<'_>,
+) -> Result<f64, String> {
+    let c = &res.commitment;
+    if Some(c.class) != e.class {
+        return Err("committed in another compute class than the one declared".into());
+    }
+    let indices = &task.slice.indices;
+    if res.n_samples as usize != indices.len() || c.n_samples != res.n_samples {
+        return Err(format!(
+            "covers {} samples, asked {}",
+            res.n_samples,
+            indices.len()
+        ));
+    }
+    if !res.loss_sum.is_finite() || res.loss_sum < 0.0 {
+        return Err("loss is not a finite non-negative number".into());
+    }
+    if c.run_id != e.run_id
+        || c.task_id != res.task_id
+        || c.step != e.round
+        || task.round != e.round
+        || c.input_params != e.params_hash
+        || c.indices != verify::hash_indices(indices)
+        || c.seed != task.seed
+        || c.hyperparams != e.hyper
+        || (c.ef_base != 0 && c.ef_base != e.ef_base)
+        || e.multi_step == (c.step_root == [0; 32])
+    {
+        return Err("commitment does not match the task".into());
+    }
+    if c.update != verify::hash_update(&res.update) {
+        return Err("update bytes do not match the commitment".into());
+    }
+    verify::verify_signature(worker, c, &res.signature).map_err(|e| format!("signature: {e}"))?;
+    let values = compression::decode_exact(&res.update, e.n_params, e.limits)
+        .map_err(|e| format!("update: {e}"))?;
+    let norm = values
+        .iter()
+        .map(|&x| f64::from(x).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    // Finite but huge values would overflow the optimizer: beyond 100x the usual norm an
+    // update is refused (once enough results set what usual is).
+    if let Some(usual) = e.norms.usual() {
+        if norm > 100.0 * usual {
+            return Err(format!(
+                "update norm {norm:.3e} is over 100x the usual {usual:.3e}"
+            ));
+        }
+    }
+    Ok(norm)
 }

@@ -6,6 +6,8 @@ mod classes;
 mod flood;
 mod lm_bench;
 mod lm_parity;
+mod simulate;
+mod stragglers;
 mod swarm;
 mod sweep;
 mod verify;
@@ -63,6 +65,37 @@ enum Cmd {
         data_dir: PathBuf,
         /// Where to write the JSON result.
         #[arg(long, default_value = "results/baseline.json")]
+        out: PathBuf,
+    },
+    /// The coordinator's round core driven by virtual workers in virtual time (churn,
+    /// stragglers, silent workers, cheaters): core CPU per round and per event, and core
+    /// memory per worker, for each fleet size: CSV, Markdown and a PNG plot.
+    Simulate {
+        /// Fleet sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
+        workers: Vec<usize>,
+        /// Rounds per fleet.
+        #[arg(long, default_value_t = 30)]
+        rounds: u64,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output folder.
+        #[arg(long, default_value = "results/simulate")]
+        out: PathBuf,
+    },
+    /// One fast worker alone and beside 1, 3, 10 workers 2x, 10x, 300x slower, and a burst of
+    /// 20 slow new keys mid-run: wall time, accuracy, slow workers' share: CSV, Markdown and
+    /// a PNG plot.
+    Stragglers {
+        /// Global batches per run.
+        #[arg(long, default_value_t = 2000)]
+        steps: u64,
+        /// Global batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Output folder.
+        #[arg(long, default_value = "results/stragglers")]
         out: PathBuf,
     },
     /// Honest training alone and beside a flood of connections and junk datagrams.
@@ -259,9 +292,27 @@ enum Cmd {
     },
 }
 
+/// Counts live heap bytes (`experiments simulate` reports the core's memory per worker).
+#[global_allocator]
+static ALLOC: simulate::Counting = simulate::Counting;
+
 fn main() -> Result<()> {
     trainer::runtime::init_logging();
     match Cli::parse().cmd {
+        Cmd::Simulate {
+            workers,
+            rounds,
+            seed,
+            out,
+        } => simulate::run(&simulate::Settings {
+            ns: workers,
+            rounds,
+            seed,
+            out,
+        })?,
+        Cmd::Stragglers { steps, batch, out } => {
+            stragglers::run(&stragglers::Settings { steps, batch, out })?
+        }
         Cmd::Flood {
             rounds,
             conns_per_s,

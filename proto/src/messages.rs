@@ -1,6 +1,7 @@
 //! Messages of both directions. Every field that comes off the network is checked by the
 //! receiver (sizes, shapes, finiteness); this module only defines the shapes.
 
+use bytes::Bytes;
 use compression::CodecConfig;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -81,13 +82,13 @@ pub enum ParamsPayload {
     /// The worker already holds version `params_version` (its previous task used it).
     Held,
     /// The whole parameter vector, encoded losslessly (compression format, fp32 codec).
-    Full(ByteBuf),
+    Full(Bytes),
     /// A lossless XOR delta (`compression::apply_xor_delta`) from version `base`.
     Xor {
         /// Version the delta applies to.
         base: u64,
         /// The delta payload.
-        delta: ByteBuf,
+        delta: Bytes,
     },
     /// Lossy additive deltas from version `base`, applied in order: each `p[i] += d[i]` in
     /// f32, with `d` decoded from the payload (compression format).
@@ -95,7 +96,7 @@ pub enum ParamsPayload {
         /// Version the first delta applies to.
         base: u64,
         /// The deltas, oldest first.
-        deltas: Vec<ByteBuf>,
+        deltas: Vec<Bytes>,
     },
 }
 

@@ -251,7 +251,10 @@ fn a_permanently_slow_worker_gets_less_work() {
             e.1 += 1.0;
         }
     }
-    let mean = |n: &str| total[n].0 / total[n].1;
+    // A worker too slow to keep the round's pace even with one sample gets no part at all
+    // (rounds here are a few milliseconds, mostly fixed cost, which the slowdown stretches
+    // too): its share is then 0.
+    let mean = |n: &str| total.get(n).map_or(0.0, |t| t.0 / t.1);
     eprintln!(
         "mean samples per round: a {:.1}, b {:.1}, slow {:.1}",
         mean("a"),
@@ -277,4 +280,8 @@ fn a_permanently_slow_worker_gets_less_work() {
             .sum();
         assert_eq!(n, 96);
     }
+    assert!(
+        c.events("offence").is_empty() && c.events("banned").is_empty(),
+        "slowness alone is never an offence"
+    );
 }

@@ -39,6 +39,9 @@ pub struct Meta {
     pub workers_seen: u64,
     /// Next task id (task ids stay unique across restarts).
     pub next_task: u64,
+    /// Global batches the committed rounds covered (rounds cover more than H when they
+    /// grow with the workers present).
+    pub batches_done: u64,
 }
 
 /// An entry of the write-ahead log.
@@ -80,8 +83,9 @@ struct Checkpoint {
     standings: Vec<(WorkerId, Standing)>,
 }
 
-/// 3: the state holds the workers' error-feedback bases.
-const CHECKPOINT_VERSION: u32 = 3;
+/// 3: the state holds the workers' error-feedback bases. 4: the counters hold the global
+/// batches done.
+const CHECKPOINT_VERSION: u32 = 4;
 
 /// Path of the checkpoint in an output directory.
 pub fn checkpoint_path(dir: &Path) -> PathBuf {

@@ -1,62 +1,11 @@
-//! A round's parts: how its global batches are split over the workers, and the attempts at
-//! each part.
+//! How a round's samples are cut into parts, and the speed weights that size the parts.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Instant;
-
-use proto::TaskResult;
-
-/// One try at a part, by one connection.
-pub struct Attempt {
-    /// The task sent.
-    pub task_id: u64,
-    /// To whom.
-    pub conn: u64,
-    /// When.
-    pub started: Instant,
-    /// When it is given up on (the part goes elsewhere, the attempt may still answer).
-    pub deadline: Instant,
-    /// Whether an answer can still come.
-    pub live: bool,
-    /// The error-feedback base the task was given.
-    pub ef_base: u64,
-    /// The task's seed (stochastic rounding).
-    pub seed: u64,
-    /// Milliseconds the worker computed, once it answered validly.
-    pub compute_ms: Option<f64>,
-}
-
-/// An accepted result of a part.
-pub struct Answer {
-    /// The worker that computed it.
-    pub worker: verify::WorkerId,
-    /// The result.
-    pub result: Arc<TaskResult>,
-}
-
-/// A slice of a round's samples.
-pub struct Part {
-    /// Sample indices, micro-batch after micro-batch.
-    pub indices: Vec<u32>,
-    /// Micro-batch sizes (one per global batch of the round).
-    pub micro: Vec<u32>,
-    /// The accepted answer.
-    pub done: Option<Answer>,
-    /// Tries so far.
-    pub attempts: Vec<Attempt>,
-}
-
-impl Part {
-    /// Whether the part needs another worker: not done and no live attempt within its deadline.
-    pub fn needs_worker(&self, now: Instant) -> bool {
-        self.done.is_none() && !self.attempts.iter().any(|a| a.live && a.deadline > now)
-    }
-}
 
 /// Sizes of shares of `len` samples proportional to `weights` (largest remainder, ties to
 /// the earlier part), at least one sample each when there are enough. Equal weights give
-/// sizes that differ by at most one.
+/// sizes that differ by at most one. Weights that are not all finite and positive count as
+/// equal.
 pub fn shares(len: usize, weights: &[f64]) -> Vec<usize> {
     let n = weights.len().max(1);
     let ok = weights.len() == n && weights.iter().all(|w| w.is_finite() && *w > 0.0);
@@ -80,17 +29,19 @@ pub fn shares(len: usize, weights: &[f64]) -> Vec<usize> {
     out.iter().map(|s| s + min_each).collect()
 }
 
-/// Splits a round's batches into one part per weight, each batch cut by [`shares`].
-pub fn split(batches: &[Vec<u32>], weights: &[f64]) -> Vec<Part> {
-    let mut parts: Vec<Part> = weights
-        .iter()
-        .map(|_| Part {
-            indices: Vec::new(),
-            micro: Vec::new(),
-            done: None,
-            attempts: Vec::new(),
-        })
-        .collect();
+/// A part's samples: indices micro-batch after micro-batch, and the micro-batch sizes (one
+/// per inner batch of the round).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Slice {
+    /// Sample indices.
+    pub indices: Vec<u32>,
+    /// Micro-batch sizes; they sum to `indices.len()`.
+    pub micro: Vec<u32>,
+}
+
+/// Splits a round's inner batches into one slice per weight, each batch cut by [`shares`].
+pub fn split(batches: &[Vec<u32>], weights: &[f64]) -> Vec<Slice> {
+    let mut parts = vec![Slice::default(); weights.len()];
     for b in batches {
         let mut o = 0;
         for (p, s) in parts.iter_mut().zip(shares(b.len(), weights)) {

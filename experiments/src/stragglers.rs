@@ -1,0 +1,197 @@
+//! `experiments stragglers`: do slow volunteers hold the swarm back?
+//!
+//! One honest worker at full speed trains the MLP alone, then beside 1, 3 and 10 workers
+//! that are 2x, 10x and 300x slower (`--test-slowdown`: each task's compute time is
+//! stretched by sleeping), and beside a burst of 20 new 300x-slower keys that join mid-run
+//! (Sybils). Reported per run: wall time against the honest worker alone, final test
+//! accuracy, and the slow workers' share of the samples.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use plotters::prelude::*;
+
+use crate::swarm;
+
+/// Settings of the experiment.
+pub struct Settings {
+    /// Global batches per run.
+    pub steps: u64,
+    /// Global batch.
+    pub batch: usize,
+    /// Output folder.
+    pub out: PathBuf,
+}
+
+/// One run's figures.
+struct Row {
+    label: String,
+    slow: usize,
+    factor: f64,
+    wall_s: f64,
+    acc: f64,
+    slow_share: f64,
+}
+
+/// The share of samples computed by workers other than `w0` (the fast one).
+fn slow_share(r: &swarm::Finished) -> f64 {
+    let names: HashMap<String, String> = r
+        .events("worker_joined")
+        .iter()
+        .filter_map(|e| {
+            let w = e["worker"].as_str()?;
+            Some((w.get(..16)?.to_string(), e["name"].as_str()?.to_string()))
+        })
+        .collect();
+    let (mut slow, mut all) = (0.0, 0.0);
+    for s in r.events("step") {
+        for p in s["samples"].as_array().into_iter().flatten() {
+            let n = p["samples"].as_f64().unwrap_or(0.0);
+            all += n;
+            let name = p["worker"].as_str().and_then(|w| names.get(w));
+            if name.is_some_and(|n| n != "w0") {
+                slow += n;
+            }
+        }
+    }
+    slow / all.max(1.0)
+}
+
+/// Runs every configuration; writes `stragglers.csv`, `stragglers.md` and `stragglers.png`.
+pub fn run(s: &Settings) -> Result<()> {
+    std::fs::create_dir_all(&s.out)?;
+    let cfg = format!(
+        "[run]\noutput_dir = \"out\"\nseed = 0\nlisten = \"127.0.0.1:0\"\nresume = false\n\
+         min_workers = 1\n\n[model]\nkind = \"mlp\"\n\n[training]\nglobal_batch = {}\n\
+         steps = {}\nthreads = 1\n\n[optimizer]\nkind = \"adam\"\nlr = 0.001\n",
+        s.batch, s.steps
+    );
+    let worker = swarm::sibling("worker")?;
+    let mut runs: Vec<(String, usize, f64, bool)> = vec![("alone".into(), 0, 1.0, false)];
+    for factor in [2.0, 10.0, 300.0] {
+        for slow in [1, 3, 10] {
+            runs.push((format!("{slow} x {factor}x slower"), slow, factor, false));
+        }
+    }
+    runs.push(("20 new 300x-slower keys mid-run".into(), 20, 300.0, true));
+    let mut rows = Vec::new();
+    for (i, (label, slow, factor, burst)) in runs.into_iter().enumerate() {
+        let dir = s.out.join(format!("runs/{i}"));
+        // `swarm::run` names them w0 (the fast one), w1, ...
+        let mut workers = vec![Vec::new()];
+        let mut sidecars = Vec::new();
+        if burst {
+            // The burst: 20 new keys, a few seconds into the run.
+            let keys = std::path::absolute(&dir)?.join("sybil");
+            let script = format!(
+                "sleep 5; mkdir -p {k}; for i in $(seq 1 20); do {w} --join '{{join}}' --threads 1 \
+                 --device cpu --retry-for 5 --name s$i --key {k}/s$i.key --test-slowdown {factor} \
+                 >/dev/null 2>&1 & done; wait",
+                k = keys.display(),
+                w = worker.display(),
+            );
+            sidecars.push(vec!["bash".to_string(), "-c".to_string(), script]);
+        } else {
+            for _ in 0..slow {
+                workers.push(vec!["--test-slowdown".into(), factor.to_string()]);
+            }
+        }
+        let r = swarm::run(&dir, &cfg, &workers, &sidecars)?;
+        let sum = r.summary()?;
+        let row = Row {
+            label,
+            slow,
+            factor,
+            wall_s: sum["wall_s"].as_f64().unwrap_or(f64::NAN),
+            acc: sum["final_test_acc"].as_f64().unwrap_or(f64::NAN),
+            slow_share: slow_share(&r),
+        };
+        tracing::info!(run = %row.label, wall_s = row.wall_s, acc = row.acc, share = row.slow_share, "done");
+        rows.push(row);
+    }
+    let alone = rows[0].wall_s;
+    let alone_acc = rows[0].acc;
+    let mut csv = std::fs::File::create(s.out.join("stragglers.csv"))?;
+    writeln!(
+        csv,
+        "run,slow_workers,slowdown,wall_s,vs_alone,test_acc,acc_diff_points,slow_share"
+    )?;
+    let mut md = format!(
+        "MLP, global batch {}, {} global batches, one fast honest worker (`experiments stragglers`).\n\n\
+         | run | wall | vs alone | test accuracy | vs alone (points) | slow workers' share of samples |\n|---|---:|---:|---:|---:|---:|\n",
+        s.batch, s.steps
+    );
+    for r in &rows {
+        writeln!(
+            csv,
+            "{},{},{},{:.2},{:.3},{:.4},{:.2},{:.4}",
+            r.label,
+            r.slow,
+            r.factor,
+            r.wall_s,
+            r.wall_s / alone,
+            r.acc,
+            100.0 * (r.acc - alone_acc),
+            r.slow_share
+        )?;
+        md.push_str(&format!(
+            "| {} | {:.1} s | {:.2}x | {:.4} | {:+.2} | {:.1}% |\n",
+            r.label,
+            r.wall_s,
+            r.wall_s / alone,
+            r.acc,
+            100.0 * (r.acc - alone_acc),
+            100.0 * r.slow_share
+        ));
+    }
+    std::fs::write(s.out.join("stragglers.md"), &md)?;
+    plot(&rows, alone, &s.out.join("stragglers.png"))?;
+    println!("{md}\nwritten to {}", s.out.display());
+    Ok(())
+}
+
+fn plot(rows: &[Row], alone: f64, path: &std::path::Path) -> Result<()> {
+    let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let ymax = rows.iter().map(|r| r.wall_s / alone).fold(1.2, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("run time vs the fast worker alone", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(120)
+        .y_label_area_size(60)
+        .build_cartesian_2d((0..rows.len()).into_segmented(), 0.0..ymax)?;
+    chart
+        .configure_mesh()
+        .y_desc("wall time / alone")
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => rows.get(*i).map_or(String::new(), |r| r.label.clone()),
+            _ => String::new(),
+        })
+        .x_label_style(
+            ("sans-serif", 11)
+                .into_font()
+                .transform(FontTransform::Rotate90),
+        )
+        .draw()?;
+    chart.draw_series(rows.iter().enumerate().map(|(i, r)| {
+        let color = if r.wall_s / alone <= 1.1 { BLUE } else { RED };
+        Rectangle::new(
+            [
+                (SegmentValue::Exact(i), 0.0),
+                (SegmentValue::Exact(i + 1), r.wall_s / alone),
+            ],
+            color.mix(0.6).filled(),
+        )
+    }))?;
+    chart.draw_series(LineSeries::new(
+        [
+            (SegmentValue::Exact(0), 1.1),
+            (SegmentValue::Exact(rows.len()), 1.1),
+        ],
+        BLACK.stroke_width(1),
+    ))?;
+    root.present()?;
+    Ok(())
+}

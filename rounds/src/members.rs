@@ -1,0 +1,166 @@
+//! The connected workers: who is idle (in key order), who is busy with which task, and how
+//! fast each has been. Every operation is O(log N) in the number of connections.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use verify::WorkerId;
+
+/// A connected worker as the core sees it.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// Its identity.
+    pub worker: WorkerId,
+    /// The task it is working on.
+    pub busy: Option<u64>,
+    /// When it is given up on entirely if that task has not been answered.
+    pub busy_until: Option<Instant>,
+    /// Tasks it reported failed since its last valid result.
+    pub failures: u32,
+    /// Milliseconds per sample from sending a task to its answer (smoothed, from every
+    /// answer, late ones included): pace and deadlines. `None`: not measured yet.
+    pub ms_per_sample: Option<f64>,
+    /// When it was last measured.
+    pub measured_at: Option<Instant>,
+    /// When its current task was sent, and its samples.
+    pub task_sent: Option<(Instant, usize)>,
+    /// Results accepted on this connection.
+    pub tasks_ok: u64,
+    /// When it joined.
+    pub joined: Instant,
+}
+
+/// Connections, with an index of the idle ones sorted by worker key (parts go to workers in
+/// key order, so that the same workers get the same parts however they reconnected).
+#[derive(Default)]
+pub struct Members {
+    by_conn: HashMap<u64, Member>,
+    by_worker: HashMap<WorkerId, u64>,
+    idle: BTreeSet<(WorkerId, u64)>,
+    /// Busy connections by the time they are given up on.
+    hung: BTreeSet<(Instant, u64)>,
+    /// The last measured speed of each identity (ms per sample, when), so that a worker
+    /// that reconnects keeps its place.
+    speeds: HashMap<WorkerId, (f64, Instant)>,
+}
+
+impl Members {
+    /// Connections.
+    pub fn len(&self) -> usize {
+        self.by_conn.len()
+    }
+
+    /// Whether nobody is connected.
+    pub fn is_empty(&self) -> bool {
+        self.by_conn.is_empty()
+    }
+
+    /// Idle connections.
+    pub fn idle_len(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// A connection.
+    pub fn get(&self, conn: u64) -> Option<&Member> {
+        self.by_conn.get(&conn)
+    }
+
+    /// The connection of identity `w`.
+    pub fn conn_of(&self, w: &WorkerId) -> Option<u64> {
+        self.by_worker.get(w).copied()
+    }
+
+    /// Adds an idle connection (the caller removed any older one of the same identity).
+    pub fn insert(&mut self, conn: u64, worker: WorkerId, now: Instant) {
+        let known = self.speeds.get(&worker).copied();
+        self.by_conn.insert(
+            conn,
+            Member {
+                worker,
+                busy: None,
+                busy_until: None,
+                failures: 0,
+                ms_per_sample: known.map(|k| k.0),
+                measured_at: known.map(|k| k.1),
+                task_sent: None,
+                tasks_ok: 0,
+                joined: now,
+            },
+        );
+        self.by_worker.insert(worker, conn);
+        self.idle.insert((worker, conn));
+    }
+
+    /// Removes a connection.
+    pub fn remove(&mut self, conn: u64) -> Option<Member> {
+        let m = self.by_conn.remove(&conn)?;
+        if self.by_worker.get(&m.worker) == Some(&conn) {
+            self.by_worker.remove(&m.worker);
+        }
+        self.idle.remove(&(m.worker, conn));
+        if let Some(t) = m.busy_until {
+            self.hung.remove(&(t, conn));
+        }
+        Some(m)
+    }
+
+    /// Marks `conn` busy with `task` of `samples` samples sent at `now`, to be given up on
+    /// at `until`.
+    pub fn set_busy(&mut self, conn: u64, task: u64, samples: usize, now: Instant, until: Instant) {
+        if let Some(m) = self.by_conn.get_mut(&conn) {
+            m.task_sent = Some((now, samples));
+            if let Some(t) = m.busy_until.replace(until) {
+                self.hung.remove(&(t, conn));
+            }
+            m.busy = Some(task);
+            self.idle.remove(&(m.worker, conn));
+            self.hung.insert((until, conn));
+        }
+    }
+
+    /// Marks `conn` idle; returns the task it was busy with.
+    pub fn set_idle(&mut self, conn: u64) -> Option<u64> {
+        let m = self.by_conn.get_mut(&conn)?;
+        m.task_sent = None;
+        self.idle.insert((m.worker, conn));
+        if let Some(t) = m.busy_until.take() {
+            self.hung.remove(&(t, conn));
+        }
+        m.busy.take()
+    }
+
+    /// Takes the time `conn` needed for its current task, answered at `now`, into its
+    /// speed (smoothed: 0.7 old, 0.3 new).
+    pub fn measure(&mut self, conn: u64, now: Instant) {
+        let Some(m) = self.by_conn.get_mut(&conn) else {
+            return;
+        };
+        if let Some((sent, n)) = m.task_sent {
+            let per = now.saturating_duration_since(sent).as_secs_f64() * 1000.0 / n.max(1) as f64;
+            let ms = m.ms_per_sample.map_or(per, |o| 0.7 * o + 0.3 * per);
+            m.ms_per_sample = Some(ms);
+            m.measured_at = Some(now);
+            self.speeds.insert(m.worker, (ms, now));
+        }
+    }
+
+    /// The busy connection given up on first, and when.
+    pub fn first_hung(&self) -> Option<(Instant, u64)> {
+        self.hung.first().copied()
+    }
+
+    /// Changes a connection's record (not its busy state).
+    pub fn update<R>(&mut self, conn: u64, f: impl FnOnce(&mut Member) -> R) -> Option<R> {
+        self.by_conn.get_mut(&conn).map(f)
+    }
+
+    /// Idle connections in worker-key order, with their identity.
+    pub fn idle(&self) -> impl Iterator<Item = (WorkerId, u64)> + '_ {
+        self.idle.iter().copied()
+    }
+
+    /// Every connection (unordered).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Member)> {
+        self.by_conn.iter().map(|(c, m)| (*c, m))
+    }
+}

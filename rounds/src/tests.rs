@@ -1,0 +1,663 @@
+//! Unit and property tests of the core, driven by a scripted driver in virtual time.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use verify::{SpotCheckPolicy, WorkerId};
+
+use super::*;
+
+/// Batches of `size` consecutive sample indices.
+struct Seq(usize);
+
+impl Batches for Seq {
+    fn batch(&self, index: u64) -> Vec<u32> {
+        let s = self.0 as u32;
+        (index as u32 * s..(index as u32 + 1) * s).collect()
+    }
+}
+
+fn cfg() -> Config {
+    Config {
+        min_workers: 1,
+        balance_by_speed: false,
+        first_task_timeout: Duration::from_secs(60),
+        min_task_timeout: Duration::from_secs(5),
+        straggler_grace: Duration::from_secs(1),
+        max_strikes: 3,
+        max_pending_checks: 4,
+        checks: None,
+        run_seed: 7,
+        inner_batches: 1,
+        total_batches: 1000,
+        growth: None,
+    }
+}
+
+fn w(i: u8) -> WorkerId {
+    WorkerId([i; 32])
+}
+
+/// A core and a clock, with the actions collected.
+struct Harness {
+    core: Core<u64, Seq>,
+    t0: Instant,
+    now: Instant,
+    sent: Vec<(u64, TaskSpec)>,
+    closed: Vec<(u64, CloseWhy)>,
+    commits: Vec<Commit<u64>>,
+    banned: Vec<WorkerId>,
+    offences: usize,
+    accepted: Vec<(WorkerId, u64)>,
+}
+
+impl Harness {
+    fn new(cfg: Config) -> Self {
+        let t0 = Instant::now();
+        Harness {
+            core: Core::new(cfg, Seq(8), Vec::new(), 0),
+            t0,
+            now: t0,
+            sent: Vec::new(),
+            closed: Vec::new(),
+            commits: Vec::new(),
+            banned: Vec::new(),
+            offences: 0,
+            accepted: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(a) = self.core.poll_action() {
+            match a {
+                Action::SendTask { conn, task, .. } => self.sent.push((conn, task)),
+                Action::Close { conn, why, .. } => self.closed.push((conn, why)),
+                Action::Commit(c) => self.commits.push(c),
+                Action::Banned { worker, .. } => self.banned.push(worker),
+                Action::Offence { .. } => self.offences += 1,
+                Action::Accepted { worker, task, .. } => self.accepted.push((worker, task.task_id)),
+                _ => {}
+            }
+        }
+    }
+
+    fn at(&mut self, ms: u64) {
+        self.now = self.t0 + Duration::from_millis(ms);
+        self.core.handle_timeout(self.now);
+        self.drain();
+    }
+
+    fn input(&mut self, i: Input) {
+        self.core.handle(self.now, i);
+        self.drain();
+    }
+
+    fn join(&mut self, conn: u64, worker: WorkerId) {
+        self.input(Input::Joined { conn, worker });
+    }
+
+    fn open(&mut self, round: u64) {
+        self.core.open_round(self.now, round, round);
+        self.drain();
+    }
+
+    /// The task `conn` holds (the last sent to it).
+    fn task_of(&self, conn: u64) -> u64 {
+        self.sent
+            .iter()
+            .rev()
+            .find(|(c, _)| *c == conn)
+            .expect("a task")
+            .1
+            .task_id
+    }
+
+    fn answer(&mut self, conn: u64, valid: bool) {
+        let task = self.task_of(conn);
+        self.core.handle_result(self.now, conn, task, |_| {
+            if valid {
+                Ok(Valid {
+                    result: task,
+                    compute_ms: 1.0,
+                })
+            } else {
+                Err("bad".into())
+            }
+        });
+        self.drain();
+    }
+}
+
+#[test]
+fn a_round_splits_over_idle_workers_and_commits_in_part_order() {
+    let mut h = Harness::new(cfg());
+    for i in 0..3 {
+        h.join(10 + i, w(3 - i as u8));
+    }
+    h.open(0);
+    assert_eq!(h.core.phase(), Phase::InFlight);
+    assert_eq!(h.sent.len(), 3);
+    // Parts go in key order: worker 1 (conn 12) gets part 0.
+    assert_eq!((h.sent[0].0, h.sent[0].1.part), (12, 0));
+    for c in [11, 12, 10] {
+        h.answer(c, true);
+    }
+    assert_eq!(h.commits.len(), 1);
+    let c = &h.commits[0];
+    assert_eq!(
+        c.answers.iter().map(|a| a.worker).collect::<Vec<_>>(),
+        vec![w(1), w(2), w(3)]
+    );
+    assert_eq!(h.core.phase(), Phase::Idle);
+    let mut samples: Vec<u32> = h
+        .sent
+        .iter()
+        .flat_map(|(_, t)| t.slice.indices.clone())
+        .collect();
+    samples.sort();
+    assert_eq!(samples, (0..8).collect::<Vec<_>>());
+}
+
+#[test]
+fn min_workers_and_the_check_backlog_hold_the_first_round() {
+    let mut h = Harness::new(Config {
+        min_workers: 2,
+        ..cfg()
+    });
+    h.join(1, w(1));
+    h.open(0);
+    assert_eq!(h.core.phase(), Phase::Waiting);
+    h.core.set_checks(h.now, 4, HashSet::new());
+    h.join(2, w(2));
+    assert_eq!(h.core.phase(), Phase::Waiting, "backlog full");
+    h.core.set_checks(h.now, 0, HashSet::new());
+    h.drain();
+    assert_eq!(h.core.phase(), Phase::InFlight);
+    // A disputed worker gets nothing.
+    h.answer(1, true);
+    h.answer(2, true);
+    h.core.set_checks(h.now, 0, [w(1)].into_iter().collect());
+    h.open(1);
+    assert_eq!(h.sent.last().map(|s| s.0), Some(2));
+    assert_eq!(h.sent.len(), 3);
+}
+
+#[test]
+fn a_leaving_worker_s_part_goes_to_an_idle_one() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.join(2, w(2));
+    h.open(0);
+    h.answer(2, true);
+    h.input(Input::Left {
+        conn: 1,
+        reason: "gone".into(),
+        offence: false,
+    });
+    // Conn 2 is idle and never tried part 0.
+    assert_eq!(h.sent.last().map(|(c, t)| (*c, t.part)), Some((2, 0)));
+    h.answer(2, true);
+    assert_eq!(h.commits.len(), 1);
+    assert_eq!(h.offences, 0);
+}
+
+#[test]
+fn a_missed_deadline_reassigns_and_the_late_answer_is_dropped_without_blame() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.join(2, w(2));
+    h.open(0);
+    h.answer(2, true);
+    // The backup time (4x the first answer's 0 ms, plus the 1 s grace) comes before the
+    // 60 s deadline of a first task.
+    assert_eq!(h.core.poll_timeout(), Some(h.t0 + Duration::from_secs(1)));
+    h.at(1_001);
+    assert_eq!(h.sent.last().map(|(c, t)| (*c, t.part)), Some((2, 0)));
+    h.answer(2, true);
+    assert_eq!(h.commits.len(), 1);
+    // Conn 1 answers its old task of a committed round: ignored, no strike, idle again.
+    let old = h.sent[0].1.task_id;
+    h.core.handle_result(h.now, 1, old, |_| {
+        Ok(Valid {
+            result: old,
+            compute_ms: 1.0,
+        })
+    });
+    h.drain();
+    assert_eq!(h.offences, 0);
+    assert_eq!(h.core.members().get(1).and_then(|m| m.busy), None);
+}
+
+#[test]
+fn a_silent_worker_is_closed_without_a_strike() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.open(0);
+    h.at(60_000 * 3 + 30_001);
+    assert_eq!(h.closed, vec![(1, CloseWhy::Timeout)]);
+    assert_eq!(h.offences, 0);
+    assert!(h.core.members().is_empty());
+}
+
+#[test]
+fn invalid_results_strike_and_three_strikes_ban() {
+    let mut h = Harness::new(cfg());
+    h.join(100, w(1));
+    for round in 0..3 {
+        h.join(round + 1, w(9));
+        h.open(round);
+        h.answer(round + 1, false);
+        h.answer(100, true);
+        // The invalid worker's part went to the honest one.
+        assert_eq!(h.sent.last().map(|(c, t)| (*c, t.part)), Some((100, 1)));
+        h.answer(100, true);
+        assert_eq!(h.commits.len(), round as usize + 1);
+    }
+    assert_eq!(h.offences, 3);
+    assert_eq!(h.banned, vec![w(9)]);
+    h.join(50, w(9));
+    assert_eq!(h.closed.last(), Some(&(50, CloseWhy::Auth)));
+    assert!(h.core.members().get(50).is_none());
+}
+
+#[test]
+fn a_caught_worker_loses_its_answers_in_the_round_and_its_connection() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.join(2, w(2));
+    h.open(0);
+    h.answer(1, true);
+    h.input(Input::Caught {
+        worker: w(1),
+        reason: "noise".into(),
+    });
+    assert_eq!(h.banned, vec![w(1)]);
+    assert!(h.closed.contains(&(1, CloseWhy::Auth)));
+    h.answer(2, true);
+    assert!(h.commits.is_empty(), "part 0 needs a new answer");
+    assert_eq!(h.sent.last().map(|(c, t)| (*c, t.part)), Some((2, 0)));
+    h.answer(2, true);
+    assert_eq!(
+        h.commits[0]
+            .answers
+            .iter()
+            .map(|a| a.worker)
+            .collect::<Vec<_>>(),
+        vec![w(2), w(2)]
+    );
+}
+
+#[test]
+fn an_abandoned_check_reopens_the_part_and_strikes_only_a_reachable_worker() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.join(2, w(2));
+    h.open(0);
+    h.answer(1, true);
+    let task = h.task_of(1);
+    h.input(Input::CheckAbandoned {
+        worker: w(1),
+        task_id: task,
+        conn: 1,
+        reason: "no answer".into(),
+        worker_fault: true,
+    });
+    assert_eq!(h.offences, 1);
+    // Conn 1 was idle: it gets the part again (it tried it once, and is not live on it).
+    assert_eq!(h.sent.last().map(|(c, t)| (*c, t.part)), Some((1, 0)));
+    h.input(Input::CheckAbandoned {
+        worker: w(1),
+        task_id: task,
+        conn: 99,
+        reason: "gone".into(),
+        worker_fault: true,
+    });
+    assert_eq!(h.offences, 1, "asked on another connection: no strike");
+}
+
+#[test]
+fn a_result_for_a_task_not_held_is_an_offence() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.open(0);
+    h.core
+        .handle_result(h.now, 1, 12345, |_| Err("never called".into()));
+    h.drain();
+    assert_eq!(h.offences, 1);
+    assert_eq!(h.closed, vec![(1, CloseWhy::Protocol)]);
+    h.input(Input::TaskFailed {
+        conn: 1,
+        task_id: 1,
+        reason: "x".into(),
+    });
+    assert_eq!(h.offences, 1, "a closed connection is forgotten");
+}
+
+#[test]
+fn a_reconnect_replaces_the_old_connection() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.open(0);
+    h.join(2, w(1));
+    assert_eq!(h.closed, vec![(1, CloseWhy::Protocol)]);
+    assert_eq!(h.sent.last().map(|(c, _)| *c), Some(2));
+    assert_eq!(h.offences, 0);
+}
+
+#[test]
+fn rounds_grow_with_the_workers_present() {
+    let growth = Some(Growth {
+        min_micro_batch: 2,
+        max_global_batch: 32,
+    });
+    let mut h = Harness::new(Config {
+        growth,
+        inner_batches: 2,
+        ..cfg()
+    });
+    for i in 0..10u64 {
+        h.join(i, WorkerId([i as u8 + 1; 32]));
+    }
+    h.open(0);
+    // 10 workers x 2 samples = 20 per inner batch: 3 global batches of 8 merged (24 <= 32).
+    assert_eq!(h.sent.len(), 10);
+    assert!(h.sent.iter().all(|(_, t)| t.slice.micro.len() == 2));
+    let mut all: Vec<u32> = h
+        .sent
+        .iter()
+        .flat_map(|(_, t)| t.slice.indices.clone())
+        .collect();
+    all.sort();
+    assert_eq!(all, (0..48).collect::<Vec<_>>());
+    for i in 0..10 {
+        h.answer(i, true);
+    }
+    assert_eq!(h.commits[0].batches, 6);
+}
+
+#[test]
+fn checks_are_drawn_by_the_policy() {
+    let policy = SpotCheckPolicy {
+        base_p: 1.0,
+        new_worker_p: 1.0,
+        trusted_after: 1,
+    };
+    let mut h = Harness::new(Config {
+        checks: Some((policy, [3; 32])),
+        ..cfg()
+    });
+    h.join(1, w(1));
+    h.open(0);
+    h.answer(1, true);
+    let mut drawn = false;
+    // Re-run to see the flag (the harness drops it): every result is drawn at p = 1.
+    h.open(1);
+    let task = h.task_of(1);
+    h.core.handle_result(h.now, 1, task, |_| {
+        Ok(Valid {
+            result: task,
+            compute_ms: 1.0,
+        })
+    });
+    while let Some(a) = h.core.poll_action() {
+        if let Action::Accepted { check, .. } = a {
+            drawn = check;
+        }
+    }
+    assert!(drawn);
+}
+
+/// Whether task `task`'s round was committed (removals after that are the ledger's rollback).
+fn committed(h: &Harness, task: u64) -> bool {
+    let round = h
+        .sent
+        .iter()
+        .find(|(_, t)| t.task_id == task)
+        .map(|(_, t)| t.round);
+    h.commits.iter().any(|c| Some(c.round) == round)
+}
+
+/// What a random driver may do at each step.
+#[derive(Clone, Debug)]
+enum Op {
+    Join(u8),
+    Leave(u8),
+    Answer(u8, bool),
+    Fail(u8),
+    Caught(u8),
+    Abandon(u8),
+    Tick(u16),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..8).prop_map(Op::Join),
+        (0u8..8).prop_map(Op::Leave),
+        (0u8..8, prop::bool::weighted(0.9)).prop_map(|(w, v)| Op::Answer(w, v)),
+        (0u8..8).prop_map(Op::Fail),
+        (0u8..8).prop_map(Op::Caught),
+        (0u8..8).prop_map(Op::Abandon),
+        (0u16..20_000).prop_map(Op::Tick),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Over random event orders: no round is committed twice, every part is answered once
+    /// (the commit covers the round's samples exactly), an accepted answer is never lost
+    /// (it is in its round's commit unless its worker was banned or its check abandoned
+    /// first), and a banned key never gets work.
+    #[test]
+    fn random_event_orders_keep_the_invariants(ops in prop::collection::vec(op(), 1..200)) {
+        let mut h = Harness::new(Config { max_strikes: 2, ..cfg() });
+        let mut conn_of: HashMap<u8, u64> = HashMap::new();
+        let mut next_conn = 0;
+        let mut round = 0;
+        let mut t = 0u64;
+        let mut removed: HashSet<u64> = HashSet::new();
+        h.open(round);
+        for op in ops {
+            let before_sent = h.sent.len();
+            match op {
+                Op::Join(i) => {
+                    next_conn += 1;
+                    conn_of.insert(i, next_conn);
+                    h.join(next_conn, w(i + 1));
+                }
+                Op::Leave(i) => {
+                    if let Some(c) = conn_of.remove(&i) {
+                        h.input(Input::Left { conn: c, reason: "x".into(), offence: i % 3 == 0 });
+                    }
+                }
+                Op::Answer(i, valid) => {
+                    if let Some(&c) = conn_of.get(&i) {
+                        if let Some(task) = h.core.members().get(c).and_then(|m| m.busy) {
+                            h.core.handle_result(h.now, c, task, |_| if valid { Ok(Valid { result: task, compute_ms: 1.0 }) } else { Err("bad".into()) });
+                            h.drain();
+                        }
+                    }
+                }
+                Op::Fail(i) => {
+                    if let Some(&c) = conn_of.get(&i) {
+                        if let Some(task) = h.core.members().get(c).and_then(|m| m.busy) {
+                            h.input(Input::TaskFailed { conn: c, task_id: task, reason: "oom".into() });
+                        }
+                    }
+                }
+                Op::Caught(i) => {
+                    if i % 4 == 0 {
+                        for (_, task) in h.accepted.iter().filter(|(x, _)| *x == w(i + 1)) {
+                            if !committed(&h, *task) {
+                                removed.insert(*task);
+                            }
+                        }
+                        h.input(Input::Caught { worker: w(i + 1), reason: "x".into() });
+                    }
+                }
+                Op::Abandon(i) => {
+                    if let Some(&(wk, task)) = h.accepted.iter().rev().find(|(x, _)| *x == w(i + 1)) {
+                        if !committed(&h, task) {
+                            removed.insert(task);
+                        }
+                        let c = conn_of.get(&i).copied().unwrap_or(0);
+                        h.input(Input::CheckAbandoned { worker: wk, task_id: task, conn: c, reason: "x".into(), worker_fault: true });
+                    }
+                }
+                Op::Tick(ms) => {
+                    t += u64::from(ms);
+                    h.at(t);
+                }
+            }
+            for (_, task) in &h.sent[before_sent..] {
+                let holder = h.sent.iter().find(|(_, x)| x.task_id == task.task_id).map(|(c, _)| *c);
+                let worker = holder.and_then(|c| h.core.members().get(c)).map(|m| m.worker);
+                prop_assert!(worker.is_none_or(|wk| !h.core.discipline().is_banned(&wk)), "a banned key got work");
+            }
+            if h.core.phase() == Phase::Idle {
+                round += 1;
+                h.open(round);
+            }
+        }
+        let rounds: Vec<u64> = h.commits.iter().map(|c| c.round).collect();
+        let unique: HashSet<u64> = rounds.iter().copied().collect();
+        prop_assert_eq!(unique.len(), rounds.len(), "a round committed twice");
+        for c in &h.commits {
+            let tasks: Vec<&TaskSpec> = c.answers.iter().map(|a| &h.sent.iter().find(|(_, t)| t.task_id == a.task_id).expect("sent").1).collect();
+            let parts: HashSet<usize> = tasks.iter().map(|t| t.part).collect();
+            prop_assert_eq!(parts.len(), tasks.len(), "a part answered twice");
+            let mut samples: Vec<u32> = tasks.iter().flat_map(|t| t.slice.indices.clone()).collect();
+            samples.sort();
+            prop_assert_eq!(samples, Seq(8).batch(c.round), "the commit covers the round's samples");
+            for a in &c.answers {
+                prop_assert!(!removed.contains(&a.task_id), "an answer removed before its commit was kept");
+            }
+        }
+        for (wk, task) in &h.accepted {
+            let round = h.sent.iter().find(|(_, t)| t.task_id == *task).expect("sent").1.round;
+            if h.commits.iter().any(|c| c.round == round) && !removed.contains(task) && !h.core.discipline().is_banned(wk) {
+                let kept = h.commits.iter().any(|c| c.answers.iter().any(|a| a.task_id == *task));
+                prop_assert!(kept, "accepted task {} lost", task);
+            }
+        }
+    }
+}
+
+#[test]
+fn pace_keeps_slow_workers_off_the_critical_path() {
+    // Nobody measured: everyone.
+    assert_eq!(pace(&[None, None], 64, 1), (vec![0, 1], None));
+    // 300x slower: out; 2x slower: in.
+    let (taken, target) = pace(&[Some(0.2), Some(60.0), Some(0.4)], 64, 1);
+    assert_eq!(taken, vec![0, 2]);
+    let t = target.expect("a target").as_secs_f64() * 1000.0;
+    assert!((t - 64.0 / (5.0 + 2.5)).abs() < 1e-5, "{t}");
+    // Equal workers all stay, whatever their number (up to a part per sample).
+    assert_eq!(pace(&[Some(1.0); 32], 64, 1).0.len(), 32);
+    // Unmeasured ones go off the path once someone is measured.
+    assert_eq!(pace(&[None, Some(1.0)], 64, 1).0, vec![1]);
+}
+
+#[test]
+fn new_and_slow_workers_get_probes_the_round_does_not_wait_for() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.open(0);
+    h.at(10);
+    h.answer(1, true);
+    // A new worker joins: next round it gets a copy of part 0 as a probe.
+    h.join(2, w(2));
+    h.open(1);
+    let sent: Vec<(u64, usize)> = h.sent[1..].iter().map(|(c, t)| (*c, t.part)).collect();
+    assert_eq!(sent, vec![(1, 0), (2, 0)]);
+    h.at(20);
+    h.answer(1, true);
+    assert_eq!(h.commits.len(), 2, "the round did not wait for the probe");
+    // The probe answers 100x slower than worker 1: measured, then kept off the path.
+    h.at(1010);
+    h.answer(2, true);
+    assert_eq!(h.offences, 0, "a late answer is no offence");
+    h.open(2);
+    assert_eq!(h.sent.last().map(|(c, _)| *c), Some(1));
+    assert_eq!(h.sent.len(), 4, "only worker 1 was sent work");
+    // It is measured again after a while.
+    h.at(1020);
+    h.answer(1, true);
+    h.at(40_000);
+    h.open(3);
+    assert_eq!(h.sent.last().map(|(c, _)| *c), Some(2));
+    assert!(h.core.round().is_some_and(|r| r.parts.len() == 1));
+}
+
+#[test]
+fn a_stalled_worker_is_replaced_at_a_deadline_from_the_round_s_target() {
+    let mut h = Harness::new(Config {
+        min_task_timeout: Duration::from_millis(100),
+        ..cfg()
+    });
+    h.join(1, w(1));
+    h.join(2, w(2));
+    h.open(0);
+    h.at(8);
+    h.answer(1, true);
+    h.answer(2, true);
+    h.open(1);
+    // Both measured at 1 ms per sample (8 ms for 8 samples... 4 each: 2 ms/sample).
+    let deadline = h.core.poll_timeout().expect("deadlines");
+    assert!(
+        deadline <= h.now + Duration::from_secs(2),
+        "not the 60 s first-task timeout"
+    );
+    h.answer(1, true);
+    h.at((deadline - h.t0).as_millis() as u64 + 1);
+    assert_eq!(
+        h.sent.last().map(|(c, t)| (*c, t.part)),
+        Some((1, 1)),
+        "worker 2's part went to worker 1"
+    );
+}
+
+#[test]
+fn unpredicted_stragglers_are_backed_up_after_the_first_answer() {
+    let mut h = Harness::new(cfg());
+    for i in 1..=4 {
+        h.join(i, w(i as u8));
+    }
+    h.open(0);
+    // Nobody is measured: four parts. Worker 1 answers at 50 ms; the others stall.
+    h.at(50);
+    h.answer(1, true);
+    assert_eq!(
+        h.core.poll_timeout(),
+        Some(h.t0 + Duration::from_millis(50 + 200 + 1000))
+    );
+    h.at(1250);
+    // Parts 1..3 go to worker 1 one after the other; the stragglers' answers come too late.
+    for part in 1..4 {
+        assert_eq!(h.sent.last().map(|(c, t)| (*c, t.part)), Some((1, part)));
+        h.answer(1, true);
+    }
+    assert_eq!(h.commits.len(), 1);
+    for c in 2..=4 {
+        h.answer(c, true);
+    }
+    assert_eq!(h.offences, 0);
+    assert!(h.commits[0].answers.iter().all(|a| a.worker == w(1)));
+}
+
+#[test]
+fn a_newcomer_copies_a_part_of_a_round_only_slow_workers_started() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.open(0);
+    // Worker 1 (unmeasured) holds the only part; worker 2 joins and gets a copy.
+    h.join(2, w(2));
+    assert_eq!(h.sent.last().map(|(c, t)| (*c, t.part)), Some((2, 0)));
+    h.at(30);
+    h.answer(2, true);
+    assert_eq!(h.commits.len(), 1, "the copy's answer completed the round");
+    h.at(9000);
+    h.answer(1, true);
+    assert_eq!(h.offences, 0);
+}
