@@ -33,8 +33,6 @@ use verify::{Commitment, Evidence, Hash, WorkerId};
 use serde::{Deserialize, Serialize};
 use verify::ComputeClass;
 
-use crate::server::Event;
-
 /// The result of the worker's previous used task, whose residual task `t` continues.
 #[derive(Clone)]
 pub struct Base {
@@ -460,7 +458,10 @@ pub fn serve_emulated_check(
     Ok(())
 }
 
-/// Starts the checker thread; its verdicts come back as [`Event::Checked`].
+/// Where the checker thread hands finished checks (false once nobody listens).
+pub type Report = Box<dyn Fn(Done) -> bool + Send>;
+
+/// Starts the checker thread; its verdicts go to `report`.
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     model: ModelSpec,
@@ -469,14 +470,14 @@ pub fn start(
     codec: CodecConfig,
     limits: DecodeLimits,
     classes: Classes,
-    events: Sender<Event>,
+    report: Report,
     timeout: Duration,
 ) -> Checks {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     let (own_class, lossy) = (classes.own.digest(), !codec.codec.is_lossless());
     std::thread::Builder::new()
         .name("checker".into())
-        .spawn(move || checker(model, data, inner, codec, limits, classes, rx, events))
+        .spawn(move || checker(model, data, inner, codec, limits, classes, rx, report))
         .expect("spawn the checker thread");
     Checks {
         jobs: HashMap::new(),
@@ -500,7 +501,7 @@ fn checker(
     limits: DecodeLimits,
     classes: Classes,
     jobs: Receiver<Job>,
-    events: Sender<Event>,
+    report: Report,
 ) {
     let mut exec = Executor::new(&model, tch::Device::Cpu, data, inner);
     for job in jobs {
@@ -510,10 +511,7 @@ fn checker(
         }))
         .unwrap_or_else(|_| Verdict::Error("re-execution panicked".into()));
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        if events
-            .send(Event::Checked(Box::new(Done { job, verdict, ms })))
-            .is_err()
-        {
+        if !report(Done { job, verdict, ms }) {
             return;
         }
     }
@@ -1192,7 +1190,6 @@ mod tests {
     /// Checks of the MLP on synthetic data with `codec`, in the default class, whose
     /// verdicts go nowhere.
     fn checks_for(codec: CodecConfig) -> Checks {
-        let (tx, _rx) = std::sync::mpsc::channel();
         start(
             ModelSpec::Mlp,
             Arc::new(trainer::Dataset::synthetic(8, 0).into()),
@@ -1206,7 +1203,7 @@ mod tests {
                 gross: 0.5,
                 emulator: None,
             },
-            tx,
+            Box::new(|_| true),
             Duration::from_secs(60),
         )
     }

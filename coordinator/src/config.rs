@@ -264,7 +264,8 @@ pub struct NetworkSection {
     /// Deadline floor for later tasks, seconds.
     pub min_task_timeout_s: f64,
     /// Seconds after which a round's unanswered parts go to workers that finished, beyond 4x
-    /// the time its first answer took (stragglers nobody predicted).
+    /// the time its first answer took, counted from that answer (stragglers nobody
+    /// predicted).
     pub straggler_grace_s: f64,
     /// Connections in the TLS or protocol handshake at once; more are refused at once.
     pub max_handshakes: usize,

@@ -277,7 +277,10 @@ impl Scheduler {
                     gross: cfg.verification.gross_tolerance,
                     emulator,
                 },
-                events_tx.clone(),
+                {
+                    let tx = events_tx.clone();
+                    Box::new(move |done| tx.send(Event::Checked(Box::new(done))).is_ok())
+                },
                 Duration::from_secs_f64(cfg.verification.challenge_timeout_s),
             )
         });

@@ -3,6 +3,7 @@
 //! for the swarm's accuracy and wall time.
 
 mod classes;
+mod fleet;
 mod flood;
 mod lm_bench;
 mod lm_parity;
@@ -75,13 +76,26 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
         workers: Vec<usize>,
         /// Rounds per fleet.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 100)]
         rounds: u64,
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Output folder.
         #[arg(long, default_value = "results/simulate")]
+        out: PathBuf,
+    },
+    /// Many real worker processes (MLP, one thread each) against one coordinator, against 4:
+    /// round time, throughput, memory, nothing lost: Markdown and CSV.
+    Fleet {
+        /// Worker processes of the large run (fewer if they would not fit in memory).
+        #[arg(long, default_value_t = 100)]
+        workers: usize,
+        /// Rounds per run.
+        #[arg(long, default_value_t = 40)]
+        rounds: u64,
+        /// Output folder.
+        #[arg(long, default_value = "results/fleet")]
         out: PathBuf,
     },
     /// One fast worker alone and beside 1, 3, 10 workers 2x, 10x, 300x slower, and a burst of
@@ -308,6 +322,15 @@ fn main() -> Result<()> {
             ns: workers,
             rounds,
             seed,
+            out,
+        })?,
+        Cmd::Fleet {
+            workers,
+            rounds,
+            out,
+        } => fleet::run(&fleet::Settings {
+            workers,
+            rounds,
             out,
         })?,
         Cmd::Stragglers { steps, batch, out } => {

@@ -13,7 +13,8 @@
 //! A round goes through [`Phase::Waiting`] (for enough idle workers and a short enough
 //! spot-check backlog), [`Phase::InFlight`] (parts out, answers in; a part whose worker
 //! leaves, fails, answers invalidly or misses its deadline goes to another idle worker; the
-//! first valid answer wins) and back to [`Phase::Idle`] when every part has an answer: the
+//! first valid answer wins; it may go back to the same worker when nobody else can take it)
+//! and back to [`Phase::Idle`] when every part has an answer: the
 //! [`Action::Commit`] hands the answers over in part order, so that the result does not
 //! depend on arrival order.
 //!
@@ -257,15 +258,17 @@ struct Pending {
 enum State<P> {
     Idle,
     Waiting(Pending),
-    InFlight(Round<P>),
+    InFlight(Box<Round<P>>),
 }
 
 /// How much slower than the round's target a worker's predicted time may be: a worker joins
 /// the critical path only if even its smallest part (one sample per inner batch) would take
 /// at most `PACE_MARGIN` times the round's time.
 const PACE_MARGIN: f64 = 1.5;
+/// Balancer weights below the largest by more than this factor take a worker off the path.
+const MIN_SHARE_RATIO: f64 = 8.0;
 /// How often a worker off the critical path is measured again (a probe copy).
-const REMEASURE_AFTER: Duration = Duration::from_secs(30);
+const REMEASURE_AFTER: Duration = Duration::from_secs(5);
 
 /// How long a worker with a task may stay silent, as a multiple of the task's deadline
 /// plus a constant, before its connection is closed.
@@ -273,7 +276,7 @@ const HUNG_FACTOR: f64 = 3.0;
 const HUNG_EXTRA: Duration = Duration::from_secs(30);
 /// How often a waiting round says so.
 const WAIT_NOTE: Duration = Duration::from_secs(10);
-/// Failed tasks in a row that count as an offence.
+/// Failed tasks in a row tolerated; the next one is an offence.
 const MAX_FAILURES: u32 = 3;
 
 /// The round core. `P` is the driver's result type (kept opaque), `B` its batch source.
@@ -509,7 +512,7 @@ impl<P: Clone, B: Batches> Core<P, B> {
                     task_id,
                     result: valid.result.clone(),
                 };
-                if r.answer(p, answer, now) {
+                if r.answer(p, answer, now, elapsed) {
                     let task = TaskSpec {
                         task_id,
                         round: r.number,
@@ -552,13 +555,14 @@ impl<P: Clone, B: Batches> Core<P, B> {
             if t > now {
                 break;
             }
-            if let Some(m) = self.drop_conn(now, conn) {
-                self.actions.push_back(Action::Close {
+            match self.drop_conn(now, conn) {
+                Some(m) => self.actions.push_back(Action::Close {
                     conn,
                     worker: m.worker,
                     why: CloseWhy::Timeout,
                     reason: "no answer to its task".into(),
-                });
+                }),
+                None => self.members.forget_hung(t, conn),
             }
         }
         match &mut self.state {
@@ -644,30 +648,61 @@ impl<P: Clone, B: Batches> Core<P, B> {
         }
         let (number, first) = (p.number, p.first_batch);
         self.started = true;
-        let idle: Vec<(u64, Option<f64>, Option<Instant>)> = self
+        let idle: Vec<(u64, Option<Speed>, Option<Instant>)> = self
             .members
             .idle()
             .filter(|(w, _)| self.eligible(w))
             .filter_map(|(_, c)| {
                 let m = self.members.get(c)?;
-                Some((c, m.ms_per_sample, m.measured_at))
+                let speed = m.ms_per_sample.map(|ms| Speed {
+                    ms_per_sample: ms,
+                    floor_ms: m.floor_ms.unwrap_or(0.0),
+                });
+                Some((c, speed, m.measured_at))
             })
             .collect();
         let inner = self.inner_batches(first, idle.len());
         let batches = inner.iter().map(|(_, n)| *n).sum::<u64>();
         let inner: Vec<Vec<u32>> = inner.into_iter().map(|(b, _)| b).collect();
         let samples = inner.iter().map(Vec::len).sum::<usize>();
-        let speeds: Vec<Option<f64>> = idle.iter().map(|(_, ms, _)| *ms).collect();
+        let speeds: Vec<Option<Speed>> = idle.iter().map(|(_, s, _)| *s).collect();
         let (critical, target) = pace(&speeds, samples, inner.len());
         // Never more parts than the round's first inner batch has samples (only the run's
         // last batch can be smaller).
         let n = critical.len().min(inner.first().map_or(1, Vec::len)).max(1);
-        let conns: Vec<u64> = critical.iter().take(n).map(|&i| idle[i].0).collect();
+        let mut conns: Vec<u64> = critical.iter().take(n).map(|&i| idle[i].0).collect();
         let weights = if self.cfg.balance_by_speed {
-            self.balancer.weights(&conns)
+            // A worker whose share the balancer had to squeeze below 1/8 of the largest
+            // (its fixed cost per task exceeds what its samples save) costs the round a task
+            // and saves nothing: it goes off the path like a slow one.
+            let w = self.balancer.weights(&conns);
+            let top = w.iter().copied().fold(0.0, f64::max);
+            let keep: Vec<bool> = w.iter().map(|x| *x * MIN_SHARE_RATIO >= top).collect();
+            conns = conns
+                .into_iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(c, _)| c)
+                .collect();
+            w.into_iter()
+                .zip(keep)
+                .filter(|(_, k)| *k)
+                .map(|(x, _)| x)
+                .collect()
         } else {
             vec![1.0; n]
         };
+        let n = conns.len().max(1);
+        // The target follows the workers actually taken (the cap and the share filter may
+        // have left some out).
+        let target = target.and_then(|_| {
+            let speed: f64 = conns
+                .iter()
+                .filter_map(|c| self.members.get(*c)?.ms_per_sample)
+                .map(|ms| 1.0 / ms.max(1e-9))
+                .sum();
+            (speed > 0.0).then(|| Duration::from_secs_f64(samples as f64 / speed / 1000.0))
+        });
         let slices = split(&inner, &weights)
             .into_iter()
             .enumerate()
@@ -675,7 +710,7 @@ impl<P: Clone, B: Batches> Core<P, B> {
             .collect();
         let mut round = Round::new(number, batches, now, slices, self.cfg.straggler_grace);
         round.target = target;
-        self.state = State::InFlight(round);
+        self.state = State::InFlight(Box::new(round));
         for (i, &conn) in conns.iter().enumerate() {
             self.send(now, i, conn, false, false);
         }
@@ -737,10 +772,9 @@ impl<P: Clone, B: Batches> Core<P, B> {
         let anyone = !r.has_live_primary();
         let fits = |c: u64, part: usize| match (r.target, self.members.get(c)) {
             (_, _) if anyone => true,
-            (Some(t), Some(m)) => m.ms_per_sample.is_some_and(|ms| {
-                ms * r.parts[part].slice.indices.len() as f64
-                    <= PACE_MARGIN * t.as_secs_f64() * 1000.0
-            }),
+            (Some(t), Some(m)) => m
+                .predict(r.parts[part].slice.indices.len())
+                .is_some_and(|ms| ms <= PACE_MARGIN * t.as_secs_f64() * 1000.0),
             (None, _) => true,
             (_, None) => false,
         };
@@ -760,9 +794,20 @@ impl<P: Clone, B: Batches> Core<P, B> {
                         .map(|(_, c)| (c, r.tries(part, c)))
                         .find(|(_, (n, live))| *n == 1 && !live)
                 });
+            // Nobody fits and nothing can still answer the part: any idle worker, so that
+            // the round never stalls (repeated failures end in an offence).
+            let pick = pick.or_else(|| {
+                let p = &r.parts[part];
+                let silent = !p.attempts.iter().any(|a| a.live);
+                self.members
+                    .idle()
+                    .find(|(w, c)| silent && self.eligible(w) && !taken.contains(c))
+                    .map(|(_, c)| (c, (0, false)))
+            });
             if let Some((conn, _)) = pick {
                 taken.insert(conn);
-                plan.push((part, conn, !r.parts[part].attempts.is_empty()));
+                let reassigned = r.parts[part].attempts.iter().any(|a| !a.probe);
+                plan.push((part, conn, reassigned));
             }
         }
         for (part, conn, reassigned) in plan {
@@ -783,10 +828,10 @@ impl<P: Clone, B: Batches> Core<P, B> {
         let n = r.parts[part].slice.indices.len() as f64;
         // A measured worker's deadline follows the round's target time (which its own
         // predicted time is within); 4x and 1 s of slack for noise.
-        let timeout = match (m.ms_per_sample, r.target) {
+        let timeout = match (m.predict(n as usize), r.target) {
             (None, _) => self.cfg.first_task_timeout,
             (Some(ms), target) => {
-                let own = Duration::from_secs_f64(ms * n / 1000.0);
+                let own = Duration::from_secs_f64(ms / 1000.0);
                 (own.max(target.unwrap_or_default().mul_f64(PACE_MARGIN)) * 4
                     + Duration::from_secs(1))
                 .max(self.cfg.min_task_timeout)
@@ -827,6 +872,7 @@ impl<P: Clone, B: Batches> Core<P, B> {
         let State::InFlight(r) = std::mem::replace(&mut self.state, State::Idle) else {
             return;
         };
+        let r = *r;
         let times: Vec<(u64, f64)> = r
             .parts
             .iter()
@@ -1015,36 +1061,45 @@ pub enum Input {
     },
 }
 
+/// A measured worker's speed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Speed {
+    /// Milliseconds per sample.
+    pub ms_per_sample: f64,
+    /// Fixed cost per task, ms (a floor under any task's time).
+    pub floor_ms: f64,
+}
+
 /// Which workers a round waits for, and how long it should take. `speeds[i]`: worker i's
-/// measured milliseconds per sample (`None`: unmeasured); `samples`: the round's samples;
-/// `min_part`: the samples of the smallest part (one per inner batch).
+/// measured speed (`None`: unmeasured); `samples`: the round's samples; `min_part`: the
+/// samples of the smallest part (one per inner batch).
 ///
 /// Unmeasured workers are all taken when nobody is measured (the run's start); otherwise
 /// they go off the path (probes). Measured ones join fastest first while even their smallest
-/// part fits the round's time with them: `min_part * ms <= PACE_MARGIN * samples / sum(1/ms)`.
-/// Shares then follow speed, so those taken finish together: synchronous SGD with backup
-/// workers dropped (Chen et al., 2016, "Revisiting Distributed Synchronous SGD") decided
-/// before the round instead of after it. Returns the indices taken, in input order, and the
-/// round's target time.
+/// part fits the round's time with them:
+/// `max(min_part * ms, floor) <= PACE_MARGIN * samples / sum(1/ms)`. Shares then follow
+/// speed, so those taken finish together: synchronous SGD with backup workers dropped (Chen
+/// et al., 2016, "Revisiting Distributed Synchronous SGD") decided before the round instead
+/// of after it. Returns the indices taken, in input order, and the round's target time.
 pub fn pace(
-    speeds: &[Option<f64>],
+    speeds: &[Option<Speed>],
     samples: usize,
     min_part: usize,
 ) -> (Vec<usize>, Option<Duration>) {
-    let mut measured: Vec<(f64, usize)> = speeds
+    let mut measured: Vec<(f64, f64, usize)> = speeds
         .iter()
         .enumerate()
-        .filter_map(|(i, ms)| ms.map(|m| (m.max(1e-9), i)))
+        .filter_map(|(i, s)| s.map(|s| (s.ms_per_sample.max(1e-9), s.floor_ms, i)))
         .collect();
     if measured.is_empty() {
         return ((0..speeds.len()).collect(), None);
     }
-    measured.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    measured.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.2.cmp(&b.2)));
     let (mut speed, mut chosen) = (0.0, Vec::new());
-    for (ms, i) in measured {
+    for (ms, floor, i) in measured {
         let with = samples as f64 / (speed + 1.0 / ms);
-        if !chosen.is_empty() && min_part as f64 * ms > PACE_MARGIN * with {
-            break;
+        if !chosen.is_empty() && (min_part as f64 * ms).max(floor) > PACE_MARGIN * with {
+            continue;
         }
         speed += 1.0 / ms;
         chosen.push(i);

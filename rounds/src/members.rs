@@ -20,14 +20,30 @@ pub struct Member {
     /// Milliseconds per sample from sending a task to its answer (smoothed, from every
     /// answer, late ones included): pace and deadlines. `None`: not measured yet.
     pub ms_per_sample: Option<f64>,
+    /// A floor under any task's time, ms, however few its samples: its quickest recent task
+    /// (drops to a faster task's time at once, rises a fifth of the way toward a slower
+    /// one). It bounds the fixed cost per task (latency, parameter decoding) from above.
+    pub floor_ms: Option<f64>,
     /// When it was last measured.
     pub measured_at: Option<Instant>,
     /// When its current task was sent, and its samples.
     pub task_sent: Option<(Instant, usize)>,
+    /// Answers received on this connection (the first one, which carries one-time costs
+    /// such as the full parameters and warm-up, does not measure the worker).
+    pub answers: u64,
     /// Results accepted on this connection.
     pub tasks_ok: u64,
     /// When it joined.
     pub joined: Instant,
+}
+
+impl Member {
+    /// Predicted milliseconds for a task of `n` samples: per-sample time times `n`, at
+    /// least its fixed cost; `None` when not measured yet.
+    pub fn predict(&self, n: usize) -> Option<f64> {
+        let ms = self.ms_per_sample?;
+        Some((ms * n as f64).max(self.floor_ms.unwrap_or(0.0)))
+    }
 }
 
 /// Connections, with an index of the idle ones sorted by worker key (parts go to workers in
@@ -39,9 +55,9 @@ pub struct Members {
     idle: BTreeSet<(WorkerId, u64)>,
     /// Busy connections by the time they are given up on.
     hung: BTreeSet<(Instant, u64)>,
-    /// The last measured speed of each identity (ms per sample, when), so that a worker
+    /// The last measured speed of each identity (ms per sample, floor, when), so that a worker
     /// that reconnects keeps its place.
-    speeds: HashMap<WorkerId, (f64, Instant)>,
+    speeds: HashMap<WorkerId, (f64, f64, Instant)>,
 }
 
 impl Members {
@@ -81,8 +97,10 @@ impl Members {
                 busy_until: None,
                 failures: 0,
                 ms_per_sample: known.map(|k| k.0),
-                measured_at: known.map(|k| k.1),
+                floor_ms: known.map(|k| k.1),
+                measured_at: known.map(|k| k.2),
                 task_sent: None,
+                answers: 0,
                 tasks_ok: 0,
                 joined: now,
             },
@@ -130,18 +148,43 @@ impl Members {
     }
 
     /// Takes the time `conn` needed for its current task, answered at `now`, into its
-    /// speed (smoothed: 0.7 old, 0.3 new).
+    /// speed and its floor (the time of its quickest recent task). A connection's first
+    /// answer does not count (one-time costs), unless the identity was measured before.
     pub fn measure(&mut self, conn: u64, now: Instant) {
         let Some(m) = self.by_conn.get_mut(&conn) else {
             return;
         };
-        if let Some((sent, n)) = m.task_sent {
-            let per = now.saturating_duration_since(sent).as_secs_f64() * 1000.0 / n.max(1) as f64;
-            let ms = m.ms_per_sample.map_or(per, |o| 0.7 * o + 0.3 * per);
-            m.ms_per_sample = Some(ms);
-            m.measured_at = Some(now);
-            self.speeds.insert(m.worker, (ms, now));
+        m.answers += 1;
+        if m.answers == 1 && m.ms_per_sample.is_none() {
+            return;
         }
+        if let Some((sent, n)) = m.task_sent {
+            let took = now.saturating_duration_since(sent).as_secs_f64() * 1000.0;
+            let per = took / n.max(1) as f64;
+            // Noise only ever adds time: a faster measurement is trusted at once (0.7 of the
+            // way), a slower one moves the estimate by at most 30% (clipped to twice it), so
+            // that one pause on either side does not take a fast worker off the path.
+            let ms = m.ms_per_sample.map_or(per, |o| {
+                if per < o {
+                    0.3 * o + 0.7 * per
+                } else {
+                    0.7 * o + 0.3 * per.min(2.0 * o)
+                }
+            });
+            let floor = match m.floor_ms {
+                Some(f) if f < took => f + 0.2 * (took - f),
+                _ => took,
+            };
+            m.ms_per_sample = Some(ms);
+            m.floor_ms = Some(floor);
+            m.measured_at = Some(now);
+            self.speeds.insert(m.worker, (ms, floor, now));
+        }
+    }
+
+    /// Drops a deadline entry whose connection is gone.
+    pub fn forget_hung(&mut self, t: Instant, conn: u64) {
+        self.hung.remove(&(t, conn));
     }
 
     /// The busy connection given up on first, and when.

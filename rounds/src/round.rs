@@ -77,6 +77,8 @@ pub struct Round<P> {
     grace: Duration,
     /// When the parts still unanswered go to faster workers (set by the first answer).
     backup_at: Option<Instant>,
+    /// When the first answer came (attempts sent later are not cut by the backup).
+    first_answer: Option<Instant>,
     backup_fired: bool,
     /// Where the search for a part to copy continues.
     copy_cursor: usize,
@@ -86,8 +88,8 @@ pub struct Round<P> {
 /// for).
 const MAX_COPIES: usize = 2;
 
-/// Unanswered parts go to workers that finished once the round has run this many times as
-/// long as its first answer took, plus the grace: backup workers for stragglers nobody
+/// Unanswered parts go to workers that finished once this many times as long as the round's
+/// first answer took (from its task's sending) has passed since it came, plus the grace: backup workers for stragglers nobody
 /// predicted (a new or suddenly slow worker), after MapReduce's backup tasks (Dean and
 /// Ghemawat, 2004).
 pub const BACKUP_FACTOR: u32 = 4;
@@ -123,6 +125,7 @@ impl<P> Round<P> {
             target: None,
             grace,
             backup_at: None,
+            first_answer: None,
             backup_fired: false,
             copy_cursor: 0,
         }
@@ -143,7 +146,8 @@ impl<P> Round<P> {
         !self.needy.is_empty()
     }
 
-    /// The earliest attempt deadline still pending.
+    /// The earliest time something may be due: an attempt's deadline (possibly one already
+    /// answered or retired, then nothing happens) or the backup time.
     pub fn next_deadline(&self) -> Option<Instant> {
         let heap = self.deadlines.peek().map(|Reverse((t, _))| *t);
         [heap, self.backup_at].into_iter().flatten().min()
@@ -207,7 +211,8 @@ impl<P> Round<P> {
         }
     }
 
-    /// Marks task `task_id` as unable to answer (its worker left, failed or was banned).
+    /// Marks task `task_id` as unable to answer (its worker left, failed or was banned, or
+    /// it was answered).
     pub fn retire(&mut self, task_id: u64, now: Instant) {
         if let Some((p, a)) = self.locate(task_id) {
             let at = &mut self.parts[p].attempts[a];
@@ -229,9 +234,12 @@ impl<P> Round<P> {
             let open: Vec<usize> = (0..self.parts.len())
                 .filter(|&p| self.parts[p].done.is_none())
                 .collect();
+            let before = self.first_answer.unwrap_or(now);
             for p in open {
                 for a in self.parts[p].attempts.iter_mut() {
-                    a.deadline = a.deadline.min(now);
+                    if a.started <= before {
+                        a.deadline = a.deadline.min(now);
+                    }
                 }
                 self.refresh(p, now);
                 n += 1;
@@ -250,16 +258,18 @@ impl<P> Round<P> {
         n
     }
 
-    /// Accepts an answer for part `part` unless it has one; true when taken.
-    pub fn answer(&mut self, part: usize, answer: Answer<P>, now: Instant) -> bool {
+    /// Accepts an answer for part `part` unless it has one, `took` after its task was sent;
+    /// true when taken. The round's first answer sets when the parts still open go to
+    /// workers that finished ([`BACKUP_FACTOR`] times `took`, plus the grace).
+    pub fn answer(&mut self, part: usize, answer: Answer<P>, now: Instant, took: Duration) -> bool {
         if self.parts[part].done.is_some() {
             return false;
         }
         self.parts[part].done = Some(answer);
         self.open -= 1;
         if self.backup_at.is_none() && !self.backup_fired && self.open > 0 {
-            let took = now.saturating_duration_since(self.started);
             self.backup_at = Some(now + took * BACKUP_FACTOR + self.grace);
+            self.first_answer = Some(now);
         }
         self.refresh(part, now);
         true

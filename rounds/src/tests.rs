@@ -114,12 +114,17 @@ impl Harness {
     }
 
     fn answer(&mut self, conn: u64, valid: bool) {
+        self.answer_ms(conn, valid, 1.0);
+    }
+
+    /// Answers `conn`'s task, reporting `compute_ms` of compute.
+    fn answer_ms(&mut self, conn: u64, valid: bool, compute_ms: f64) {
         let task = self.task_of(conn);
         self.core.handle_result(self.now, conn, task, |_| {
             if valid {
                 Ok(Valid {
                     result: task,
-                    compute_ms: 1.0,
+                    compute_ms,
                 })
             } else {
                 Err("bad".into())
@@ -245,16 +250,17 @@ fn invalid_results_strike_and_three_strikes_ban() {
     let mut h = Harness::new(cfg());
     h.join(100, w(1));
     for round in 0..3 {
+        // The cheater joins again each round; its task (a part, or a probe copy once the
+        // honest worker is measured) gets an invalid answer.
         h.join(round + 1, w(9));
         h.open(round);
         h.answer(round + 1, false);
-        h.answer(100, true);
-        // The invalid worker's part went to the honest one.
-        assert_eq!(h.sent.last().map(|(c, t)| (*c, t.part)), Some((100, 1)));
-        h.answer(100, true);
-        assert_eq!(h.commits.len(), round as usize + 1);
+        assert_eq!(h.offences, round as usize + 1);
+        // The honest worker answers whatever it holds until the round is committed.
+        while h.commits.len() == round as usize {
+            h.answer(100, true);
+        }
     }
-    assert_eq!(h.offences, 3);
     assert_eq!(h.banned, vec![w(9)]);
     h.join(50, w(9));
     assert_eq!(h.closed.last(), Some(&(50, CloseWhy::Auth)));
@@ -546,46 +552,77 @@ proptest! {
 
 #[test]
 fn pace_keeps_slow_workers_off_the_critical_path() {
+    let s = |ms: f64| {
+        Some(Speed {
+            ms_per_sample: ms,
+            floor_ms: 0.0,
+        })
+    };
     // Nobody measured: everyone.
     assert_eq!(pace(&[None, None], 64, 1), (vec![0, 1], None));
     // 300x slower: out; 2x slower: in.
-    let (taken, target) = pace(&[Some(0.2), Some(60.0), Some(0.4)], 64, 1);
+    let (taken, target) = pace(&[s(0.2), s(60.0), s(0.4)], 64, 1);
     assert_eq!(taken, vec![0, 2]);
     let t = target.expect("a target").as_secs_f64() * 1000.0;
     assert!((t - 64.0 / (5.0 + 2.5)).abs() < 1e-5, "{t}");
     // Equal workers all stay, whatever their number (up to a part per sample).
-    assert_eq!(pace(&[Some(1.0); 32], 64, 1).0.len(), 32);
+    assert_eq!(pace(&[s(1.0); 32], 64, 1).0.len(), 32);
     // Unmeasured ones go off the path once someone is measured.
-    assert_eq!(pace(&[None, Some(1.0)], 64, 1).0, vec![1]);
+    assert_eq!(pace(&[None, s(1.0)], 64, 1).0, vec![1]);
+    // A worker whose per-sample time looks fine but whose fixed cost per task exceeds the
+    // round's time stays out.
+    let costly = Some(Speed {
+        ms_per_sample: 0.3,
+        floor_ms: 500.0,
+    });
+    assert_eq!(pace(&[s(0.2), costly], 64, 1).0, vec![0]);
 }
 
 #[test]
 fn new_and_slow_workers_get_probes_the_round_does_not_wait_for() {
     let mut h = Harness::new(cfg());
     h.join(1, w(1));
-    h.open(0);
-    h.at(10);
-    h.answer(1, true);
+    // Two rounds measure worker 1 (its first answer does not count).
+    for round in 0..2 {
+        h.open(round);
+        h.at(10 * (round + 1));
+        h.answer(1, true);
+    }
     // A new worker joins: next round it gets a copy of part 0 as a probe.
     h.join(2, w(2));
-    h.open(1);
-    let sent: Vec<(u64, usize)> = h.sent[1..].iter().map(|(c, t)| (*c, t.part)).collect();
+    h.open(2);
+    let sent: Vec<(u64, usize)> = h.sent[2..].iter().map(|(c, t)| (*c, t.part)).collect();
     assert_eq!(sent, vec![(1, 0), (2, 0)]);
-    h.at(20);
+    h.at(30);
     h.answer(1, true);
-    assert_eq!(h.commits.len(), 2, "the round did not wait for the probe");
-    // The probe answers 100x slower than worker 1: measured, then kept off the path.
-    h.at(1010);
+    assert_eq!(h.commits.len(), 3, "the round did not wait for the probe");
+    // Its first answer only warms it up: another probe.
+    h.at(1030);
     h.answer(2, true);
     assert_eq!(h.offences, 0, "a late answer is no offence");
-    h.open(2);
-    assert_eq!(h.sent.last().map(|(c, _)| *c), Some(1));
-    assert_eq!(h.sent.len(), 4, "only worker 1 was sent work");
-    // It is measured again after a while.
-    h.at(1020);
-    h.answer(1, true);
-    h.at(40_000);
     h.open(3);
+    assert_eq!(h.sent.last().map(|(c, _)| *c), Some(2));
+    h.at(1040);
+    h.answer(1, true);
+    // The second probe answers 100x slower than worker 1: measured, kept off the path.
+    h.at(2040);
+    h.answer(2, true);
+    h.open(4);
+    assert_eq!(h.sent.last().map(|(c, _)| *c), Some(1));
+    assert!(
+        h.core.round().is_some_and(|r| r.parts.len() == 1),
+        "only worker 1 on the path"
+    );
+    let n = h.sent.len();
+    h.at(2050);
+    h.answer(1, true);
+    h.open(5);
+    assert_eq!(h.sent.len(), n + 1, "no probe before 5 s");
+    // It is measured again after a while.
+    h.at(2060);
+    h.answer(1, true);
+    h.at(8000);
+    h.open(6);
     assert_eq!(h.sent.last().map(|(c, _)| *c), Some(2));
     assert!(h.core.round().is_some_and(|r| r.parts.len() == 1));
 }
@@ -598,12 +635,15 @@ fn a_stalled_worker_is_replaced_at_a_deadline_from_the_round_s_target() {
     });
     h.join(1, w(1));
     h.join(2, w(2));
-    h.open(0);
-    h.at(8);
-    h.answer(1, true);
-    h.answer(2, true);
-    h.open(1);
-    // Both measured at 1 ms per sample (8 ms for 8 samples... 4 each: 2 ms/sample).
+    // A connection's first answer does not measure it; the second does.
+    for round in 0..2 {
+        h.open(round);
+        h.at(8 * (round + 1));
+        h.answer(1, true);
+        h.answer(2, true);
+    }
+    h.open(2);
+    // Both measured at 2 ms per sample (8 ms for 4 samples).
     let deadline = h.core.poll_timeout().expect("deadlines");
     assert!(
         deadline <= h.now + Duration::from_secs(2),
@@ -659,5 +699,101 @@ fn a_newcomer_copies_a_part_of_a_round_only_slow_workers_started() {
     assert_eq!(h.commits.len(), 1, "the copy's answer completed the round");
     h.at(9000);
     h.answer(1, true);
+    assert_eq!(h.offences, 0);
+}
+
+#[test]
+fn in_diloco_rounds_a_slower_worker_takes_smaller_micro_batches_and_still_contributes() {
+    let mut h = Harness::new(Config {
+        inner_batches: 4,
+        balance_by_speed: true,
+        ..cfg()
+    });
+    h.join(1, w(1));
+    h.join(2, w(2));
+    let mut t = 0;
+    let (mut fast, mut slow) = (0.0, 0.0);
+    for round in 0..12 {
+        h.open(round * 4);
+        let last = |h: &Harness, c: u64| {
+            h.sent
+                .iter()
+                .rev()
+                .find(|(x, _)| *x == c)
+                .map(|(_, t)| t.slice.clone())
+                .expect("sent")
+        };
+        let (a, b) = (last(&h, 1), last(&h, 2));
+        assert_eq!(
+            (a.micro.len(), b.micro.len()),
+            (4, 4),
+            "both take all 4 inner steps"
+        );
+        assert!(
+            b.micro.iter().all(|&m| m > 0),
+            "the slow one contributes to every step"
+        );
+        if round >= 4 {
+            fast += a.indices.len() as f64;
+            slow += b.indices.len() as f64;
+        }
+        // Worker 2 computes at half worker 1's speed (time proportional to its samples).
+        let (ta, tb) = (a.indices.len() as f64, 2.0 * b.indices.len() as f64);
+        h.at(t + ta as u64);
+        h.answer_ms(1, true, ta);
+        h.at(t + tb as u64);
+        h.answer_ms(2, true, tb);
+        t += tb as u64 + 10;
+        h.at(t);
+    }
+    assert!(
+        slow < 0.8 * fast,
+        "samples once balanced: fast {fast}, slow {slow}"
+    );
+    assert!(
+        h.commits.iter().all(|c| c.answers.len() == 2),
+        "both contribute every round: {:?}",
+        h.commits
+            .iter()
+            .map(|c| c.answers.iter().map(|a| a.worker.0[0]).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_worker_whose_fixed_cost_outweighs_its_samples_goes_off_the_path() {
+    let mut h = Harness::new(Config {
+        balance_by_speed: true,
+        ..cfg()
+    });
+    h.join(1, w(1));
+    h.join(2, w(2));
+    let mut t = 0;
+    let mut rounds_with_2 = Vec::new();
+    for round in 0..30 {
+        h.open(round);
+        let on_path = h.core.round().map_or(0, |r| r.parts.len());
+        rounds_with_2.push(on_path == 2);
+        // Worker 1: 1 ms per sample. Worker 2: 40 ms whatever its share (fixed cost).
+        let n1 = h
+            .sent
+            .iter()
+            .rev()
+            .find(|(c, _)| *c == 1)
+            .map_or(0, |(_, t)| t.slice.indices.len());
+        h.at(t + n1 as u64);
+        h.answer_ms(1, true, n1 as f64);
+        if on_path == 2 {
+            h.at(t + 40);
+            h.answer_ms(2, true, 40.0);
+        }
+        t += 100;
+        assert_eq!(h.commits.len(), round as usize + 1);
+    }
+    assert!(rounds_with_2[0], "both start");
+    assert!(
+        !rounds_with_2[20..].iter().any(|x| *x),
+        "worker 2 squeezed off the path: {rounds_with_2:?}"
+    );
     assert_eq!(h.offences, 0);
 }
