@@ -12,7 +12,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -75,17 +75,6 @@ struct Row {
     join_s: f64,
 }
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn one(dir: &Path, n: usize, rounds: u64) -> Result<Row> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
@@ -102,23 +91,8 @@ fn one(dir: &Path, n: usize, rounds: u64) -> Result<Row> {
         (n * 8).div_ceil(batch) * batch
     );
     std::fs::write(dir.join("run.toml"), cfg)?;
-    let coord = Command::new(swarm::sibling("coordinator")?)
-        .args(["run", "--config"])
-        .arg(dir.join("run.toml"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("coordinator.log"))?)
-        .spawn()?;
-    let cpid = coord.id();
-    let mut procs = Procs(vec![coord]);
-    let join_path = dir.join("out/join.txt");
-    let start = Instant::now();
-    while !join_path.exists() {
-        if start.elapsed() > Duration::from_secs(60) || procs.0[0].try_wait()?.is_some() {
-            bail!("coordinator in {} did not start", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let join = std::fs::read_to_string(&join_path)?.trim().to_string();
+    let (mut procs, join) = swarm::start_coordinator(&dir)?;
+    let cpid = procs.0[0].id();
     let started = Instant::now();
     for i in 0..n {
         procs.0.push(

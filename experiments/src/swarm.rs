@@ -44,7 +44,7 @@ impl Finished {
 }
 
 /// Kills its processes when dropped.
-struct Procs(Vec<Child>);
+pub struct Procs(pub Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -70,23 +70,7 @@ pub fn run(
     std::fs::create_dir_all(dir)?;
     let dir = std::path::absolute(dir)?;
     std::fs::write(dir.join("run.toml"), config)?;
-    let coord = Command::new(sibling("coordinator")?)
-        .args(["run", "--config"])
-        .arg(dir.join("run.toml"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("coordinator.log"))?)
-        .spawn()?;
-    // Every process, the coordinator first, is killed if this returns early.
-    let mut procs = Procs(vec![coord]);
-    let join_path = dir.join("out/join.txt");
-    let start = Instant::now();
-    while !join_path.exists() {
-        if start.elapsed() > Duration::from_secs(60) || procs.0[0].try_wait()?.is_some() {
-            bail!("coordinator in {} did not start", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let join = std::fs::read_to_string(&join_path)?.trim().to_string();
+    let (mut procs, join) = start_coordinator(&dir)?;
     for (i, extra) in workers.iter().enumerate() {
         procs.0.push(
             Command::new(sibling("worker")?)
@@ -136,6 +120,29 @@ pub fn run(
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     Ok(Finished { dir, events })
+}
+
+/// Starts a coordinator on `dir/run.toml` (its `output_dir` must be `out`), logging to
+/// `dir/coordinator.log`, and waits for its join string; the coordinator is the first
+/// process of the returned set (all killed when it is dropped).
+pub fn start_coordinator(dir: &Path) -> Result<(Procs, String)> {
+    let coord = Command::new(sibling("coordinator")?)
+        .args(["run", "--config"])
+        .arg(dir.join("run.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("coordinator.log"))?)
+        .spawn()?;
+    let mut procs = Procs(vec![coord]);
+    let join_path = dir.join("out/join.txt");
+    let start = Instant::now();
+    while !join_path.exists() {
+        if start.elapsed() > Duration::from_secs(60) || procs.0[0].try_wait()?.is_some() {
+            bail!("coordinator in {} did not start", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let join = std::fs::read_to_string(&join_path)?.trim().to_string();
+    Ok((procs, join))
 }
 
 /// The `[run]`, `[model]`, `[training]` and `[workers]` tables every experiment starts from:
