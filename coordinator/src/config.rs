@@ -220,7 +220,8 @@ pub struct TrainingSection {
     /// batch the swarm usually reaches.
     #[serde(default)]
     pub max_global_batch: Option<usize>,
-    /// Fewest samples a worker gets per inner batch when rounds grow (default 8).
+    /// Samples per worker and inner batch that growing rounds aim at (default 8; shares
+    /// still follow speed).
     #[serde(default = "eight")]
     pub min_micro_batch: usize,
 }
