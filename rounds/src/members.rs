@@ -161,12 +161,12 @@ impl Members {
         if let Some((sent, n)) = m.task_sent {
             let took = now.saturating_duration_since(sent).as_secs_f64() * 1000.0;
             let per = took / n.max(1) as f64;
-            // Noise only ever adds time: a faster measurement is trusted at once (0.7 of the
-            // way), a slower one moves the estimate by at most 30% (clipped to twice it), so
-            // that one pause on either side does not take a fast worker off the path.
+            // Noise mostly adds time: a faster measurement moves the estimate half way, a
+            // slower one by at most 30% (clipped to twice it), so that one pause on either
+            // side does not take a fast worker off the path.
             let ms = m.ms_per_sample.map_or(per, |o| {
                 if per < o {
-                    0.3 * o + 0.7 * per
+                    0.5 * o + 0.5 * per
                 } else {
                     0.7 * o + 0.3 * per.min(2.0 * o)
                 }
