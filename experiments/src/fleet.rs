@@ -30,14 +30,13 @@ pub struct Settings {
     pub out: PathBuf,
 }
 
-/// Proportional resident memory of process `pid` (its own pages, plus its share of pages
-/// shared with others such as libtorch's code), bytes; 0 when gone.
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+/// A `Key: N kB` field of a `/proc` file, in bytes; 0 when the file or field is missing.
+fn proc_kb(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("Pss:"))?
+                .find(|l| l.starts_with(key))?
                 .split_whitespace()
                 .nth(1)?
                 .parse::<u64>()
@@ -46,19 +45,15 @@ fn rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Proportional resident memory of process `pid` (its own pages, plus its share of pages
+/// shared with others such as libtorch's code), bytes; 0 when gone.
+fn pss(pid: u32) -> u64 {
+    proc_kb(&format!("/proc/{pid}/smaps_rollup"), "Pss:")
+}
+
 /// Memory available on this machine, bytes.
 fn available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemAvailable:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kb| kb * 1024)
+    proc_kb("/proc/meminfo", "MemAvailable:")
 }
 
 /// One run's figures.
@@ -111,8 +106,8 @@ fn one(dir: &Path, n: usize, rounds: u64) -> Result<Row> {
         if procs.0[0].try_wait()?.is_some() {
             break;
         }
-        coord_rss = coord_rss.max(rss(cpid));
-        let w: u64 = procs.0[1..].iter().map(|c| rss(c.id())).sum();
+        coord_rss = coord_rss.max(pss(cpid));
+        let w: u64 = procs.0[1..].iter().map(|c| pss(c.id())).sum();
         workers_rss = workers_rss.max(w);
         if started.elapsed() > Duration::from_secs(1800) {
             bail!("run in {} did not end in 30 minutes", dir.display());

@@ -112,6 +112,9 @@ impl Row {
     fn us_per_event(&self) -> f64 {
         self.core_s * 1e6 / self.events.max(1) as f64
     }
+    fn events_per_s(&self) -> f64 {
+        self.events as f64 / self.core_s.max(1e-9)
+    }
     fn ms_per_round(&self) -> f64 {
         self.core_s * 1e3 / self.rounds.max(1) as f64
     }
@@ -143,7 +146,7 @@ pub fn run(s: &Settings) -> Result<()> {
             r.events,
             r.core_s,
             r.us_per_event(),
-            r.events as f64 / r.core_s.max(1e-9),
+            r.events_per_s(),
             r.ms_per_round(),
             r.bytes_per_worker,
             r.virtual_round_ms,
@@ -162,7 +165,7 @@ pub fn run(s: &Settings) -> Result<()> {
             r.n,
             r.ms_per_round(),
             r.us_per_event(),
-            r.events as f64 / r.core_s.max(1e-9),
+            r.events_per_s(),
             r.bytes_per_worker,
             r.virtual_round_ms,
             r.tasks,
