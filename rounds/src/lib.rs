@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use verify::{SpotCheckPolicy, WorkerId};
 
 pub use discipline::{Discipline, Standing};
-pub use members::{Member, Members};
+pub use members::{Floor, Member, Members};
 pub use round::{Answer, Attempt, Part, Round};
 pub use split::{shares, split, Balancer, Slice};
 
@@ -657,7 +657,7 @@ impl<P: Clone, B: Batches> Core<P, B> {
                 let m = self.members.get(c)?;
                 let speed = m.ms_per_sample.map(|ms| Speed {
                     ms_per_sample: ms,
-                    floor_ms: m.floor_ms.unwrap_or(0.0),
+                    floor: m.floor,
                 });
                 Some((c, speed, m.measured_at))
             })
@@ -1067,8 +1067,8 @@ pub enum Input {
 pub struct Speed {
     /// Milliseconds per sample.
     pub ms_per_sample: f64,
-    /// Fixed cost per task, ms (a floor under any task's time).
-    pub floor_ms: f64,
+    /// A floor under its task times (`None`: none known).
+    pub floor: Option<Floor>,
 }
 
 /// Which workers a round waits for, and how long it should take. `speeds[i]`: worker i's
@@ -1076,9 +1076,10 @@ pub struct Speed {
 /// samples of the smallest part (one per inner batch).
 ///
 /// Unmeasured workers are all taken when nobody is measured (the run's start); otherwise
-/// they go off the path (probes). Measured ones join fastest first while even their smallest
-/// part fits the round's time with them:
-/// `max(min_part * ms, floor) <= PACE_MARGIN * samples / sum(1/ms)`. Shares then follow
+/// they go off the path (probes). Measured ones join fastest first while their part fits the
+/// round's time with them, `with = samples / sum(1/ms)`: with `share = samples * (1/ms) /
+/// sum(1/ms)` (at least `min_part`), `max(share * ms, floor under share) <= PACE_MARGIN *
+/// with`. Shares then follow
 /// speed, so those taken finish together: synchronous SGD with backup workers dropped (Chen
 /// et al., 2016, "Revisiting Distributed Synchronous SGD") decided before the round instead
 /// of after it. Returns the indices taken, in input order, and the round's target time.
@@ -1087,10 +1088,10 @@ pub fn pace(
     samples: usize,
     min_part: usize,
 ) -> (Vec<usize>, Option<Duration>) {
-    let mut measured: Vec<(f64, f64, usize)> = speeds
+    let mut measured: Vec<(f64, Option<Floor>, usize)> = speeds
         .iter()
         .enumerate()
-        .filter_map(|(i, s)| s.map(|s| (s.ms_per_sample.max(1e-9), s.floor_ms, i)))
+        .filter_map(|(i, s)| s.map(|s| (s.ms_per_sample.max(1e-9), s.floor, i)))
         .collect();
     if measured.is_empty() {
         return ((0..speeds.len()).collect(), None);
@@ -1099,7 +1100,9 @@ pub fn pace(
     let (mut speed, mut chosen) = (0.0, Vec::new());
     for (ms, floor, i) in measured {
         let with = samples as f64 / (speed + 1.0 / ms);
-        if !chosen.is_empty() && (min_part as f64 * ms).max(floor) > PACE_MARGIN * with {
+        let share = ((samples as f64 / ms / (speed + 1.0 / ms)) as usize).max(min_part);
+        let took = (share as f64 * ms).max(floor.map_or(0.0, |f| f.under(share)));
+        if !chosen.is_empty() && took > PACE_MARGIN * with {
             continue;
         }
         speed += 1.0 / ms;

@@ -20,10 +20,9 @@ pub struct Member {
     /// Milliseconds per sample from sending a task to its answer (smoothed, from every
     /// answer, late ones included): pace and deadlines. `None`: not measured yet.
     pub ms_per_sample: Option<f64>,
-    /// A floor under any task's time, ms, however few its samples: its quickest recent task
-    /// (drops to a faster task's time at once, rises a fifth of the way toward a slower
-    /// one). It bounds the fixed cost per task (latency, parameter decoding) from above.
-    pub floor_ms: Option<f64>,
+    /// A floor under the time of any task of at least [`Floor::samples`] samples: its
+    /// quickest recent task of at most that many. `None` when not measured yet.
+    pub floor: Option<Floor>,
     /// When it was last measured.
     pub measured_at: Option<Instant>,
     /// When its current task was sent, and its samples.
@@ -39,10 +38,54 @@ pub struct Member {
 
 impl Member {
     /// Predicted milliseconds for a task of `n` samples: per-sample time times `n`, at
-    /// least its fixed cost; `None` when not measured yet.
+    /// least its floor where that applies; `None` when not measured yet.
     pub fn predict(&self, n: usize) -> Option<f64> {
         let ms = self.ms_per_sample?;
-        Some((ms * n as f64).max(self.floor_ms.unwrap_or(0.0)))
+        Some((ms * n as f64).max(self.floor.map_or(0.0, |f| f.under(n))))
+    }
+}
+
+/// A lower bound under a worker's task times (its fixed cost per task: latency, parameter
+/// decoding, start-up of the step): the time of its quickest recent task, and that task's
+/// samples. Task time grows with samples, so it bounds tasks at least that large; a smaller
+/// task may be quicker, so it says nothing about those (a worker measured only on whole
+/// parts, as probes are, is not judged by a whole part's time for a share of one).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Floor {
+    /// Milliseconds.
+    pub ms: f64,
+    /// Samples of the task it was measured on.
+    pub samples: usize,
+}
+
+impl Floor {
+    /// The floor under a task of `n` samples, ms: [`Floor::ms`] when `n >= samples`, else 0.
+    pub fn under(&self, n: usize) -> f64 {
+        if n >= self.samples {
+            self.ms
+        } else {
+            0.0
+        }
+    }
+
+    /// The floor after a task of `n` samples took `took` ms. A quicker task lowers it at
+    /// once (to the smaller of the two sizes); a slower one of no more samples raises it a
+    /// fifth of the way (one pause must not price a worker out) and applies from its size;
+    /// a larger and slower task tells nothing new.
+    pub fn after(self, took: f64, n: usize) -> Floor {
+        if took <= self.ms {
+            Floor {
+                ms: took,
+                samples: n.min(self.samples),
+            }
+        } else if n <= self.samples {
+            Floor {
+                ms: self.ms + 0.2 * (took - self.ms),
+                samples: n,
+            }
+        } else {
+            self
+        }
     }
 }
 
@@ -57,7 +100,7 @@ pub struct Members {
     hung: BTreeSet<(Instant, u64)>,
     /// The last measured speed of each identity (ms per sample, floor, when), so that a worker
     /// that reconnects keeps its place.
-    speeds: HashMap<WorkerId, (f64, f64, Instant)>,
+    speeds: HashMap<WorkerId, (f64, Floor, Instant)>,
 }
 
 impl Members {
@@ -97,7 +140,7 @@ impl Members {
                 busy_until: None,
                 failures: 0,
                 ms_per_sample: known.map(|k| k.0),
-                floor_ms: known.map(|k| k.1),
+                floor: known.map(|k| k.1),
                 measured_at: known.map(|k| k.2),
                 task_sent: None,
                 answers: 0,
@@ -171,12 +214,15 @@ impl Members {
                     0.7 * o + 0.3 * per.min(2.0 * o)
                 }
             });
-            let floor = match m.floor_ms {
-                Some(f) if f < took => f + 0.2 * (took - f),
-                _ => took,
-            };
+            let floor = m.floor.map_or(
+                Floor {
+                    ms: took,
+                    samples: n,
+                },
+                |f| f.after(took, n),
+            );
             m.ms_per_sample = Some(ms);
-            m.floor_ms = Some(floor);
+            m.floor = Some(floor);
             m.measured_at = Some(now);
             self.speeds.insert(m.worker, (ms, floor, now));
         }

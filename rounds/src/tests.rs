@@ -555,7 +555,7 @@ fn pace_keeps_slow_workers_off_the_critical_path() {
     let s = |ms: f64| {
         Some(Speed {
             ms_per_sample: ms,
-            floor_ms: 0.0,
+            floor: None,
         })
     };
     // Nobody measured: everyone.
@@ -571,11 +571,57 @@ fn pace_keeps_slow_workers_off_the_critical_path() {
     assert_eq!(pace(&[None, s(1.0)], 64, 1).0, vec![1]);
     // A worker whose per-sample time looks fine but whose fixed cost per task exceeds the
     // round's time stays out.
-    let costly = Some(Speed {
-        ms_per_sample: 0.3,
-        floor_ms: 500.0,
+    let costly = |samples| {
+        Some(Speed {
+            ms_per_sample: 0.3,
+            floor: Some(Floor { ms: 500.0, samples }),
+        })
+    };
+    assert_eq!(pace(&[s(0.2), costly(8)], 64, 1).0, vec![0]);
+    // A floor measured on a whole part (a probe) says nothing about a smaller share: a
+    // worker 2.5x slower, probed on the whole 64 samples, is taken for its share of 18.
+    let probed = Some(Speed {
+        ms_per_sample: 0.5,
+        floor: Some(Floor {
+            ms: 32.0,
+            samples: 64,
+        }),
     });
-    assert_eq!(pace(&[s(0.2), costly], 64, 1).0, vec![0]);
+    assert_eq!(pace(&[s(0.2), probed], 64, 1).0, vec![0, 1]);
+}
+
+#[test]
+fn a_floor_bounds_tasks_at_least_as_large_as_its_own() {
+    let f = Floor {
+        ms: 100.0,
+        samples: 32,
+    };
+    assert_eq!((f.under(32), f.under(64), f.under(31)), (100.0, 100.0, 0.0));
+    // Quicker: lower at once, at the smaller size.
+    assert_eq!(
+        f.after(60.0, 64),
+        Floor {
+            ms: 60.0,
+            samples: 32
+        }
+    );
+    assert_eq!(
+        f.after(60.0, 8),
+        Floor {
+            ms: 60.0,
+            samples: 8
+        }
+    );
+    // Slower on a task no larger: a fifth of the way up, from that size.
+    assert_eq!(
+        f.after(200.0, 16),
+        Floor {
+            ms: 120.0,
+            samples: 16
+        }
+    );
+    // Slower on a larger task: nothing new.
+    assert_eq!(f.after(200.0, 64), f);
 }
 
 #[test]
