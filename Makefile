@@ -5,13 +5,19 @@ export LIBTORCH := $(CURDIR)/.venv/torch
 export LD_LIBRARY_PATH := $(CURDIR)/.venv/torch/lib:$(LD_LIBRARY_PATH)
 CARGO ?= cargo
 
-.PHONY: setup build demo demo-lm test lint bench fuzz fmt
+.PHONY: setup build experiments demo demo-lm test lint bench fuzz fmt
 
 setup:
 	@bash scripts/setup.sh
 
+## What volunteers and ML teams run: the coordinator and the worker, without test hooks.
 build: setup
-	$(CARGO) build --release --bins
+	$(CARGO) build --release -p coordinator -p worker
+
+## The experiments, with coordinator and worker binaries built with the test hooks they
+## use (slowdowns, adversaries), in target/experiments/ (profile `experiments`: release).
+experiments: setup
+	$(CARGO) build --profile experiments --bins
 
 ## The main job: a coordinator and 4 worker processes on loopback train a CNN on Fashion-MNIST.
 demo: build
@@ -24,12 +30,14 @@ demo-lm: build
 
 ## The whole test suite (what CI runs).
 test: setup
+	$(CARGO) check -p coordinator -p worker --bins
 	$(CARGO) build --bins
 	$(CARGO) test --workspace -- --test-threads=1
 
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p coordinator -p worker --all-targets -- -D warnings
 
 ## Codec throughput (criterion), then the README's table in results/bench-codecs.md.
 bench: setup

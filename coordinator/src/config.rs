@@ -50,8 +50,10 @@ pub struct RunConfig {
     /// What workers are told about determinism, and how work is split among them.
     #[serde(default)]
     pub workers: WorkersSection,
-    /// TEST ONLY (`coordinator run --test-crash-after-logging N`, never from a file): exit
-    /// as if killed right after round N is in the write-ahead log and before it is reported.
+    /// TEST ONLY (cargo feature `test-hooks`; `coordinator run --test-crash-after-logging N`,
+    /// never from a file): exit as if killed right after round N is in the write-ahead log
+    /// and before it is reported.
+    #[cfg(feature = "test-hooks")]
     #[serde(skip)]
     pub test_crash_after_logging: Option<u64>,
     /// The coordinator program, which re-executes a result in a worker's compute class

@@ -22,9 +22,10 @@ enum Cmd {
         /// Override `training.steps`.
         #[arg(long)]
         steps: Option<u64>,
-        /// TEST ONLY: exit (status 137, as `kill -9`) once round N is logged, before it is
-        /// reported.
-        #[arg(long, hide = true)]
+        /// TEST ONLY (cargo feature `test-hooks`): exit (status 137, as `kill -9`) once
+        /// round N is logged, before it is reported.
+        #[cfg(feature = "test-hooks")]
+        #[arg(long)]
         test_crash_after_logging: Option<u64>,
     },
     /// Check a config file and print it with all defaults filled in.
@@ -77,10 +78,14 @@ fn main() -> Result<()> {
         Cmd::Run {
             config,
             steps,
+            #[cfg(feature = "test-hooks")]
             test_crash_after_logging,
         } => {
             let mut cfg = coordinator::RunConfig::load(&config)?;
-            cfg.test_crash_after_logging = test_crash_after_logging;
+            #[cfg(feature = "test-hooks")]
+            {
+                cfg.test_crash_after_logging = test_crash_after_logging;
+            }
             cfg.recheck_exe = std::env::current_exe().ok();
             if steps.is_some() {
                 cfg.training.steps = steps;

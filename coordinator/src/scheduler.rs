@@ -965,6 +965,7 @@ impl Scheduler {
             .map(|c| json!({"worker": c.worker.short(), "samples": c.n_samples}))
             .collect();
         let applied = self.ledger.commit(record, &self.meta)?;
+        #[cfg(feature = "test-hooks")]
         if self.cfg.test_crash_after_logging == Some(self.step()) {
             tracing::warn!(
                 step = self.step(),

@@ -102,6 +102,9 @@ enum Cmd {
     /// 20 slow new keys mid-run: wall time, accuracy, slow workers' share: CSV, Markdown and
     /// a PNG plot.
     Stragglers {
+        /// The model: `mlp` or `cnn`.
+        #[arg(long, default_value = "mlp")]
+        model: String,
         /// Global batches per run.
         #[arg(long, default_value_t = 2000)]
         steps: u64,
@@ -333,8 +336,24 @@ fn main() -> Result<()> {
             rounds,
             out,
         })?,
-        Cmd::Stragglers { steps, batch, out } => {
-            stragglers::run(&stragglers::Settings { steps, batch, out })?
+        Cmd::Stragglers {
+            model,
+            steps,
+            batch,
+            out,
+        } => {
+            let args = std::env::args().skip(2).collect::<Vec<_>>().join(" ");
+            stragglers::run(&stragglers::Settings {
+                model,
+                steps,
+                batch,
+                out,
+                args: if args.is_empty() {
+                    args
+                } else {
+                    format!(" {args}")
+                },
+            })?
         }
         Cmd::Flood {
             rounds,

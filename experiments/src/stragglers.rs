@@ -17,12 +17,16 @@ use crate::swarm;
 
 /// Settings of the experiment.
 pub struct Settings {
+    /// The model: `mlp` (a task's fixed cost dominates) or `cnn` (its compute does).
+    pub model: String,
     /// Global batches per run.
     pub steps: u64,
     /// Global batch.
     pub batch: usize,
     /// Output folder.
     pub out: PathBuf,
+    /// The command's arguments as typed (for the table's caption).
+    pub args: String,
 }
 
 /// One run's figures.
@@ -65,9 +69,9 @@ pub fn run(s: &Settings) -> Result<()> {
     std::fs::create_dir_all(&s.out)?;
     let cfg = format!(
         "[run]\noutput_dir = \"out\"\nseed = 0\nlisten = \"127.0.0.1:0\"\nresume = false\n\
-         min_workers = 1\n\n[model]\nkind = \"mlp\"\n\n[training]\nglobal_batch = {}\n\
+         min_workers = 1\n\n[model]\nkind = \"{}\"\n\n[training]\nglobal_batch = {}\n\
          steps = {}\nthreads = 1\n\n[optimizer]\nkind = \"adam\"\nlr = 0.001\n",
-        s.batch, s.steps
+        s.model, s.batch, s.steps
     );
     let worker = swarm::sibling("worker")?;
     let mut runs: Vec<(String, usize, f64, bool)> = vec![("alone".into(), 0, 1.0, false)];
@@ -124,10 +128,10 @@ pub fn run(s: &Settings) -> Result<()> {
         "run,slow_workers,slowdown,wall_s,vs_alone,test_acc,acc_diff_points,slow_share"
     )?;
     let mut md = format!(
-        "MLP, global batch {}, {} global batches, one fast honest worker (`experiments stragglers`); \
+        "{}, global batch {}, {} global batches, one fast honest worker (`experiments stragglers{}`); \
          times against the mean of the two runs alone ({alone:.1} s).\n\n\
          | run | wall | vs alone | test accuracy | vs alone (points) | slow workers' share of samples |\n|---|---:|---:|---:|---:|---:|\n",
-        s.batch, s.steps
+        s.model.to_uppercase(), s.batch, s.steps, s.args
     );
     for r in &rows {
         writeln!(

@@ -152,8 +152,8 @@ fn detect(
             run,
             codec.clone(),
             OptimizerConfig::default(),
-            Some(Adversary::new(mode, 1.0)),
-        );
+        )
+        .with_adversary(Some(Adversary::new(mode, 1.0)));
         let mut rep = Reputation::default();
         let mut last_computed = 0u64;
         for k in 1..=cap {

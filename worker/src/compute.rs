@@ -12,6 +12,7 @@ use serde_bytes::ByteBuf;
 use trainer::{ModelSpec, OptimizerConfig, TrainData};
 use verify::{Commitment, Hash, MerkleTree, WorkerKey};
 
+#[cfg(feature = "test-hooks")]
 use crate::adversary::Adversary;
 
 /// Recent results kept to continue error feedback and answer challenges.
@@ -58,6 +59,8 @@ pub struct Compute {
     limits: DecodeLimits,
     held: Option<Held>,
     sent: VecDeque<Sent>,
+    /// TEST ONLY: a cheating strategy.
+    #[cfg(feature = "test-hooks")]
     adversary: Option<Adversary>,
     /// Digest of the compute class declared on the current connection.
     class: Hash,
@@ -65,7 +68,6 @@ pub struct Compute {
 
 impl Compute {
     /// Sets up the model for a run.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &ModelSpec,
         device: tch::Device,
@@ -74,7 +76,6 @@ impl Compute {
         run_id: [u8; 32],
         codec: CodecConfig,
         inner: OptimizerConfig,
-        adversary: Option<Adversary>,
     ) -> Self {
         let exec = Executor::new(model, device, data, inner.clone());
         let limits = DecodeLimits {
@@ -90,9 +91,17 @@ impl Compute {
             limits,
             held: None,
             sent: VecDeque::new(),
-            adversary,
+            #[cfg(feature = "test-hooks")]
+            adversary: None,
             class: [0; 32],
         }
+    }
+
+    /// TEST ONLY: cheats with `adversary` (`None`: honest).
+    #[cfg(feature = "test-hooks")]
+    pub fn with_adversary(mut self, adversary: Option<Adversary>) -> Self {
+        self.adversary = adversary;
+        self
     }
 
     /// Sets the compute class (its [`verify::ComputeClass::digest`]) bound into commitments.
@@ -122,13 +131,17 @@ impl Compute {
             .map_err(Failure::new)?;
         self.load_params(&task)?;
         let params = &self.held.as_ref().expect("loaded").values;
-        let raw = match self.adversary.as_mut() {
-            Some(a) => a.compute(&mut self.exec, params, &task),
-            None => self
-                .exec
-                .compute(params, &task.indices, &task.micro_batches, task.inner_steps),
+        #[cfg(feature = "test-hooks")]
+        if let Some(a) = self.adversary.as_mut() {
+            let raw = a
+                .compute(&mut self.exec, params, &task)
+                .map_err(Failure::new)?;
+            return self.commit(task, raw, start);
         }
-        .map_err(Failure::new)?;
+        let raw = self
+            .exec
+            .compute(params, &task.indices, &task.micro_batches, task.inner_steps)
+            .map_err(Failure::new)?;
         self.commit(task, raw, start)
     }
 

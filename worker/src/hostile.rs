@@ -9,6 +9,8 @@ use proto::{TaskResult, ToCoordinator};
 use serde_bytes::ByteBuf;
 use verify::WorkerKey;
 
+use crate::Send;
+
 /// How a hostile worker misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hostile {
@@ -70,14 +72,6 @@ impl FromStr for Hostile {
                 format!("unknown hostile mode {s:?}; one of {}", names.join(", "))
             })
     }
-}
-
-/// What to put on the stream.
-pub enum Send {
-    /// A message, framed as usual.
-    Msg(ToCoordinator),
-    /// Raw bytes, no framing.
-    Raw(Vec<u8>),
 }
 
 /// An fp32 payload of `values` with the first value replaced by NaN and a valid checksum.

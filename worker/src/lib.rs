@@ -1,10 +1,14 @@
 //! A volunteer worker: joins a run with a join string, computes its share of every step,
 //! and reconnects with backoff when the link drops.
 
+#[cfg(feature = "test-hooks")]
 pub mod adversary;
 pub mod compute;
 pub mod dial;
+#[cfg(feature = "test-hooks")]
 pub mod hostile;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +24,15 @@ use trainer::{Dataset, ModelSpec, TrainData};
 use verify::{ComputeClass, WorkerKey};
 
 use compute::Compute;
-use hostile::Send;
+
+/// What the worker writes to its stream: a message, or (a hostile test worker only) raw bytes.
+pub enum Send {
+    /// A framed message.
+    Msg(ToCoordinator),
+    /// Bytes written as they are.
+    #[cfg(feature = "test-hooks")]
+    Raw(Vec<u8>),
+}
 
 /// How a worker was started.
 #[derive(Clone, Debug)]
@@ -40,16 +52,20 @@ pub struct WorkerOptions {
     pub allow_cuda: bool,
     /// Stop retrying after failing to reach the coordinator for this long.
     pub retry_for: Duration,
-    /// Protocol version announced (tests only: lets a test speak a wrong version).
-    pub protocol_version: u32,
-    /// TEST ONLY: exit abruptly (like `kill -9`, no goodbye) on receiving this many tasks.
-    pub crash_at_task: Option<u64>,
-    /// TEST ONLY: cheat with this mode on this fraction of the tasks.
-    pub adversary: Option<(adversary::Mode, f64)>,
-    /// TEST ONLY: break the protocol in this way.
-    pub hostile: Option<hostile::Hostile>,
-    /// TEST ONLY: take this many times as long per task (a straggler).
-    pub slowdown: f64,
+    /// TEST ONLY: misbehaviours on purpose.
+    #[cfg(feature = "test-hooks")]
+    pub hooks: test_hooks::TestHooks,
+}
+
+impl WorkerOptions {
+    /// The protocol version this worker announces.
+    fn protocol_version(&self) -> u32 {
+        #[cfg(feature = "test-hooks")]
+        if let Some(v) = self.hooks.protocol_version {
+            return v;
+        }
+        proto::PROTOCOL_VERSION
+    }
 }
 
 /// Why a session ended.
@@ -186,6 +202,7 @@ struct SessionState {
     /// The run's compute state (model, parameters, error feedback), reused on reconnecting to
     /// the same run.
     compute: Option<Compute>,
+    #[cfg(feature = "test-hooks")]
     tamper: Option<hostile::Tamper>,
 }
 
@@ -250,7 +267,7 @@ async fn session(
         name: opts.name.clone(),
         class: class.clone(),
     }));
-    write_preamble(&mut send, opts.protocol_version)
+    write_preamble(&mut send, opts.protocol_version())
         .await
         .map_err(|e| closed(&conn, e.to_string()))?;
     write_frame(&mut send, &hello, 1 << 16)
@@ -259,10 +276,10 @@ async fn session(
     let v = read_preamble(&mut recv)
         .await
         .map_err(|e| closed(&conn, e.to_string()))?;
-    if v != opts.protocol_version {
+    if v != opts.protocol_version() {
         return Err(SessionError::Fatal(format!(
             "coordinator speaks protocol v{v}, this worker v{}; update the worker",
-            opts.protocol_version
+            opts.protocol_version()
         )));
     }
     let cap = 1u64 << 30;
@@ -312,7 +329,7 @@ async fn session(
         .as_ref()
         .is_some_and(|c| c.same_run(&welcome.run_id, &welcome.codec, &inner))
     {
-        state.compute = Some(Compute::new(
+        let compute = Compute::new(
             &model,
             device,
             data,
@@ -320,9 +337,14 @@ async fn session(
             welcome.run_id,
             welcome.codec,
             inner,
-            opts.adversary
+        );
+        #[cfg(feature = "test-hooks")]
+        let compute = compute.with_adversary(
+            opts.hooks
+                .adversary
                 .map(|(m, rate)| adversary::Adversary::new(m, rate)),
-        ));
+        );
+        state.compute = Some(compute);
     }
     let n_params = state.compute.as_ref().map_or(0, |c| c.n_params());
     if n_params as u64 != welcome.n_params {
@@ -333,8 +355,9 @@ async fn session(
     if let Some(c) = state.compute.as_mut() {
         c.set_class(class.digest());
     }
+    #[cfg(feature = "test-hooks")]
     if state.tamper.is_none() {
-        state.tamper = opts.hostile.map(hostile::Tamper::new);
+        state.tamper = opts.hooks.hostile.map(hostile::Tamper::new);
     }
     state.joined = true;
     info!(run = %hex::encode(&welcome.run_id[..8]), model = model.name(), params = n_params, "joined run");
@@ -346,36 +369,35 @@ async fn session(
         let replies = match msg {
             ToWorker::Task(task) => {
                 state.tasks_seen += 1;
-                if opts.crash_at_task == Some(state.tasks_seen) {
-                    warn!("test-only crash at task {}", state.tasks_seen);
-                    std::process::exit(137);
-                }
+                #[cfg(feature = "test-hooks")]
+                opts.hooks.crash_if_due(state.tasks_seen);
                 let task_id = task.task_id;
                 let mut c = state
                     .compute
                     .take()
                     .ok_or_else(|| retry("compute state lost".into()))?;
-                let slowdown = opts.slowdown;
+                #[cfg(feature = "test-hooks")]
+                let slowdown = opts.hooks.slowdown;
                 let (c, res) = tokio::task::spawn_blocking(move || {
+                    #[cfg(feature = "test-hooks")]
                     let started = Instant::now();
-                    let mut r = c.run(task);
-                    // A test-slowed worker reports the time it really took.
-                    if slowdown > 1.0 {
-                        std::thread::sleep(started.elapsed().mul_f64(slowdown - 1.0));
-                        if let Ok(r) = &mut r {
-                            r.compute_us = started.elapsed().as_micros() as u64;
-                        }
-                    }
+                    let r = c.run(task);
+                    #[cfg(feature = "test-hooks")]
+                    let r = test_hooks::TestHooks::stretch(slowdown, started, r);
                     (c, r)
                 })
                 .await
                 .map_err(|e| SessionError::Fatal(format!("compute thread failed: {e}")))?;
                 state.compute = Some(c);
                 *progressed = true;
-                match (res, state.tamper.as_mut()) {
-                    (Ok(r), Some(t)) => t.tamper(r, n_params, key),
-                    (Ok(r), None) => vec![Send::Msg(ToCoordinator::Result(Box::new(r)))],
-                    (Err(f), _) => {
+                match res {
+                    #[cfg(feature = "test-hooks")]
+                    Ok(r) if state.tamper.is_some() => state
+                        .tamper
+                        .as_mut()
+                        .map_or_else(Vec::new, |t| t.tamper(r, n_params, key)),
+                    Ok(r) => vec![Send::Msg(ToCoordinator::Result(Box::new(r)))],
+                    Err(f) => {
                         warn!(task_id, "task failed: {}", f.reason);
                         vec![Send::Msg(ToCoordinator::TaskFailed {
                             task_id,
@@ -409,6 +431,7 @@ async fn session(
         for reply in replies {
             let sent = match reply {
                 Send::Msg(m) => write_frame(&mut send, &m, cap).await.map(|_| ()),
+                #[cfg(feature = "test-hooks")]
                 Send::Raw(bytes) => send
                     .write_all(&bytes)
                     .await

@@ -34,26 +34,49 @@ struct Cli {
     /// Give up after failing to reach the coordinator for this many seconds.
     #[arg(long, default_value_t = 600.0)]
     retry_for: f64,
+    #[cfg(feature = "test-hooks")]
+    #[command(flatten)]
+    hooks: HookArgs,
+}
+
+/// TEST ONLY (cargo feature `test-hooks`): misbehaviours on purpose, for tests and
+/// experiments.
+#[cfg(feature = "test-hooks")]
+#[derive(clap::Args)]
+struct HookArgs {
     /// TEST ONLY: announce another protocol version.
-    #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
-    test_protocol_version: u32,
+    #[arg(long)]
+    test_protocol_version: Option<u32>,
     /// TEST ONLY: exit abruptly on receiving the N-th task, as if killed mid-step.
-    #[arg(long, hide = true)]
+    #[arg(long)]
     test_crash_at_task: Option<u64>,
-    /// TEST ONLY, never on a real run: cheat on tasks (noise, scaled, sign-flip, zero, stale,
-    /// wrong-data, copy, partial), to test and measure the coordinator's spot checks.
+    /// TEST ONLY: cheat on tasks (noise, scaled, sign-flip, zero, stale, wrong-data, copy,
+    /// partial), to test and measure the coordinator's spot checks.
     #[arg(long)]
     test_adversary: Option<worker::adversary::Mode>,
     /// TEST ONLY: fraction of tasks the adversary cheats on.
     #[arg(long, default_value_t = 1.0)]
     test_cheat_rate: f64,
-    /// TEST ONLY, never on a real run: break the protocol (nan, wrong-shape, truncated, replay,
-    /// unknown-task, bad-signature, junk-frame, oversized), to test the coordinator's defences.
+    /// TEST ONLY: break the protocol (nan, wrong-shape, truncated, replay, unknown-task,
+    /// bad-signature, junk-frame, oversized), to test the coordinator's defences.
     #[arg(long)]
     test_hostile: Option<worker::hostile::Hostile>,
     /// TEST ONLY: take this many times as long per task, as a slow machine would.
-    #[arg(long, hide = true, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0)]
     test_slowdown: f64,
+}
+
+#[cfg(feature = "test-hooks")]
+impl HookArgs {
+    fn hooks(&self) -> worker::test_hooks::TestHooks {
+        worker::test_hooks::TestHooks {
+            protocol_version: self.test_protocol_version,
+            crash_at_task: self.test_crash_at_task,
+            adversary: self.test_adversary.map(|m| (m, self.test_cheat_rate)),
+            hostile: self.test_hostile,
+            slowdown: self.test_slowdown,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -90,13 +113,11 @@ async fn main() -> Result<()> {
         name,
         allow_cuda: matches!(cli.device, DeviceArg::Auto),
         retry_for: Duration::from_secs_f64(cli.retry_for.max(0.0)),
-        protocol_version: cli.test_protocol_version,
-        crash_at_task: cli.test_crash_at_task,
-        adversary: cli.test_adversary.map(|m| (m, cli.test_cheat_rate)),
-        hostile: cli.test_hostile,
-        slowdown: cli.test_slowdown,
+        #[cfg(feature = "test-hooks")]
+        hooks: cli.hooks.hooks(),
     };
-    if opts.adversary.is_some() || opts.hostile.is_some() {
+    #[cfg(feature = "test-hooks")]
+    if opts.hooks.adversarial() {
         tracing::warn!("TEST ONLY adversarial mode: this worker misbehaves on purpose");
     }
     match worker::run(opts).await {
