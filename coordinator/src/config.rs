@@ -95,10 +95,18 @@ pub struct RunSection {
     /// Workers that must be connected before the first step (later steps use whoever is there).
     #[serde(default = "one_usize")]
     pub min_workers: usize,
+    /// Seconds the first round, once it has `min_workers`, waits for more workers to join
+    /// (so that workers started together share it; 0: start at once).
+    #[serde(default = "one_f64")]
+    pub start_gather_s: f64,
 }
 
 fn one_usize() -> usize {
     1
+}
+
+fn one_f64() -> f64 {
+    1.0
 }
 
 fn default_listen() -> SocketAddr {
@@ -549,6 +557,11 @@ impl RunConfig {
             || (self.training.steps.is_none() && self.training.epochs == 0)
         {
             return bad("training needs epochs >= 1 or steps >= 1".into());
+        }
+        if !(self.run.start_gather_s.is_finite()
+            && (0.0..=3600.0).contains(&self.run.start_gather_s))
+        {
+            return bad("run.start_gather_s must be in [0, 3600] seconds".into());
         }
         if !(1..=10_000).contains(&self.training.local_steps) {
             return bad("training.local_steps must be in 1..=10000".into());

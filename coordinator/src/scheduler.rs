@@ -300,6 +300,7 @@ impl Scheduler {
         let core = Core::new(
             rounds::Config {
                 min_workers: cfg.run.min_workers,
+                start_gather: Duration::from_secs_f64(cfg.run.start_gather_s),
                 balance_by_speed: cfg.workers.balance_by_speed,
                 first_task_timeout: Duration::from_secs_f64(cfg.network.first_task_timeout_s),
                 min_task_timeout: Duration::from_secs_f64(cfg.network.min_task_timeout_s),

@@ -232,6 +232,7 @@ fn fleet(n: usize, rounds: u64, seed: u64) -> Row {
     let mut core: Core<u64, Seq> = Core::new(
         Config {
             min_workers: n.div_ceil(2),
+            start_gather: Duration::ZERO,
             balance_by_speed: true,
             first_task_timeout: Duration::from_secs(60),
             min_task_timeout: Duration::from_secs(5),

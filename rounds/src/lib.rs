@@ -62,6 +62,11 @@ pub struct Growth {
 pub struct Config {
     /// Idle workers needed before the first round starts (later rounds need one).
     pub min_workers: usize,
+    /// How long the first round, once it has its `min_workers`, waits for more workers to
+    /// join before it starts. Nobody is measured then, so the round splits over every idle
+    /// worker and waits for its slowest part (until a backup): workers started together
+    /// should all be in it, not join it late as copies of a part held by a slow one.
+    pub start_gather: Duration,
     /// Whether parts are sized by the workers' measured speed.
     pub balance_by_speed: bool,
     /// Deadline of a worker's first task.
@@ -289,6 +294,12 @@ pub struct Core<P, B> {
     balancer: Balancer,
     state: State<P>,
     disputed: HashSet<WorkerId>,
+    /// After a dispatch left a part without a worker: the round, its version and whether
+    /// any worker would do then. While these stay the same, only fresh idle workers can
+    /// take a part, so dispatch looks at those alone (no scan of every idle worker per event).
+    fruitless: Option<(u64, u64, bool)>,
+    /// When the first round stops gathering workers (set once it has its `min_workers`).
+    gather_until: Option<Instant>,
     backlog: usize,
     next_task: u64,
     started: bool,
@@ -311,6 +322,8 @@ impl<P: Clone, B: Batches> Core<P, B> {
             balancer: Balancer::default(),
             state: State::Idle,
             disputed: HashSet::new(),
+            fruitless: None,
+            gather_until: None,
             backlog: 0,
             next_task,
             started: false,
@@ -364,7 +377,10 @@ impl<P: Clone, B: Batches> Core<P, B> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let round = match &self.state {
             State::InFlight(r) => r.next_deadline(),
-            State::Waiting(p) => Some(p.note_at),
+            State::Waiting(p) => Some(match self.gather_until {
+                Some(t) if !self.started => t.min(p.note_at),
+                _ => p.note_at,
+            }),
             State::Idle => None,
         };
         let hung = self.members.first_hung().map(|(t, _)| t);
@@ -390,6 +406,8 @@ impl<P: Clone, B: Batches> Core<P, B> {
     pub fn set_checks(&mut self, now: Instant, backlog: usize, disputed: HashSet<WorkerId>) {
         self.backlog = backlog;
         self.disputed = disputed;
+        // A worker no longer disputed may take parts it could not.
+        self.fruitless = None;
         self.progress(now);
     }
 
@@ -591,10 +609,14 @@ impl<P: Clone, B: Batches> Core<P, B> {
             self.try_start(now);
         }
         let State::InFlight(r) = &self.state else {
+            self.members.clear_fresh();
             return;
         };
         if r.has_needy() && self.members.idle_len() > 0 {
             self.dispatch(now);
+        } else {
+            self.members.clear_fresh();
+            self.fruitless = None;
         }
         if matches!(&self.state, State::InFlight(r) if r.complete()) {
             self.commit();
@@ -627,9 +649,9 @@ impl<P: Clone, B: Batches> Core<P, B> {
     }
 
     fn try_start(&mut self, now: Instant) {
-        let State::Waiting(p) = &self.state else {
+        if !matches!(self.state, State::Waiting(_)) {
             return;
-        };
+        }
         let need = if self.started {
             1
         } else {
@@ -647,6 +669,15 @@ impl<P: Clone, B: Batches> Core<P, B> {
         {
             return;
         }
+        if !self.started && !self.cfg.start_gather.is_zero() {
+            let until = *self.gather_until.get_or_insert(now + self.cfg.start_gather);
+            if now < until {
+                return;
+            }
+        }
+        let State::Waiting(p) = &self.state else {
+            return;
+        };
         let (number, first) = (p.number, p.first_batch);
         self.started = true;
         let idle: Vec<(u64, Option<Speed>, Option<Instant>)> = self
@@ -676,7 +707,11 @@ impl<P: Clone, B: Batches> Core<P, B> {
             // A worker whose share the balancer had to squeeze below 1/8 of the largest
             // (its fixed cost per task exceeds what its samples save) costs the round a task
             // and saves nothing: it goes off the path like a slow one.
-            let w = self.balancer.weights(&conns);
+            let ms: Vec<Option<f64>> = conns
+                .iter()
+                .map(|c| self.members.get(*c).and_then(|m| m.ms_per_sample))
+                .collect();
+            let w = self.balancer.weights(&conns, &ms);
             let top = w.iter().copied().fold(0.0, f64::max);
             let keep: Vec<bool> = w.iter().map(|x| *x * MIN_SHARE_RATIO >= top).collect();
             conns = conns
@@ -771,6 +806,20 @@ impl<P: Clone, B: Batches> Core<P, B> {
             return;
         };
         let anyone = !r.has_live_primary();
+        let fresh = self.members.take_fresh();
+        let only_fresh = self.fruitless == Some((r.number, r.version, anyone));
+        if only_fresh && fresh.is_empty() {
+            return;
+        }
+        // The idle workers that may take a part: all of them, or only the fresh ones when
+        // the others were all found unfit since.
+        let candidates = || -> Box<dyn Iterator<Item = (WorkerId, u64)> + '_> {
+            if only_fresh {
+                Box::new(fresh.iter().copied())
+            } else {
+                Box::new(self.members.idle())
+            }
+        };
         let fits = |c: u64, part: usize| match (r.target, self.members.get(c)) {
             (_, _) if anyone => true,
             (Some(t), Some(m)) => m
@@ -781,39 +830,46 @@ impl<P: Clone, B: Batches> Core<P, B> {
         };
         let mut taken = HashSet::new();
         let mut plan = Vec::new();
+        let mut unserved = false;
         for part in r.needy() {
-            let pick = self
-                .members
-                .idle()
+            let pick = candidates()
                 .filter(|(w, c)| self.eligible(w) && !taken.contains(c) && fits(*c, part))
                 .map(|(_, c)| (c, r.tries(part, c)))
                 .find(|(_, (n, _))| *n == 0)
                 .or_else(|| {
-                    self.members
-                        .idle()
+                    candidates()
                         .filter(|(w, c)| self.eligible(w) && !taken.contains(c) && fits(*c, part))
                         .map(|(_, c)| (c, r.tries(part, c)))
                         .find(|(_, (n, live))| *n == 1 && !live)
                 });
-            // Nobody fits and nothing can still answer the part: any idle worker, so that
-            // the round never stalls (repeated failures end in an offence).
+            // Nobody fits, nothing can still answer the part, and no worker on the path is
+            // within its deadline (one that is will soon be free to take it): any idle
+            // worker, so that the round never stalls (repeated failures end in an offence).
             let pick = pick.or_else(|| {
                 let p = &r.parts[part];
-                let silent = !p.attempts.iter().any(|a| a.live);
-                self.members
-                    .idle()
+                let silent = !p.attempts.iter().any(|a| a.live) && r.stalled();
+                candidates()
                     .find(|(w, c)| silent && self.eligible(w) && !taken.contains(c))
                     .map(|(_, c)| (c, (0, false)))
             });
-            if let Some((conn, _)) = pick {
-                taken.insert(conn);
-                let reassigned = r.parts[part].attempts.iter().any(|a| !a.probe);
-                plan.push((part, conn, reassigned));
+            match pick {
+                Some((conn, _)) => {
+                    taken.insert(conn);
+                    let reassigned = r.parts[part].attempts.iter().any(|a| !a.probe);
+                    plan.push((part, conn, reassigned));
+                }
+                None => unserved = true,
             }
         }
         for (part, conn, reassigned) in plan {
             self.send(now, part, conn, reassigned, false);
         }
+        // Sends only take workers and cover parts: what was unfit stays unfit.
+        self.fruitless = match &self.state {
+            State::InFlight(r) if unserved => Some((r.number, r.version, !r.has_live_primary())),
+            _ => None,
+        };
+        self.members.clear_fresh();
     }
 
     /// Sends part `part` of the round in flight to `conn` (`probe`: a redundant copy the

@@ -101,6 +101,8 @@ pub struct Members {
     /// The last measured speed of each identity (ms per sample, floor, when), so that a worker
     /// that reconnects keeps its place.
     speeds: HashMap<WorkerId, (f64, Floor, Instant)>,
+    /// Connections that became idle or were measured since [`Members::take_fresh`].
+    fresh: Vec<u64>,
 }
 
 impl Members {
@@ -150,6 +152,7 @@ impl Members {
         );
         self.by_worker.insert(worker, conn);
         self.idle.insert((worker, conn));
+        self.fresh.push(conn);
     }
 
     /// Removes a connection.
@@ -184,6 +187,7 @@ impl Members {
         let m = self.by_conn.get_mut(&conn)?;
         m.task_sent = None;
         self.idle.insert((m.worker, conn));
+        self.fresh.push(conn);
         if let Some(t) = m.busy_until.take() {
             self.hung.remove(&(t, conn));
         }
@@ -224,8 +228,30 @@ impl Members {
             m.ms_per_sample = Some(ms);
             m.floor = Some(floor);
             m.measured_at = Some(now);
+            self.fresh.push(conn);
             self.speeds.insert(m.worker, (ms, floor, now));
         }
+    }
+
+    /// The connections that became idle or were measured since the last call, idle ones
+    /// only, in worker-key order (those are the only ones whose fitness for a part can have
+    /// changed).
+    pub fn take_fresh(&mut self) -> Vec<(WorkerId, u64)> {
+        let mut fresh: Vec<(WorkerId, u64)> = std::mem::take(&mut self.fresh)
+            .into_iter()
+            .filter_map(|c| {
+                let m = self.by_conn.get(&c)?;
+                self.idle.contains(&(m.worker, c)).then_some((m.worker, c))
+            })
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        fresh
+    }
+
+    /// Forgets which connections are fresh.
+    pub fn clear_fresh(&mut self) {
+        self.fresh.clear();
     }
 
     /// Drops a deadline entry whose connection is gone.

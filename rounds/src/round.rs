@@ -66,6 +66,9 @@ pub struct Round<P> {
     by_task: HashMap<u64, (usize, usize)>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     needy: BTreeSet<usize>,
+    /// Bumped by every change to the needy parts or their attempts (what
+    /// [`crate::Core`]'s dispatch depends on besides the idle workers).
+    pub(crate) version: u64,
     open: usize,
     /// Live attempts that are not probes.
     live_primary: usize,
@@ -118,6 +121,7 @@ impl<P> Round<P> {
             started,
             open: parts.len(),
             needy: (0..parts.len()).collect(),
+            version: 0,
             parts,
             by_task: HashMap::new(),
             deadlines: BinaryHeap::new(),
@@ -129,6 +133,12 @@ impl<P> Round<P> {
             backup_fired: false,
             copy_cursor: 0,
         }
+    }
+
+    /// Whether every part still open needs a worker: no attempt on the critical path is
+    /// within its deadline, so no worker on the path is about to become free for them.
+    pub fn stalled(&self) -> bool {
+        self.needy.len() == self.open
     }
 
     /// Whether every part has an answer.
@@ -196,9 +206,11 @@ impl<P> Round<P> {
             self.needy.remove(&part);
         }
         self.parts[part].attempts.push(attempt);
+        self.version += 1;
     }
 
     fn refresh(&mut self, part: usize, now: Instant) {
+        self.version += 1;
         let p = &self.parts[part];
         let covered = p.done.is_some()
             || p.attempts

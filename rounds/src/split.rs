@@ -64,21 +64,39 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// Weights of `conns` (a newcomer gets the mean weight of the others).
-    pub fn weights(&self, conns: &[u64]) -> Vec<f64> {
-        let known: Vec<f64> = conns
-            .iter()
-            .filter_map(|c| self.weights.get(c).copied())
+    /// Weights of `conns`, whose measured milliseconds per sample are `ms` (`None`: not
+    /// measured). A connection not weighed yet gets a weight from its measured speed, on
+    /// the scale of the others (`w = k / ms`, `k` the mean `w x ms` of those weighed and
+    /// measured; with nobody weighed, weights in proportion to speed with mean 1), so that a
+    /// slow newcomer does not start with an equal share; unmeasured, the mean weight.
+    pub fn weights(&self, conns: &[u64], ms: &[Option<f64>]) -> Vec<f64> {
+        let ms: Vec<Option<f64>> = (0..conns.len())
+            .map(|i| {
+                ms.get(i)
+                    .copied()
+                    .flatten()
+                    .filter(|m| m.is_finite() && *m > 0.0)
+            })
             .collect();
-        let mean = if known.is_empty() {
-            1.0
-        } else {
-            known.iter().sum::<f64>() / known.len() as f64
-        };
-        conns
+        let have: Vec<Option<f64>> = conns.iter().map(|c| self.weights.get(c).copied()).collect();
+        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        let pairs: Vec<f64> = have
             .iter()
-            .map(|c| self.weights.get(c).copied().unwrap_or(mean))
-            .collect()
+            .zip(&ms)
+            .filter_map(|(w, m)| Some((*w)? * (*m)?))
+            .collect();
+        let k = mean(&pairs).or_else(|| {
+            let speed: f64 = ms.iter().flatten().map(|m| 1.0 / m).sum();
+            let n = ms.iter().flatten().count();
+            (have.iter().all(Option::is_none) && n > 0).then(|| n as f64 / speed)
+        });
+        let first: Vec<Option<f64>> = have
+            .iter()
+            .zip(&ms)
+            .map(|(w, m)| w.or_else(|| Some(k? / (*m)?)))
+            .collect();
+        let fallback = mean(&first.iter().flatten().copied().collect::<Vec<_>>()).unwrap_or(1.0);
+        first.into_iter().map(|w| w.unwrap_or(fallback)).collect()
     }
 
     /// Takes the compute times (ms) of a round's parts, one per connection that did one.
@@ -91,7 +109,7 @@ impl Balancer {
         sorted.sort_by(f64::total_cmp);
         let median = sorted[sorted.len() / 2];
         let conns: Vec<u64> = valid.iter().map(|(c, _)| *c).collect();
-        let before = self.weights(&conns);
+        let before = self.weights(&conns, &[]);
         let in_band = |t: f64| (t / median - 1.0).abs() <= 0.2;
         // Workers whose times agree with the median drift toward equal shares among them
         // (where overhead dominates, shares barely change times and would wander with noise);
@@ -171,7 +189,7 @@ mod tests {
         let mut b = Balancer::default();
         let mut sizes = Vec::new();
         for _ in 0..rounds {
-            sizes = shares(96, &b.weights(&conns));
+            sizes = shares(96, &b.weights(&conns, &[]));
             let times: Vec<(u64, f64)> = conns
                 .iter()
                 .zip(&sizes)
@@ -181,6 +199,26 @@ mod tests {
             b.observe(&times);
         }
         sizes
+    }
+
+    #[test]
+    fn a_newcomer_starts_from_its_measured_speed() {
+        let mut b = Balancer::default();
+        // Nobody weighed: weights follow speed, mean 1; unmeasured ones get the mean.
+        let w = b.weights(&[1, 2, 3], &[Some(1.0), Some(10.0), None]);
+        let expect = [2.0 / 1.1, 0.2 / 1.1];
+        assert!(
+            (w[0] - expect[0]).abs() < 1e-9 && (w[1] - expect[1]).abs() < 1e-9,
+            "{w:?}"
+        );
+        assert!((w[2] - (w[0] + w[1]) / 2.0).abs() < 1e-9);
+        // Weighed ones keep their weights; a newcomer 10x slower than them gets a tenth.
+        b.observe(&[(1, 10.0), (2, 10.0)]);
+        let w = b.weights(&[1, 2, 3], &[Some(1.0), Some(1.0), Some(10.0)]);
+        assert!((w[2] * 10.0 - w[0]).abs() < 1e-9, "{w:?}");
+        // Bad speeds count as unmeasured.
+        let w = b.weights(&[1, 3], &[Some(1.0), Some(f64::NAN)]);
+        assert!((w[1] - w[0]).abs() < 1e-9, "{w:?}");
     }
 
     #[test]

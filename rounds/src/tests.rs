@@ -21,6 +21,7 @@ impl Batches for Seq {
 fn cfg() -> Config {
     Config {
         min_workers: 1,
+        start_gather: Duration::ZERO,
         balance_by_speed: false,
         first_task_timeout: Duration::from_secs(60),
         min_task_timeout: Duration::from_secs(5),
@@ -842,4 +843,118 @@ fn a_worker_whose_fixed_cost_outweighs_its_samples_goes_off_the_path() {
         "worker 2 squeezed off the path: {rounds_with_2:?}"
     );
     assert_eq!(h.offences, 0);
+}
+
+#[test]
+fn a_part_nobody_idle_can_take_in_time_goes_to_the_first_worker_that_can() {
+    let mut h = Harness::new(cfg());
+    for c in 1..=3 {
+        h.join(c, w(c as u8));
+    }
+    // Round 0 warms everyone up; round 1 measures workers 1 and 2 at 10 ms and worker 3 at
+    // 5 s (its part is backed up by worker 1).
+    h.open(0);
+    h.at(10);
+    for c in 1..=3 {
+        h.answer(c, true);
+    }
+    h.open(1);
+    h.at(20);
+    h.answer(1, true);
+    h.answer(2, true);
+    h.at(2000);
+    h.answer(1, true);
+    assert_eq!(h.commits.len(), 2);
+    h.at(5000);
+    h.answer(3, true);
+    // Round 2 waits for workers 1 and 2 only; worker 2 leaves, and the slow worker 3, idle,
+    // cannot take its part in time, event after event.
+    h.open(2);
+    assert_eq!(h.core.round().map(|r| r.parts.len()), Some(2));
+    h.input(Input::Left {
+        conn: 2,
+        reason: "gone".into(),
+        offence: false,
+    });
+    for ms in [5001, 5002, 5003] {
+        h.at(ms);
+    }
+    assert!(
+        h.sent.iter().all(|(c, t)| *c != 3 || t.round < 2),
+        "the slow worker got no part: {:?}",
+        h.sent
+            .iter()
+            .map(|(c, t)| (*c, t.round, t.part))
+            .collect::<Vec<_>>()
+    );
+    // Worker 1 answers: idle again, it takes the part left over, and the round commits.
+    h.at(5010);
+    h.answer(1, true);
+    assert_eq!(h.sent.last().map(|(c, t)| (*c, t.round)), Some((1, 2)));
+    h.at(5020);
+    h.answer(1, true);
+    assert_eq!(h.commits.len(), 3);
+}
+
+#[test]
+fn at_the_start_the_parts_of_workers_far_slower_than_the_first_answer_are_backed_up() {
+    let mut h = Harness::new(Config {
+        balance_by_speed: true,
+        ..cfg()
+    });
+    for c in 1..=4 {
+        h.join(c, w(c as u8));
+    }
+    // Nobody is measured: everyone takes a part.
+    h.open(0);
+    assert_eq!(h.sent.len(), 4);
+    h.at(500);
+    h.answer(1, true);
+    // 4x the first answer's time plus the grace (1 s) later, the open parts go to worker 1.
+    let mut t = 500;
+    while h.commits.is_empty() && t < 20_000 {
+        t += 100;
+        h.at(t);
+        if h.sent.last().is_some_and(|(c, _)| *c == 1) && h.core.round().is_some() {
+            h.at(t + 50);
+            h.answer(1, true);
+        }
+    }
+    assert_eq!(
+        h.commits.len(),
+        1,
+        "the round committed without the slow workers"
+    );
+    assert!(
+        t <= 500 + 2000 + 1000 + 1000,
+        "backed up in time, committed at {t} ms"
+    );
+}
+
+#[test]
+fn the_first_round_gathers_the_workers_that_start_together() {
+    let mut h = Harness::new(Config {
+        start_gather: Duration::from_secs(1),
+        ..cfg()
+    });
+    h.join(1, w(1));
+    h.open(0);
+    assert!(h.sent.is_empty(), "gathering");
+    assert_eq!(
+        h.core.poll_timeout(),
+        Some(h.t0 + Duration::from_secs(1)),
+        "woken when gathering ends"
+    );
+    h.at(300);
+    h.join(2, w(2));
+    h.at(999);
+    assert!(h.sent.is_empty());
+    h.at(1000);
+    let parts: Vec<(u64, usize)> = h.sent.iter().map(|(c, t)| (*c, t.part)).collect();
+    assert_eq!(parts, vec![(1, 0), (2, 1)], "one round over both");
+    // Later rounds start at once.
+    h.answer(1, true);
+    h.answer(2, true);
+    h.open(1);
+    assert_eq!(h.sent.len(), 4);
 }
