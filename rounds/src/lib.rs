@@ -909,7 +909,8 @@ impl<P: Clone, B: Batches> Core<P, B> {
             },
         );
         let until = now + timeout.mul_f64(HUNG_FACTOR) + HUNG_EXTRA;
-        self.members.set_busy(conn, task_id, n as usize, now, until);
+        self.members
+            .set_busy(conn, task_id, (n as usize, probe), now, until);
         let task = TaskSpec {
             task_id,
             round: r.number,

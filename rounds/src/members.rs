@@ -20,13 +20,12 @@ pub struct Member {
     /// Milliseconds per sample from sending a task to its answer (smoothed, from every
     /// answer, late ones included): pace and deadlines. `None`: not measured yet.
     pub ms_per_sample: Option<f64>,
-    /// A floor under the time of any task of at least [`Floor::samples`] samples: its
-    /// quickest recent task of at most that many. `None` when not measured yet.
+    /// A floor under its task times (see [`Floor`]). `None` when not measured yet.
     pub floor: Option<Floor>,
     /// When it was last measured.
     pub measured_at: Option<Instant>,
-    /// When its current task was sent, and its samples.
-    pub task_sent: Option<(Instant, usize)>,
+    /// When its current task was sent, its samples, and whether it is a probe.
+    pub task_sent: Option<(Instant, usize, bool)>,
     /// Answers received on this connection (the first one, which carries one-time costs
     /// such as the full parameters and warm-up, does not measure the worker).
     pub answers: u64,
@@ -46,10 +45,12 @@ impl Member {
 }
 
 /// A lower bound under a worker's task times (its fixed cost per task: latency, parameter
-/// decoding, start-up of the step): the time of its quickest recent task, and that task's
-/// samples. Task time grows with samples, so it bounds tasks at least that large; a smaller
-/// task may be quicker, so it says nothing about those (a worker measured only on whole
-/// parts, as probes are, is not judged by a whole part's time for a share of one).
+/// decoding, start-up of the step): the time of its quickest recent task, and from how many
+/// samples on it applies. A task of its own share (on the critical path) bounds tasks of
+/// every size, as a fixed cost does. A probe is a copy of another worker's part, sized for
+/// that worker: task time grows with samples, so it bounds only tasks at least that large,
+/// and a worker measured only on probes is not judged by a whole part's time for a smaller
+/// share of its own.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Floor {
     /// Milliseconds.
@@ -68,11 +69,23 @@ impl Floor {
         }
     }
 
-    /// The floor after a task of `n` samples took `took` ms. A quicker task lowers it at
-    /// once (to the smaller of the two sizes); a slower one of no more samples raises it a
-    /// fifth of the way (one pause must not price a worker out) and applies from its size;
-    /// a larger and slower task tells nothing new.
-    pub fn after(self, took: f64, n: usize) -> Floor {
+    /// The floor after a task of `n` samples (`probe`: a copy of another's part; else a
+    /// part of its own, which counts as 1 sample: it bounds every size) took `took` ms. A
+    /// quicker task lowers it at once (applying from the smaller of the two sizes); a slower
+    /// one of no more samples raises it a fifth of the way (one pause must not price a
+    /// worker out) and applies from its size; a larger and slower task tells nothing new.
+    pub fn after(floor: Option<Floor>, took: f64, n: usize, probe: bool) -> Floor {
+        let n = if probe { n } else { 1 };
+        let Some(f) = floor else {
+            return Floor {
+                ms: took,
+                samples: n,
+            };
+        };
+        f.lowered_or_raised(took, n)
+    }
+
+    fn lowered_or_raised(self, took: f64, n: usize) -> Floor {
         if took <= self.ms {
             Floor {
                 ms: took,
@@ -170,9 +183,17 @@ impl Members {
 
     /// Marks `conn` busy with `task` of `samples` samples sent at `now`, to be given up on
     /// at `until`.
-    pub fn set_busy(&mut self, conn: u64, task: u64, samples: usize, now: Instant, until: Instant) {
+    pub fn set_busy(
+        &mut self,
+        conn: u64,
+        task: u64,
+        sent: (usize, bool),
+        now: Instant,
+        until: Instant,
+    ) {
+        let (samples, probe) = sent;
         if let Some(m) = self.by_conn.get_mut(&conn) {
-            m.task_sent = Some((now, samples));
+            m.task_sent = Some((now, samples, probe));
             if let Some(t) = m.busy_until.replace(until) {
                 self.hung.remove(&(t, conn));
             }
@@ -205,7 +226,7 @@ impl Members {
         if m.answers == 1 && m.ms_per_sample.is_none() {
             return;
         }
-        if let Some((sent, n)) = m.task_sent {
+        if let Some((sent, n, probe)) = m.task_sent {
             let took = now.saturating_duration_since(sent).as_secs_f64() * 1000.0;
             let per = took / n.max(1) as f64;
             // Noise mostly adds time: a faster measurement moves the estimate half way, a
@@ -218,13 +239,7 @@ impl Members {
                     0.7 * o + 0.3 * per.min(2.0 * o)
                 }
             });
-            let floor = m.floor.map_or(
-                Floor {
-                    ms: took,
-                    samples: n,
-                },
-                |f| f.after(took, n),
-            );
+            let floor = Floor::after(m.floor, took, n, probe);
             m.ms_per_sample = Some(ms);
             m.floor = Some(floor);
             m.measured_at = Some(now);

@@ -592,37 +592,24 @@ fn pace_keeps_slow_workers_off_the_critical_path() {
 }
 
 #[test]
-fn a_floor_bounds_tasks_at_least_as_large_as_its_own() {
+fn a_probe_s_floor_bounds_tasks_at_least_as_large_as_the_probe() {
     let f = Floor {
         ms: 100.0,
         samples: 32,
     };
     assert_eq!((f.under(32), f.under(64), f.under(31)), (100.0, 100.0, 0.0));
+    let probe = |took, n| Floor::after(Some(f), took, n, true);
+    let floor = |ms, samples| Floor { ms, samples };
     // Quicker: lower at once, at the smaller size.
-    assert_eq!(
-        f.after(60.0, 64),
-        Floor {
-            ms: 60.0,
-            samples: 32
-        }
-    );
-    assert_eq!(
-        f.after(60.0, 8),
-        Floor {
-            ms: 60.0,
-            samples: 8
-        }
-    );
+    assert_eq!(probe(60.0, 64), floor(60.0, 32));
+    assert_eq!(probe(60.0, 8), floor(60.0, 8));
     // Slower on a task no larger: a fifth of the way up, from that size.
-    assert_eq!(
-        f.after(200.0, 16),
-        Floor {
-            ms: 120.0,
-            samples: 16
-        }
-    );
+    assert_eq!(probe(200.0, 16), floor(120.0, 16));
     // Slower on a larger task: nothing new.
-    assert_eq!(f.after(200.0, 64), f);
+    assert_eq!(probe(200.0, 64), f);
+    // A part of its own bounds every size.
+    assert_eq!(Floor::after(None, 50.0, 64, false), floor(50.0, 1));
+    assert_eq!(Floor::after(Some(f), 200.0, 64, false), floor(120.0, 1));
 }
 
 #[test]
