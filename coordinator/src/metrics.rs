@@ -117,6 +117,20 @@ impl Metrics {
     }
 }
 
+/// CPU seconds (user + system) this process has used since it started (`getrusage(2)`,
+/// `RUSAGE_SELF`: every thread, the checkers included); NaN if the call fails.
+pub fn process_cpu_s() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `rusage` into the buffer it is given, which is large enough.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } != 0 {
+        return f64::NAN;
+    }
+    // SAFETY: initialised by the successful call above (and zeroed before).
+    let ru = unsafe { ru.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

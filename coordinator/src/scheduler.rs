@@ -1194,7 +1194,8 @@ impl Scheduler {
         let (bin, bout) = self.traffic.get();
         let c = &self.counts;
         let step = self.step();
-        let mut summary = json!({"steps": step, "batches": self.meta.batches_done, "wall_s": self.metrics.wall_s(), "bytes_in": bin, "bytes_out": bout,
+        let mut summary = json!({"steps": step, "batches": self.meta.batches_done, "wall_s": self.metrics.wall_s(),
+                   "cpu_s": crate::metrics::process_cpu_s(), "bytes_in": bin, "bytes_out": bout,
                    "workers_seen": self.workers_seen(), "tasks_sent": c.tasks_sent,
                    "tasks_ok": c.tasks_ok, "rejected": c.rejected, "uplink_ratio": c.uplink_ratio(), "reassigned": c.reassigned,
                    "checks": c.checks, "checks_passed": c.passed, "cheats_caught": c.caught, "checks_abandoned": c.abandoned,

@@ -126,20 +126,6 @@ pub fn run(s: &Settings) -> Result<()> {
     Ok(())
 }
 
-/// CPU seconds (user + system) this process has used.
-fn cpu_seconds() -> f64 {
-    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a `rusage` into the buffer it is given, which is large enough.
-    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) } == 0;
-    if !ok {
-        return f64::NAN;
-    }
-    // SAFETY: initialised by the successful call above (and zeroed before).
-    let ru = unsafe { ru.assume_init() };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    secs(ru.ru_utime) + secs(ru.ru_stime)
-}
-
 /// The flooder: runs until killed.
 pub fn flooder(join: &str, conns_per_s: u64, udp_per_s: u64) -> Result<()> {
     let ticket: JoinTicket = join.parse().context("--join")?;
@@ -206,7 +192,7 @@ pub fn flooder(join: &str, conns_per_s: u64, udp_per_s: u64) -> Result<()> {
                 attempts.load(Ordering::Relaxed),
                 handshakes.load(Ordering::Relaxed),
                 datagrams.load(Ordering::Relaxed),
-                cpu_seconds()
+                coordinator::metrics::process_cpu_s()
             );
         }
     })

@@ -37,6 +37,10 @@ struct Row {
     wall_s: f64,
     acc: f64,
     slow_share: f64,
+    /// The coordinator's CPU seconds.
+    coord_cpu_s: f64,
+    /// The machine's busy CPU seconds during the run (every process).
+    machine_cpu_s: f64,
 }
 
 /// The share of samples computed by workers other than `w0` (the fast one; names are
@@ -115,6 +119,8 @@ pub fn run(s: &Settings) -> Result<()> {
             wall_s: sum["wall_s"].as_f64().unwrap_or(f64::NAN),
             acc: sum["final_test_acc"].as_f64().unwrap_or(f64::NAN),
             slow_share: slow_share(&r),
+            coord_cpu_s: sum["cpu_s"].as_f64().unwrap_or(f64::NAN),
+            machine_cpu_s: r.machine_cpu_s,
         };
         tracing::info!(run = %row.label, wall_s = row.wall_s, acc = row.acc, share = row.slow_share, "done");
         rows.push(row);
@@ -125,18 +131,19 @@ pub fn run(s: &Settings) -> Result<()> {
     let mut csv = std::fs::File::create(s.out.join("stragglers.csv"))?;
     writeln!(
         csv,
-        "run,slow_workers,slowdown,wall_s,vs_alone,test_acc,acc_diff_points,slow_share"
+        "run,slow_workers,slowdown,wall_s,vs_alone,test_acc,acc_diff_points,slow_share,coordinator_cpu_s,machine_cpu_s"
     )?;
     let mut md = format!(
         "{}, global batch {}, {} global batches, one fast honest worker (`experiments stragglers{}`); \
-         times against the mean of the two runs alone ({alone:.1} s).\n\n\
-         | run | wall | vs alone | test accuracy | vs alone (points) | slow workers' share of samples |\n|---|---:|---:|---:|---:|---:|\n",
+         times against the mean of the two runs alone ({alone:.1} s); CPU: the coordinator's, and the whole \
+         machine's (every process) while the run went on.\n\n\
+         | run | wall | vs alone | test accuracy | vs alone (points) | slow workers' share of samples | coordinator CPU | machine CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
         s.model.to_uppercase(), s.batch, s.steps, s.args
     );
     for r in &rows {
         writeln!(
             csv,
-            "{},{},{},{:.2},{:.3},{:.4},{:.2},{:.4}",
+            "{},{},{},{:.2},{:.3},{:.4},{:.2},{:.4},{:.2},{:.2}",
             r.label,
             r.slow,
             r.factor,
@@ -144,16 +151,20 @@ pub fn run(s: &Settings) -> Result<()> {
             r.wall_s / alone,
             r.acc,
             100.0 * (r.acc - alone_acc),
-            r.slow_share
+            r.slow_share,
+            r.coord_cpu_s,
+            r.machine_cpu_s
         )?;
         md.push_str(&format!(
-            "| {} | {:.1} s | {:.2}x | {:.4} | {:+.2} | {:.1}% |\n",
+            "| {} | {:.1} s | {:.2}x | {:.4} | {:+.2} | {:.1}% | {:.1} s | {:.1} s |\n",
             r.label,
             r.wall_s,
             r.wall_s / alone,
             r.acc,
             100.0 * (r.acc - alone_acc),
-            100.0 * r.slow_share
+            100.0 * r.slow_share,
+            r.coord_cpu_s,
+            r.machine_cpu_s
         ));
     }
     std::fs::write(s.out.join("stragglers.md"), &md)?;

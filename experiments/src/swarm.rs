@@ -27,6 +27,9 @@ pub struct Finished {
     pub dir: PathBuf,
     /// Every event.
     pub events: Vec<Value>,
+    /// CPU seconds the whole machine was busy (every process) while the run went on, from
+    /// `/proc/stat`; NaN where that file is missing.
+    pub machine_cpu_s: f64,
 }
 
 impl Finished {
@@ -70,6 +73,7 @@ pub fn run(
     std::fs::create_dir_all(dir)?;
     let dir = std::path::absolute(dir)?;
     std::fs::write(dir.join("run.toml"), config)?;
+    let busy_before = machine_busy_s();
     let (mut procs, join) = start_coordinator(&dir)?;
     for (i, extra) in workers.iter().enumerate() {
         procs.0.push(
@@ -111,6 +115,7 @@ pub fn run(
         );
     }
     let status = procs.0[0].wait()?;
+    let machine_cpu_s = machine_busy_s() - busy_before;
     drop(procs);
     if !status.success() {
         bail!("coordinator failed; see {}", dir.display());
@@ -119,7 +124,37 @@ pub fn run(
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    Ok(Finished { dir, events })
+    Ok(Finished {
+        dir,
+        events,
+        machine_cpu_s,
+    })
+}
+
+/// Seconds of CPU time this machine has spent busy since boot, over all cores (the `cpu`
+/// line of `/proc/stat`: user, nice, system, irq, softirq and steal, in clock ticks of
+/// `sysconf(_SC_CLK_TCK)`); NaN where the file cannot be read.
+pub fn machine_busy_s() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return f64::NAN;
+    };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return f64::NAN;
+    };
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    // SAFETY: sysconf only reads a configuration value.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    if tick > 0.0 {
+        busy / tick
+    } else {
+        f64::NAN
+    }
 }
 
 /// Starts a coordinator on `dir/run.toml` (its `output_dir` must be `out`), logging to
