@@ -19,7 +19,8 @@
 //! depend on arrival order.
 //!
 //! Work per event is O(log N) in the connected workers (indexes: idle workers by key,
-//! attempts by task id, deadline heaps); only a round's start looks at every idle worker.
+//! attempts by task id, deadline heaps); a round's start looks at every idle worker, and so
+//! does a dispatch after the round's parts or attempts changed while a part had no taker.
 
 pub mod discipline;
 pub mod members;
@@ -267,8 +268,8 @@ enum State<P> {
 }
 
 /// How much slower than the round's target a worker's predicted time may be: a worker joins
-/// the critical path only if even its smallest part (one sample per inner batch) would take
-/// at most `PACE_MARGIN` times the round's time. Wide enough that equal workers measured
+/// the critical path only if its share (at least one sample per inner batch, and at least
+/// its floor where that applies) would take at most `PACE_MARGIN` times the round's time. Wide enough that equal workers measured
 /// through the noise of a shared machine all stay on the path.
 const PACE_MARGIN: f64 = 3.0;
 /// Balancer weights below the largest by more than this factor take a worker off the path.
@@ -405,9 +406,12 @@ impl<P: Clone, B: Batches> Core<P, B> {
     /// disputed (those workers get no new work meanwhile).
     pub fn set_checks(&mut self, now: Instant, backlog: usize, disputed: HashSet<WorkerId>) {
         self.backlog = backlog;
+        // A worker no longer disputed may take parts it could not (the driver calls this
+        // after every event: only a shrinking set forgets a fruitless dispatch).
+        if self.disputed.iter().any(|w| !disputed.contains(w)) {
+            self.fruitless = None;
+        }
         self.disputed = disputed;
-        // A worker no longer disputed may take parts it could not.
-        self.fruitless = None;
         self.progress(now);
     }
 
@@ -667,6 +671,8 @@ impl<P: Clone, B: Batches> Core<P, B> {
                 .count()
                 < need
         {
+            // Gathering starts again once the first round has its workers back.
+            self.gather_until = None;
             return;
         }
         if !self.started && !self.cfg.start_gather.is_zero() {

@@ -932,11 +932,25 @@ fn the_first_round_gathers_the_workers_that_start_together() {
         Some(h.t0 + Duration::from_secs(1)),
         "woken when gathering ends"
     );
-    h.at(300);
+    // The only worker leaves and comes back: gathering starts again, and no wake-up is
+    // left in the past meanwhile.
+    h.at(200);
+    h.input(Input::Left {
+        conn: 1,
+        reason: "gone".into(),
+        offence: false,
+    });
+    h.at(1500);
+    assert!(
+        h.core.poll_timeout().is_none_or(|t| t > h.now),
+        "no busy loop"
+    );
+    h.join(1, w(1));
+    h.at(1800);
     h.join(2, w(2));
-    h.at(999);
+    h.at(2499);
     assert!(h.sent.is_empty());
-    h.at(1000);
+    h.at(2500);
     let parts: Vec<(u64, usize)> = h.sent.iter().map(|(c, t)| (*c, t.part)).collect();
     assert_eq!(parts, vec![(1, 0), (2, 1)], "one round over both");
     // Later rounds start at once.
