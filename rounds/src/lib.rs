@@ -269,8 +269,9 @@ enum State<P> {
 
 /// How much slower than the round's target a worker's predicted time may be: a worker joins
 /// the critical path only if its share (at least one sample per inner batch, and at least
-/// its floor where that applies) would take at most `PACE_MARGIN` times the round's time. Wide enough that equal workers measured
-/// through the noise of a shared machine all stay on the path.
+/// its floor where that applies) would take at most `PACE_MARGIN` times the round's time.
+/// Wide enough that equal workers measured through the noise of a shared machine all stay
+/// on the path.
 const PACE_MARGIN: f64 = 3.0;
 /// Balancer weights below the largest by more than this factor take a worker off the path.
 const MIN_SHARE_RATIO: f64 = 8.0;
@@ -1142,8 +1143,7 @@ pub struct Speed {
 /// they go off the path (probes). Measured ones join fastest first while their part fits the
 /// round's time with them, `with = samples / sum(1/ms)`: with `share = samples * (1/ms) /
 /// sum(1/ms)` (at least `min_part`), `max(share * ms, floor under share) <= PACE_MARGIN *
-/// with`. Shares then follow
-/// speed, so those taken finish together: synchronous SGD with backup workers dropped (Chen
+/// with`. Shares then follow speed, so those taken finish together: synchronous SGD with backup workers dropped (Chen
 /// et al., 2016, "Revisiting Distributed Synchronous SGD") decided before the round instead
 /// of after it. Returns the indices taken, in input order, and the round's target time.
 pub fn pace(

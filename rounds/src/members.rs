@@ -55,7 +55,7 @@ impl Member {
 pub struct Floor {
     /// Milliseconds.
     pub ms: f64,
-    /// Samples of the task it was measured on.
+    /// The smallest task, in samples, it bounds.
     pub samples: usize,
 }
 
@@ -76,28 +76,20 @@ impl Floor {
     /// worker out) and applies from its size; a larger and slower task tells nothing new.
     pub fn after(floor: Option<Floor>, took: f64, n: usize, probe: bool) -> Floor {
         let n = if probe { n } else { 1 };
-        let Some(f) = floor else {
-            return Floor {
+        match floor {
+            Some(f) if took > f.ms && n > f.samples => f,
+            Some(f) if took > f.ms => Floor {
+                ms: f.ms + 0.2 * (took - f.ms),
+                samples: n,
+            },
+            Some(f) => Floor {
+                ms: took,
+                samples: n.min(f.samples),
+            },
+            None => Floor {
                 ms: took,
                 samples: n,
-            };
-        };
-        f.lowered_or_raised(took, n)
-    }
-
-    fn lowered_or_raised(self, took: f64, n: usize) -> Floor {
-        if took <= self.ms {
-            Floor {
-                ms: took,
-                samples: n.min(self.samples),
-            }
-        } else if n <= self.samples {
-            Floor {
-                ms: self.ms + 0.2 * (took - self.ms),
-                samples: n,
-            }
-        } else {
-            self
+            },
         }
     }
 }
