@@ -51,3 +51,6 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	bash scripts/fuzz.sh $(FUZZ_SECONDS)
+
+fmt:
+	$(CARGO) fmt --all
