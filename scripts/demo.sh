@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job: a coordinator and 4 workers (separate processes) on loopback train the CNN on
-# Fashion-MNIST for 2 epochs. Output in runs/demo: metrics.jsonl, checkpoint.bin,
+# Fashion-MNIST for 2 epochs. The workers start as a volunteer's does: no data folder and an
+# empty cache each, so they download the training set from the coordinator (verified group by
+# group) before they train. Output in runs/demo: metrics.jsonl, checkpoint.bin,
 # model.safetensors, and the processes' logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,7 @@ join=$(cat "$OUT/join.txt")
 echo "join string: $join"
 for i in $(seq 1 "$WORKERS"); do
     "$BIN/worker" --join "$join" --threads 1 --device cpu --name "demo-$i" \
-        --key "$OUT/keys/worker-$i.key" 2>"$OUT/worker-$i.log" &
+        --key "$OUT/keys/worker-$i.key" --cache-dir "$OUT/cache-$i" 2>"$OUT/worker-$i.log" &
     pids+=($!)
 done
 wait "$coord"
@@ -32,6 +34,8 @@ pids=()
 echo
 echo "== evaluations (runs/demo/metrics.jsonl)"
 grep '"event":"eval"' "$OUT/metrics.jsonl"
+echo "== data served to the workers"
+grep '"event":"data_served"' "$OUT/metrics.jsonl" || true
 echo "== summary"
 grep '"event":"summary"' "$OUT/metrics.jsonl"
 python3 - "$OUT/metrics.jsonl" <<'PY'

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo-lm`: byte-level shards of Debian's fortunes, then a coordinator and 4 workers
 # (separate processes) on loopback train a small Llama-style model with DiLoCo rounds and an
-# int8 uplink. Prints the validation loss curve. Output in runs/demo-lm.
+# int8 uplink. The workers fetch the shards from the coordinator into empty caches. Prints the
+# validation loss curve. Output in runs/demo-lm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release
@@ -27,7 +28,7 @@ join=$(cat "$OUT/join.txt")
 echo "join string: $join"
 for i in $(seq 1 "$WORKERS"); do
     "$BIN/worker" --join "$join" --threads 1 --device cpu --name "lm-$i" \
-        --data-dir "$SHARDS" --key "$OUT/keys/worker-$i.key" 2>"$OUT/worker-$i.log" &
+        --cache-dir "$OUT/cache-$i" --key "$OUT/keys/worker-$i.key" 2>"$OUT/worker-$i.log" &
     pids+=($!)
 done
 wait "$coord"

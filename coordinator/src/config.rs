@@ -56,6 +56,11 @@ pub struct RunConfig {
     #[cfg(feature = "test-hooks")]
     #[serde(skip)]
     pub test_crash_after_logging: Option<u64>,
+    /// TEST ONLY (cargo feature `test-hooks`; `coordinator run --test-corrupt-data N`, never
+    /// from a file): flip one byte in each of the first N group replies of data streams.
+    #[cfg(feature = "test-hooks")]
+    #[serde(skip)]
+    pub test_corrupt_data: u64,
     /// The coordinator program, which re-executes a result in a worker's compute class
     /// (`coordinator recheck`); set by `coordinator run`, never from a file. `None`: results
     /// of classes that fail the cross-class comparison are dropped, nobody is accused.
@@ -179,6 +184,11 @@ pub struct DataSection {
     pub seq_len: usize,
     /// Use only the first N training samples (0: all); handy for quick runs.
     pub train_limit: usize,
+    /// Most megabits per second the coordinator spends serving data files to workers, over
+    /// all of them together.
+    pub serve_max_mbps: f64,
+    /// Most data-file uploads in flight at once, over all workers (further requests wait).
+    pub serve_max_streams: usize,
 }
 
 impl Default for DataSection {
@@ -188,6 +198,8 @@ impl Default for DataSection {
             shards: None,
             seq_len: 128,
             train_limit: 0,
+            serve_max_mbps: 200.0,
+            serve_max_streams: 4,
         }
     }
 }
@@ -562,6 +574,13 @@ impl RunConfig {
             && (0.0..=3600.0).contains(&self.run.start_gather_s))
         {
             return bad("run.start_gather_s must be in [0, 3600] seconds".into());
+        }
+        let d = &self.data;
+        if !(d.serve_max_mbps.is_finite() && (1.0..=100_000.0).contains(&d.serve_max_mbps)) {
+            return bad("data.serve_max_mbps must be in [1, 100000] megabits per second".into());
+        }
+        if !(1..=256).contains(&d.serve_max_streams) {
+            return bad("data.serve_max_streams must be in 1..=256".into());
         }
         if !(1..=10_000).contains(&self.training.local_steps) {
             return bad("training.local_steps must be in 1..=10000".into());

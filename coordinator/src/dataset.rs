@@ -22,6 +22,9 @@ pub struct RunData {
     pub seq_len: u32,
     /// The tokenizer file to ship with the exported model, when the shards have one.
     pub tokenizer: Option<PathBuf>,
+    /// The files a worker loads the training set from, by the names its loader expects:
+    /// what the coordinator serves to workers that do not hold them.
+    pub files: Vec<(String, PathBuf)>,
 }
 
 /// Loads and checks the data the config names for `spec` (shard hashes, token ids below
@@ -37,12 +40,17 @@ pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
             let (train, val) = TokenWindows::load(dir, cfg.data.seq_len, c.vocab_size)
                 .with_context(|| format!("loading the token shards in {}", dir.display()))?;
             let manifest = Manifest::load(dir)?;
+            let files = std::iter::once(trainer::tokens::MANIFEST.to_string())
+                .chain(manifest.train.iter().map(|s| s.file.clone()))
+                .map(|f| (f.clone(), dir.join(f)))
+                .collect();
             Ok(RunData {
                 train: TrainData::Tokens(train),
                 test: TrainData::Tokens(val),
                 name: "tokens",
                 seq_len: cfg.data.seq_len as u32,
                 tokenizer: manifest.tokenizer.file.map(|f| dir.join(f)),
+                files,
             })
         }
         ModelSpec::Cnn | ModelSpec::Mlp => {
@@ -54,6 +62,10 @@ pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
                 name: "fashion-mnist",
                 seq_len: 0,
                 tokenizer: None,
+                files: trainer::data::idx_files("train")
+                    .into_iter()
+                    .map(|f| (f.clone(), cfg.data.dir.join(f)))
+                    .collect(),
             })
         }
     }

@@ -13,6 +13,7 @@
 
 pub mod checks;
 pub mod config;
+pub mod data_server;
 pub mod dataset;
 pub mod downlink;
 pub mod ledger;
@@ -137,6 +138,13 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
         keep_alive: Duration::from_secs_f64((cfg.network.idle_timeout_s / 3.0).min(5.0)),
         ..Default::default()
     };
+    let served = data_server::DataServer::open(
+        &data.files,
+        cfg.data.serve_max_mbps,
+        cfg.data.serve_max_streams,
+    )?;
+    #[cfg(feature = "test-hooks")]
+    served.corrupt_next(cfg.test_corrupt_data);
     let endpoint = bind(&cfg, &dir, &mut identity, &limits)?;
     let bound = endpoint.local_addr()?;
     let welcome = Welcome {
@@ -146,6 +154,7 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
         dataset: data.name.into(),
         dataset_digest: data.train.digest(),
         seq_len: data.seq_len,
+        data_files: served.files().to_vec(),
         codec: cfg.compression.clone(),
         deterministic_threads: cfg.workers.deterministic_threads,
         portable: cfg.workers.portable,
@@ -202,6 +211,7 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
         limits,
         traffic.clone(),
         banned.clone(),
+        Arc::new(served),
     ));
     let accept = tokio::spawn(server::accept_loop(endpoint.clone(), ctx));
     let stop_tx = tx.clone();

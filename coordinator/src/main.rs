@@ -27,6 +27,11 @@ enum Cmd {
         #[cfg(feature = "test-hooks")]
         #[arg(long)]
         test_crash_after_logging: Option<u64>,
+        /// TEST ONLY (cargo feature `test-hooks`): flip one byte in each of the first N
+        /// group replies of the data streams.
+        #[cfg(feature = "test-hooks")]
+        #[arg(long, default_value_t = 0)]
+        test_corrupt_data: u64,
     },
     /// Check a config file and print it with all defaults filled in.
     Check {
@@ -80,11 +85,14 @@ fn main() -> Result<()> {
             steps,
             #[cfg(feature = "test-hooks")]
             test_crash_after_logging,
+            #[cfg(feature = "test-hooks")]
+            test_corrupt_data,
         } => {
             let mut cfg = coordinator::RunConfig::load(&config)?;
             #[cfg(feature = "test-hooks")]
             {
                 cfg.test_crash_after_logging = test_crash_after_logging;
+                cfg.test_corrupt_data = test_corrupt_data;
             }
             cfg.recheck_exe = std::env::current_exe().ok();
             if steps.is_some() {

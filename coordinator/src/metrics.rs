@@ -16,6 +16,8 @@ pub struct Traffic {
     pub bytes_in: AtomicU64,
     /// Bytes sent.
     pub bytes_out: AtomicU64,
+    /// Bytes of data files sent on data streams (not in `bytes_out`).
+    pub data_out: AtomicU64,
 }
 
 impl Traffic {
@@ -26,6 +28,14 @@ impl Traffic {
     /// Counts `n` sent bytes.
     pub fn add_out(&self, n: u64) {
         self.bytes_out.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Counts `n` bytes of data files sent.
+    pub fn add_data(&self, n: u64) {
+        self.data_out.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Bytes of data files sent.
+    pub fn data(&self) -> u64 {
+        self.data_out.load(Ordering::Relaxed)
     }
     /// (received, sent).
     pub fn get(&self) -> (u64, u64) {

@@ -604,7 +604,8 @@ impl Scheduler {
                     self.metrics.emit(
                         "worker_left",
                         json!({"conn": conn, "worker": c.id.to_string(), "name": c.name, "reason": reason,
-                               "tasks_ok": tasks_ok, "bytes_in": bin, "bytes_out": bout, "step": self.step()}),
+                               "tasks_ok": tasks_ok, "bytes_in": bin, "bytes_out": bout,
+                               "data_served": c.traffic.data(), "step": self.step()}),
                     );
                 }
                 self.core.handle(
@@ -663,8 +664,8 @@ impl Scheduler {
                         self.act(outs)?;
                     }
                 }
-                // The connection task refuses a second Hello before it gets here.
-                ToCoordinator::Hello(_) => {}
+                // The connection task refuses a second Hello or Ready before it gets here.
+                ToCoordinator::Hello(_) | ToCoordinator::Ready => {}
             },
         }
         Ok(true)
@@ -691,6 +692,13 @@ impl Scheduler {
             json!({"conn": j.conn, "worker": j.worker.to_string(), "name": j.name, "step": self.step(),
                    "class": class, "class_label": class.label(), "same_class_as_checks": same_class}),
         );
+        if j.data_served > 0 {
+            self.metrics.emit(
+                "data_served",
+                json!({"conn": j.conn, "worker": j.worker.to_string(), "name": j.name,
+                       "bytes": j.data_served, "step": self.step()}),
+            );
+        }
         let bitwise = match self.cfg.verification.mode {
             CheckMode::Bitwise => true,
             CheckMode::Tolerance => false,

@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 use verify::WorkerId;
 
+use crate::data_server::{ConnData, DataServer};
 use crate::metrics::Traffic;
 
 /// A worker that completed the handshake.
@@ -32,6 +33,8 @@ pub struct Joined {
     pub tx: UnboundedSender<Outgoing>,
     /// Its traffic counters.
     pub traffic: Arc<Traffic>,
+    /// Bytes of data files it fetched before it was ready.
+    pub data_served: u64,
 }
 
 /// What the connection tasks and the checker thread tell the scheduler.
@@ -108,6 +111,8 @@ pub struct ServerCtx {
     pub traffic: Arc<Traffic>,
     /// Identities refused at the handshake.
     pub banned: Arc<RwLock<HashSet<WorkerId>>>,
+    /// The data files served to workers.
+    pub data: Arc<DataServer>,
     handshakes: Arc<Semaphore>,
     next_conn: AtomicU64,
     live: AtomicUsize,
@@ -122,11 +127,13 @@ impl ServerCtx {
         limits: ConnLimits,
         traffic: Arc<Traffic>,
         banned: Arc<RwLock<HashSet<WorkerId>>>,
+        data: Arc<DataServer>,
     ) -> Self {
         ServerCtx {
             secret,
             welcome,
             events,
+            data,
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
             limits,
             traffic,
@@ -137,37 +144,45 @@ impl ServerCtx {
     }
 }
 
-/// A token bucket: `rate` tokens a second, holding at most `2 * rate`.
-struct Bucket {
+/// A token bucket: `rate` tokens a second, holding at most `cap` (`2 * rate` unless
+/// made with [`Bucket::with_cap`]).
+pub(crate) struct Bucket {
     rate: f64,
+    cap: f64,
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
-    fn new(rate: f64) -> Self {
+    pub(crate) fn new(rate: f64) -> Self {
+        Self::with_cap(rate, 2.0 * rate)
+    }
+
+    /// A bucket that starts full, holding at most `cap` tokens.
+    pub(crate) fn with_cap(rate: f64, cap: f64) -> Self {
         Bucket {
             rate,
-            tokens: 2.0 * rate,
+            cap,
+            tokens: cap,
             at: Instant::now(),
         }
     }
 
     fn refill(&mut self) {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
-            .min(2.0 * self.rate);
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.cap);
         self.at = now;
     }
 
     /// Whether the bucket is full (nothing to remember about its owner).
     fn full(&mut self) -> bool {
         self.refill();
-        self.tokens >= 2.0 * self.rate
+        self.tokens >= self.cap
     }
 
     /// Takes one token if there is one.
-    fn try_take(&mut self) -> bool {
+    pub(crate) fn try_take(&mut self) -> bool {
         self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -178,7 +193,7 @@ impl Bucket {
     }
 
     /// Takes `n` tokens; returns how long to wait before going on (zero when they were there).
-    fn take(&mut self, n: f64) -> Duration {
+    pub(crate) fn take(&mut self, n: f64) -> Duration {
         self.refill();
         self.tokens -= n;
         if self.tokens >= 0.0 {
@@ -328,6 +343,7 @@ async fn serve(
         class.device.chars().take(16).collect::<String>()
     );
     let traffic = Arc::new(Traffic::default());
+    let offence: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let welcome = ToWorker::Welcome(ctx.welcome.clone());
     let result = async {
         let n = write_frame(&mut send, &welcome, u64::MAX)
@@ -335,8 +351,29 @@ async fn serve(
             .map_err(|e| e.to_string())?;
         ctx.traffic.add_out(n + 8);
         traffic.add_out(n + 8);
+        let data = tokio::spawn(data_loop(
+            conn.clone(),
+            ctx.data.clone(),
+            ctx.traffic.clone(),
+            traffic.clone(),
+            offence.clone(),
+        ));
+        let _stop_data = AbortOnDrop(data);
+        // Until it holds the data, the worker only fetches; then it says it is ready.
+        match read_frame::<_, ToCoordinator>(&mut recv, 1024).await {
+            Ok((ToCoordinator::Ready, n)) => traffic.add_in(n),
+            Ok(_) => {
+                conn.close(close::PROTOCOL.into(), b"expected Ready");
+                return Ok(Ended {
+                    reason: "protocol error: expected Ready".into(),
+                    offence: true,
+                });
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        let data_served = traffic.data();
         let (tx, rx) = unbounded_channel();
-        info!(worker = %hello.worker_id.short(), %name, "worker joined");
+        info!(worker = %hello.worker_id.short(), %name, data_served, "worker joined");
         ctx.events
             .send(Event::Joined(Box::new(Joined {
                 conn: conn_no,
@@ -345,6 +382,7 @@ async fn serve(
                 class,
                 tx,
                 traffic: traffic.clone(),
+                data_served,
             })))
             .map_err(|_| "scheduler gone".to_string())?;
         let writer = tokio::spawn(write_loop(
@@ -360,10 +398,16 @@ async fn serve(
     }
     .await;
     ctx.live.fetch_sub(1, Ordering::SeqCst);
-    let ended = result.unwrap_or_else(|reason| Ended {
+    let mut ended = result.unwrap_or_else(|reason| Ended {
         reason,
         offence: false,
     });
+    if let Some(reason) = offence.lock().ok().and_then(|mut o| o.take()) {
+        ended = Ended {
+            reason,
+            offence: true,
+        };
+    }
     info!("worker left: {}", ended.reason);
     let _ = ctx.events.send(Event::Left {
         conn: conn_no,
@@ -371,6 +415,52 @@ async fn serve(
         offence: ended.offence,
     });
     Err(ended.reason)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves the data streams of one connection, one task per stream (at most
+/// [`proto::DATA_STREAMS`] at once: QUIC's stream limit). A refused request closes the
+/// connection as a protocol offence, recorded in `offence`.
+async fn data_loop(
+    conn: quinn::Connection,
+    data: Arc<DataServer>,
+    total: Arc<Traffic>,
+    mine: Arc<Traffic>,
+    offence: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let state = Arc::new(std::sync::Mutex::new(ConnData::default()));
+    let mut streams = tokio::task::JoinSet::new();
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let (data, state, total, mine) = (data.clone(), state.clone(), total.clone(), mine.clone());
+        let (conn, offence) = (conn.clone(), offence.clone());
+        streams.spawn(async move {
+            match data.serve_stream(send, recv, &state).await {
+                Ok(n) => {
+                    total.add_data(n);
+                    mine.add_data(n);
+                }
+                Err(r) => {
+                    let reason = format!("data request refused: {}", r.reason);
+                    warn!("{reason}");
+                    if let Ok(mut o) = offence.lock() {
+                        o.get_or_insert(reason.clone());
+                    }
+                    // Let the refusal reach the worker before the close overtakes it.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    conn.close(close::PROTOCOL.into(), reason.as_bytes());
+                }
+            }
+        });
+        while streams.try_join_next().is_some() {}
+    }
 }
 
 /// How a connection ended.
@@ -410,6 +500,9 @@ async fn read_loop(
         match read_frame::<_, ToCoordinator>(recv, ctx.limits.max_frame).await {
             Ok((ToCoordinator::Hello(_), _)) => {
                 return offence("protocol error: second Hello".into());
+            }
+            Ok((ToCoordinator::Ready, _)) => {
+                return offence("protocol error: second Ready".into());
             }
             Ok((msg, n)) => {
                 ctx.traffic.add_in(n);

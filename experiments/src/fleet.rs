@@ -94,6 +94,7 @@ fn one(dir: &Path, n: usize, rounds: u64) -> Result<Row> {
             Command::new(swarm::sibling("worker")?)
                 .args(["--join", &join, "--threads", "1", "--device", "cpu"])
                 .args(["--retry-for", "120", "--name", &format!("w{i}")])
+                .args(swarm::local_data(&[]))
                 .arg("--key")
                 .arg(dir.join(format!("w{i}.key")))
                 .stdout(Stdio::null())

@@ -100,9 +100,11 @@ pub fn run(s: &Settings) -> Result<()> {
             let script = format!(
                 "sleep 5; mkdir -p {k}; for i in $(seq 1 20); do {w} --join '{{join}}' --threads 1 \
                  --device cpu --retry-for 5 --name s$i --key {k}/s$i.key --test-slowdown {factor} \
+                 --data-dir {d} \
                  >/dev/null 2>&1 & done; wait",
                 k = keys.display(),
                 w = worker.display(),
+                d = trainer::data::DEFAULT_DIR,
             );
             sidecars.push(vec!["bash".to_string(), "-c".to_string(), script]);
         } else {

@@ -8,6 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+/// Debian's Fashion-MNIST as the worker's `--data-dir` unless `extra` gives one, so a
+/// worker of an image run downloads nothing.
+pub fn local_data(extra: &[String]) -> Vec<String> {
+    if extra.iter().any(|a| a == "--data-dir") {
+        Vec::new()
+    } else {
+        vec!["--data-dir".into(), trainer::data::DEFAULT_DIR.into()]
+    }
+}
+
 /// Path of a binary of this workspace next to the running one.
 pub fn sibling(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -91,6 +101,7 @@ pub fn run(
                 .args(["--name", &format!("w{i}")])
                 .arg("--key")
                 .arg(dir.join(format!("w{i}.key")))
+                .args(local_data(extra))
                 .args(extra.iter().filter(|a| !a.starts_with("env:")))
                 .envs(
                     extra

@@ -33,13 +33,16 @@ pub struct Welcome {
     /// Number of parameters of the model.
     pub n_params: u64,
     /// Dataset kind: `fashion-mnist` (IDX files) or `tokens` (token shards with a
-    /// manifest); the worker loads it from its own data directory.
+    /// manifest).
     pub dataset: String,
     /// blake3 digest of the training samples the worker must hold (for tokens: the shards'
     /// digests and `seq_len`).
     pub dataset_digest: [u8; 32],
     /// Input tokens per sample of a `tokens` data set (0 for images).
     pub seq_len: u32,
+    /// The files a worker loads the training set from (at most [`MAX_DATA_FILES`]), served
+    /// on data streams ([`DataRequest`]) to workers that do not hold them.
+    pub data_files: Vec<DataFile>,
     /// How the worker encodes its updates.
     pub codec: CodecConfig,
     /// Compute threads the worker must use in deterministic mode (`None`: its own choice).
@@ -226,5 +229,68 @@ pub enum ToCoordinator {
         challenge_id: u64,
         /// The answer.
         answer: Answer,
+    },
+    /// The worker holds the run's data and can take tasks (sent once, right after the
+    /// [`ToWorker::Welcome`]; until then the coordinator only serves its data streams).
+    Ready,
+}
+
+/// Most files a run's data set may have.
+pub const MAX_DATA_FILES: usize = 4096;
+
+/// Most groups ([`verify::blob::GROUP_LEN`] bytes each) one [`DataRequest`] may ask for.
+pub const MAX_GROUPS_PER_REQUEST: u32 = 16;
+
+/// Data streams a worker may have open at once (besides its control stream).
+pub const DATA_STREAMS: u32 = 4;
+
+/// One file of the run's data set, named by its content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFile {
+    /// The file name the loaders expect (a plain name, no path separators).
+    pub name: String,
+    /// Its length in bytes.
+    pub len: u64,
+    /// Its BLAKE3 hash: the name it is requested and cached by.
+    pub blake3: [u8; 32],
+}
+
+/// The one request of a data stream (a bidirectional stream the worker opens after its
+/// control stream). The coordinator answers with a [`DataReply`] frame, followed for
+/// [`DataReply::Ok`] by exactly `len` raw bytes, and finishes the stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DataRequest {
+    /// The file, by its BLAKE3 hash (one of the Welcome's `data_files`).
+    pub blake3: [u8; 32],
+    /// What of it.
+    pub part: DataPart,
+}
+
+/// A part of a file (see [`verify::blob`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataPart {
+    /// The outboard: 32 bytes per group, empty for a file of one group.
+    Outboard,
+    /// The bytes of groups `first .. first + count` (at most [`MAX_GROUPS_PER_REQUEST`]).
+    Groups {
+        /// First group.
+        first: u64,
+        /// Number of groups.
+        count: u32,
+    },
+}
+
+/// The coordinator's answer to a [`DataRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum DataReply {
+    /// `len` bytes follow.
+    Ok {
+        /// Bytes that follow the frame.
+        len: u64,
+    },
+    /// Refused; nothing follows.
+    Refused {
+        /// Why.
+        reason: String,
     },
 }

@@ -117,8 +117,8 @@ fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>, Tl
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(limits.max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
-    // One control stream per connection is all the protocol uses.
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+    // One control stream per connection, and a worker's data streams.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1 + crate::DATA_STREAMS));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     Ok(Arc::new(t))
 }

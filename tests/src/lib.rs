@@ -310,7 +310,9 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts `worker --join JOIN` with one thread, a key in `dir`, and `extra` arguments.
+    /// Starts `worker --join JOIN` with one thread, a key in `dir`, and `extra` arguments;
+    /// unless `extra` names one, the data folder is Debian's Fashion-MNIST (so an image
+    /// run's worker downloads nothing).
     pub fn start(join: &str, dir: &Path, name: &str, extra: &[&str]) -> Self {
         Self::start_env(join, dir, name, extra, &[])
     }
@@ -324,10 +326,29 @@ impl Worker {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let mut args = local_data(extra);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(join, dir, name, &args, env)
+    }
+
+    /// A worker as a volunteer starts it: no data folder, so it fetches the run's data from
+    /// the coordinator into its cache (`dir/cache` unless `extra` names one).
+    pub fn start_fetching(join: &str, dir: &Path, name: &str, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !extra.contains(&"--cache-dir") {
+            args.extend([
+                "--cache-dir".into(),
+                dir.join("cache").display().to_string(),
+            ]);
+        }
+        Self::spawn(join, dir, name, &args, &[])
+    }
+
+    fn spawn(join: &str, dir: &Path, name: &str, args: &[String], env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("{name}.log"));
         let child = worker_command(join, &dir.join(format!("{name}.key")), 60)
             .args(["--name", name])
-            .args(extra)
+            .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -360,7 +381,8 @@ impl Drop for Worker {
     }
 }
 
-/// `worker --join JOIN` on one CPU thread with key file `key`, retrying for `retry_s` seconds.
+/// `worker --join JOIN` on one CPU thread with key file `key`, retrying for `retry_s`
+/// seconds (no data folder: add `--data-dir` or `--cache-dir`).
 pub fn worker_command(join: &str, key: &Path, retry_s: u32) -> Command {
     let mut c = Command::new(bin("worker"));
     c.args(["--join", join, "--threads", "1", "--device", "cpu"])
@@ -370,9 +392,22 @@ pub fn worker_command(join: &str, key: &Path, retry_s: u32) -> Command {
     c
 }
 
+/// `--data-dir` with Debian's Fashion-MNIST unless `extra` gives one.
+fn local_data(extra: &[&str]) -> Vec<String> {
+    let mut args = Vec::new();
+    if !extra.contains(&"--data-dir") {
+        args.extend([
+            "--data-dir".into(),
+            "/usr/share/datasets/fashion-mnist".into(),
+        ]);
+    }
+    args
+}
+
 /// Runs a worker to completion and returns its output (for handshake failures).
 pub fn run_worker_to_end(join: &str, dir: &Path, extra: &[&str]) -> Output {
     worker_command(join, &dir.join("refused.key"), 5)
+        .args(local_data(extra))
         .args(extra)
         .output()
         .expect("run worker")

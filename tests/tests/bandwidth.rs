@@ -110,7 +110,8 @@ fn shaped_run(id: u8, mbit: u32) -> Option<(f64, f64)> {
     let mut c = Coordinator::start(&quick_config("mlp", 30, 64, &listen, extra));
     let join = c.join_string();
     // The usual worker command, run inside the namespace.
-    let worker = worker_command(&join, &c.dir.path().join("w.key"), 20);
+    let mut worker = worker_command(&join, &c.dir.path().join("w.key"), 20);
+    worker.args(["--data-dir", "/usr/share/datasets/fashion-mnist"]);
     let mut w = Command::new("ip")
         .args(["netns", "exec", &link.ns])
         .arg(worker.get_program())

@@ -58,6 +58,14 @@ pub struct Split {
     pub test: Dataset,
 }
 
+/// The file names of the `prefix` (`train` or `t10k`) split: images, then labels.
+pub fn idx_files(prefix: &str) -> [String; 2] {
+    [
+        format!("{prefix}-images-idx3-ubyte.gz"),
+        format!("{prefix}-labels-idx1-ubyte.gz"),
+    ]
+}
+
 fn read_gz(path: &Path) -> Result<Vec<u8>, DataError> {
     let io = |source| DataError::Io {
         path: path.display().to_string(),
@@ -120,8 +128,8 @@ fn parse_idx(
 impl Dataset {
     /// Loads one split (`train` or `t10k`) from `dir`.
     pub fn load_idx(dir: &Path, prefix: &str) -> Result<Self, DataError> {
-        let img_path = dir.join(format!("{prefix}-images-idx3-ubyte.gz"));
-        let lbl_path = dir.join(format!("{prefix}-labels-idx1-ubyte.gz"));
+        let [img, lbl] = idx_files(prefix);
+        let (img_path, lbl_path) = (dir.join(img), dir.join(lbl));
         let (idims, images) = parse_idx(&read_gz(&img_path)?, 3, &img_path)?;
         let (ldims, labels) = parse_idx(&read_gz(&lbl_path)?, 1, &lbl_path)?;
         if idims[0] != ldims[0] {

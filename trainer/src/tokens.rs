@@ -268,6 +268,29 @@ impl TokenWindows {
         seq_len: usize,
         vocab_size: u32,
     ) -> Result<(TokenWindows, TokenWindows), DataError> {
+        let (m, tw) = Self::load_manifest_and_train(dir, seq_len, vocab_size)?;
+        let mut val = Vec::new();
+        read_shard(dir, &m.val, vocab_size, &mut val)?;
+        let vw = TokenWindows::new(val, seq_len, [0; 32]);
+        enough(&vw, "val", dir, seq_len)?;
+        Ok((tw, vw))
+    }
+
+    /// Loads only the training windows of the shard folder `dir` (what a worker needs: its
+    /// `manifest.json` and training shards), checked as [`TokenWindows::load`] does.
+    pub fn load_train(
+        dir: &Path,
+        seq_len: usize,
+        vocab_size: u32,
+    ) -> Result<TokenWindows, DataError> {
+        Ok(Self::load_manifest_and_train(dir, seq_len, vocab_size)?.1)
+    }
+
+    fn load_manifest_and_train(
+        dir: &Path,
+        seq_len: usize,
+        vocab_size: u32,
+    ) -> Result<(Manifest, TokenWindows), DataError> {
         let m = Manifest::load(dir)?;
         if m.tokenizer.vocab_size > vocab_size {
             return Err(DataError::Format {
@@ -282,19 +305,9 @@ impl TokenWindows {
         for s in &m.train {
             read_shard(dir, s, vocab_size, &mut train)?;
         }
-        let mut val = Vec::new();
-        read_shard(dir, &m.val, vocab_size, &mut val)?;
         let tw = TokenWindows::new(train, seq_len, window_digest(&m.train_digest(), seq_len));
-        let vw = TokenWindows::new(val, seq_len, [0; 32]);
-        for (w, name) in [(&tw, "train"), (&vw, "val")] {
-            if w.is_empty() {
-                return Err(DataError::Format {
-                    path: dir.join(MANIFEST).display().to_string(),
-                    reason: format!("{name}: fewer than seq_len + 1 = {} tokens", seq_len + 1),
-                });
-            }
-        }
-        Ok((tw, vw))
+        enough(&tw, "train", dir, seq_len)?;
+        Ok((m, tw))
     }
 
     /// Tokens per window of inputs.
@@ -339,6 +352,17 @@ impl TokenWindows {
             Tensor::from_slice(&ys).view(shape),
         ))
     }
+}
+
+/// An error unless `w` holds at least one window.
+fn enough(w: &TokenWindows, name: &str, dir: &Path, seq_len: usize) -> Result<(), DataError> {
+    if w.is_empty() {
+        return Err(DataError::Format {
+            path: dir.join(MANIFEST).display().to_string(),
+            reason: format!("{name}: fewer than seq_len + 1 = {} tokens", seq_len + 1),
+        });
+    }
+    Ok(())
 }
 
 /// The digest of a token set's windows: the shards' digest and the window length.

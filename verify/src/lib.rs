@@ -2,6 +2,7 @@
 //!
 //! * [`commit`]: domain-separated blake3 hashes and the [`Commitment`] a result binds to.
 //! * [`identity`]: persistent ed25519 worker keys, [`WorkerId`]s and [`Signature`]s.
+//! * [`blob`]: content-addressed files verified group by group (BLAKE3 outboards).
 //! * [`merkle`]: Merkle trees over per-step state hashes, proofs, and dispute bisection.
 //! * [`policy`]: reputation and the adaptive spot-check probability.
 //! * [`evidence`]: signed, independently checkable evidence of a cheat.
@@ -61,6 +62,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod blob;
 pub mod class;
 pub mod commit;
 pub mod evidence;

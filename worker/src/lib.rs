@@ -3,8 +3,10 @@
 
 #[cfg(feature = "test-hooks")]
 pub mod adversary;
+pub mod cache;
 pub mod compute;
 pub mod dial;
+pub mod fetch;
 #[cfg(feature = "test-hooks")]
 pub mod hostile;
 #[cfg(feature = "test-hooks")]
@@ -39,9 +41,11 @@ pub enum Send {
 pub struct WorkerOptions {
     /// Where to connect.
     pub ticket: JoinTicket,
-    /// Folder with the training set: the IDX files of an image run, or the token shards
-    /// (with their `manifest.json`) of a language-model run.
-    pub data_dir: PathBuf,
+    /// A folder that may hold the run's data files (checked by hash; what is missing is
+    /// downloaded).
+    pub data_dir: Option<PathBuf>,
+    /// The data cache.
+    pub cache: fetch::CacheOptions,
     /// Compute threads (`None`: libtorch's default).
     pub threads: Option<usize>,
     /// File of the worker's persistent key.
@@ -225,7 +229,7 @@ fn load_data(
                     welcome.seq_len, c.max_position_embeddings
                 )));
             }
-            let (train, _) = TokenWindows::load(dir, welcome.seq_len as usize, c.vocab_size)
+            let train = TokenWindows::load_train(dir, welcome.seq_len as usize, c.vocab_size)
                 .map_err(|e| fatal(e.to_string()))?;
             TrainData::Tokens(train)
         }
@@ -238,12 +242,34 @@ fn load_data(
     };
     if data.digest() != welcome.dataset_digest {
         return Err(fatal(format!(
-            "the training data in {} differs from the run's {} data set",
-            dir.display(),
+            "the files the coordinator lists do not make its {} data set; the coordinator \
+             is faulty",
             welcome.dataset
         )));
     }
     Ok(data)
+}
+
+/// Checks the coordinator's list of data files: how many, plain unique names.
+fn check_files(files: &[proto::DataFile]) -> Result<(), String> {
+    if files.is_empty() || files.len() > proto::MAX_DATA_FILES {
+        return Err(format!(
+            "the coordinator lists {} data files, expected 1..={}",
+            files.len(),
+            proto::MAX_DATA_FILES
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for f in files {
+        let n = &f.name;
+        if n.is_empty() || n.len() > 255 || n.contains(['/', '\\', '\0']) || n.starts_with('.') {
+            return Err(format!("the coordinator lists a data file named {n:?}"));
+        }
+        if !names.insert(n.as_str()) {
+            return Err(format!("the coordinator lists the data file {n:?} twice"));
+        }
+    }
+    Ok(())
 }
 
 async fn session(
@@ -293,18 +319,6 @@ async fn session(
             "the coordinator's model is not one this worker knows ({e}); update the worker"
         ))
     })?;
-    let data = match &state.data {
-        Some((digest, d)) if *digest == welcome.dataset_digest => d.clone(),
-        _ => {
-            let (dir, w, m) = (opts.data_dir.clone(), welcome.clone(), model.clone());
-            let d = tokio::task::spawn_blocking(move || load_data(&dir, &w, &m))
-                .await
-                .map_err(|e| SessionError::Fatal(format!("loading the data: {e}")))??;
-            let d = Arc::new(d);
-            state.data = Some((welcome.dataset_digest, d.clone()));
-            d
-        }
-    };
     if welcome.portable && !class.portable {
         conn.close(
             quinn::VarInt::from_u32(close::DONE),
@@ -313,6 +327,34 @@ async fn session(
         tokio::time::sleep(Duration::from_millis(100)).await;
         return Err(restart_portable());
     }
+    let data = match &state.data {
+        Some((digest, d)) if *digest == welcome.dataset_digest => d.clone(),
+        _ => {
+            check_files(&welcome.data_files).map_err(SessionError::Fatal)?;
+            let gathered = fetch::gather(
+                &conn,
+                &welcome.data_files,
+                opts.data_dir.as_deref(),
+                &opts.cache,
+            )
+            .await
+            .map_err(|e| match e {
+                fetch::FetchError::Link(_) => closed(&conn, e.to_string()),
+                _ => SessionError::Fatal(e.to_string()),
+            })?;
+            if gathered.downloaded > 0 {
+                *progressed = true;
+            }
+            let (dir, w, m) = (gathered.dir().to_path_buf(), welcome.clone(), model.clone());
+            let d = tokio::task::spawn_blocking(move || load_data(&dir, &w, &m))
+                .await
+                .map_err(|e| SessionError::Fatal(format!("loading the data: {e}")))??;
+            drop(gathered);
+            let d = Arc::new(d);
+            state.data = Some((welcome.dataset_digest, d.clone()));
+            d
+        }
+    };
     // The class the coordinator expects: the declared one at the run's forced thread count.
     let mut class = class.clone();
     if let Some(t) = welcome.deterministic_threads {
@@ -359,6 +401,9 @@ async fn session(
     if state.tamper.is_none() {
         state.tamper = opts.hooks.hostile.map(hostile::Tamper::new);
     }
+    write_frame(&mut send, &ToCoordinator::Ready, cap)
+        .await
+        .map_err(|e| closed(&conn, e.to_string()))?;
     state.joined = true;
     info!(run = %hex::encode(&welcome.run_id[..8]), model = model.name(), params = n_params, "joined run");
     loop {

@@ -15,10 +15,19 @@ struct Cli {
     /// The join string printed by the coordinator (dtrain://SECRET@HOST:PORT/FINGERPRINT).
     #[arg(long)]
     join: String,
-    /// Folder with the training set: the gzipped IDX files of an image run, or the token
-    /// shards (with their manifest.json) of a language-model run.
-    #[arg(long, default_value = trainer::data::DEFAULT_DIR)]
-    data_dir: PathBuf,
+    /// A folder that may already hold the run's data files (e.g. Debian's
+    /// /usr/share/datasets/fashion-mnist, or a shard folder); each is checked by its BLAKE3
+    /// hash, and what is missing or different is downloaded from the coordinator.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where downloaded data files are kept, by hash, for later runs
+    /// (default: $XDG_CACHE_HOME/dtrain, else ~/.cache/dtrain).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Largest size of the data cache in gigabytes (10^9 bytes); the least recently used
+    /// files of other runs are removed to stay under it.
+    #[arg(long, default_value_t = 20.0)]
+    cache_max_gb: f64,
     /// Compute threads (default: libtorch's choice).
     #[arg(long)]
     threads: Option<usize>,
@@ -87,6 +96,14 @@ enum DeviceArg {
     Cpu,
 }
 
+fn default_cache() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("dtrain")
+}
+
 fn default_key() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
@@ -105,9 +122,17 @@ async fn main() -> Result<()> {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "worker".into())
     });
+    anyhow::ensure!(
+        cli.cache_max_gb.is_finite() && cli.cache_max_gb > 0.0,
+        "--cache-max-gb must be a positive number of gigabytes"
+    );
     let opts = worker::WorkerOptions {
         ticket,
         data_dir: cli.data_dir,
+        cache: worker::fetch::CacheOptions {
+            dir: cli.cache_dir.unwrap_or_else(default_cache),
+            max_bytes: (cli.cache_max_gb * 1e9) as u64,
+        },
         threads: cli.threads,
         key_path: cli.key.unwrap_or_else(default_key),
         name,

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use proto::frame::decode_body;
-use proto::{Answer, ToCoordinator, ToWorker};
+use proto::{Answer, DataReply, DataRequest, ToCoordinator, ToWorker};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(msg) = decode_body::<ToCoordinator>(data, 1 << 20) {
@@ -24,4 +24,6 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = decode_body::<ToWorker>(data, 1 << 20);
+    let _ = decode_body::<DataRequest>(data, 1024);
+    let _ = decode_body::<DataReply>(data, 1 << 16);
 });

@@ -1,0 +1,141 @@
+//! A volunteer needs only the binary and the join string: workers without a data folder
+//! fetch the run's data files from the coordinator, verified group by group, into a cache
+//! that later runs reuse; bad bytes are refetched, and a coordinator that keeps sending
+//! them is a clear error.
+
+use std::path::Path;
+use std::time::Duration;
+
+use integration_tests::{lm_config, quick_config, swarm_config, Coordinator, Worker};
+
+/// Bytes a worker fetches for `files` in `dir`: each file and its outboard.
+fn fetched(dir: &Path, files: &[String]) -> u64 {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).unwrap().len())
+        .map(|n| n + verify::blob::outboard_len(n))
+        .sum()
+}
+
+/// [`fetched`] for the training files of Debian's Fashion-MNIST.
+fn fashion_train_bytes() -> u64 {
+    let dir = Path::new(trainer::data::DEFAULT_DIR);
+    fetched(dir, &trainer::data::idx_files("train"))
+}
+
+fn served(c: &Coordinator) -> Vec<u64> {
+    c.events("data_served")
+        .iter()
+        .map(|e| e["bytes"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_worker_with_an_empty_cache_fetches_the_image_data_and_the_next_run_reuses_it() {
+    let home = tempfile::tempdir().unwrap();
+    let cache = home.path().join("cache").display().to_string();
+    let mut c = Coordinator::start(&swarm_config("mlp", 20, 64, 1, 1, ""));
+    let w = Worker::start_fetching(
+        &c.join_string(),
+        home.path(),
+        "w0",
+        &["--cache-dir", &cache],
+    );
+    assert!(c.wait(Duration::from_secs(180)).success(), "{}", c.log());
+    // Every byte of both files and their outboards, once.
+    assert_eq!(served(&c), vec![fashion_train_bytes()], "{}", w.log());
+    assert!(w.log().contains("every group verified"), "{}", w.log());
+    assert!(c.steps_done() >= 20);
+    drop(w);
+
+    // Another run over the same data: the cache has it all.
+    let mut c2 = Coordinator::start(&swarm_config("mlp", 10, 64, 1, 1, ""));
+    let w2 = Worker::start_fetching(
+        &c2.join_string(),
+        home.path(),
+        "w1",
+        &["--cache-dir", &cache],
+    );
+    assert!(c2.wait(Duration::from_secs(180)).success(), "{}", c2.log());
+    assert!(served(&c2).is_empty(), "{}", w2.log());
+    assert!(w2.log().contains("all in the cache"), "{}", w2.log());
+}
+
+#[test]
+fn a_worker_fetches_the_token_shards_of_a_language_model_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    let m = trainer::tokens::write_synthetic(&shards, 20_000, 5).unwrap();
+    let cfg = lm_config(4, 8, 1, 1, &shards, 16, "");
+    let mut c = Coordinator::start(&cfg);
+    let w = Worker::start_fetching(&c.join_string(), dir.path(), "w0", &[]);
+    assert!(c.wait(Duration::from_secs(180)).success(), "{}", c.log());
+    // The manifest and the training shards; not the validation shard.
+    let files: Vec<String> = std::iter::once(trainer::tokens::MANIFEST.to_string())
+        .chain(m.train.iter().map(|s| s.file.clone()))
+        .collect();
+    let want = fetched(&shards, &files);
+    assert_eq!(served(&c), vec![want], "{}", w.log());
+    assert!(c.events("eval").last().is_some());
+}
+
+#[test]
+fn corrupted_groups_are_fetched_again_and_never_trained_on() {
+    let home = tempfile::tempdir().unwrap();
+    let cfg = swarm_config("mlp", 10, 64, 1, 1, "");
+    let mut c = Coordinator::start_with(&cfg, &["--test-corrupt-data", "3"]);
+    let w = Worker::start_fetching(&c.join_string(), home.path(), "w0", &[]);
+    assert!(c.wait(Duration::from_secs(180)).success(), "{}", c.log());
+    let log = w.log();
+    assert_eq!(
+        log.matches("failed its hash; asking again").count(),
+        3,
+        "{log}"
+    );
+    // The three bad groups went out twice: 3 x 256 KiB more than the files.
+    assert_eq!(served(&c), vec![fashion_train_bytes() + 3 * 256 * 1024]);
+    // What the cache holds is the coordinator's files, byte for byte.
+    for f in trainer::data::idx_files("train") {
+        let want = std::fs::read(Path::new(trainer::data::DEFAULT_DIR).join(&f)).unwrap();
+        let hash = blake3::hash(&want).to_hex().to_string();
+        let got = std::fs::read(home.path().join("cache/blobs").join(hash)).unwrap();
+        assert!(got == want, "{f} differs in the cache");
+    }
+}
+
+#[test]
+fn a_coordinator_that_keeps_sending_bad_bytes_is_a_clear_error_for_the_volunteer() {
+    let home = tempfile::tempdir().unwrap();
+    let cfg = quick_config("mlp", 5, 64, "127.0.0.1:0", "");
+    let c = Coordinator::start_with(&cfg, &["--test-corrupt-data", "1000000"]);
+    let mut w = Worker::start_fetching(&c.join_string(), home.path(), "w0", &[]);
+    let status = w.wait(Duration::from_secs(60)).expect("exit");
+    assert!(!status.success());
+    let log = w.log();
+    assert!(
+        log.contains("sent bad bytes") && log.contains("3 times"),
+        "{log}"
+    );
+    // Nothing half-verified is left in the cache.
+    let blobs = std::fs::read_dir(home.path().join("cache/blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 0);
+}
+
+#[test]
+fn a_data_set_larger_than_the_cache_cap_is_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let cfg = quick_config("mlp", 5, 64, "127.0.0.1:0", "");
+    let c = Coordinator::start(&cfg);
+    let mut w = Worker::start_fetching(
+        &c.join_string(),
+        home.path(),
+        "w0",
+        &["--cache-max-gb", "0.01"],
+    );
+    let status = w.wait(Duration::from_secs(60)).expect("exit");
+    assert!(!status.success());
+    assert!(w.log().contains("--cache-max-gb"), "{}", w.log());
+    assert!(served(&c).is_empty());
+}
