@@ -1,5 +1,6 @@
 //! Hostile peers: malformed frames, wrong shapes, NaN, truncated and oversized updates,
-//! replayed and misaddressed results, bad signatures, a wrong version. Each is refused with a
+//! replayed and misaddressed results, bad signatures, requests for data outside the run, a
+//! wrong version. Each is refused with a
 //! clear reason, the peer is struck and after three strikes banned, and the run goes on.
 
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use integration_tests::{quick_config, run_worker_to_end, Coordinator, Worker};
 
 /// Each hostile mode and a phrase its refusal must contain.
-const MODES: [(&str, &str); 8] = [
+const MODES: [(&str, &str); 9] = [
     ("nan", "NaN or infinite"),
     ("wrong-shape", "expected 101770"),
     ("truncated", "update:"),
@@ -16,6 +17,7 @@ const MODES: [(&str, &str); 8] = [
     ("bad-signature", "signature does not verify"),
     ("junk-frame", "malformed message"),
     ("oversized", "exceeds the cap"),
+    ("bad-data-request", "not a file of this run"),
 ];
 
 #[test]

@@ -30,11 +30,13 @@ pub enum Hostile {
     JunkFrame,
     /// A frame announcing 4 GiB.
     Oversized,
+    /// After every honest result, a data request for a file outside the run.
+    BadDataRequest,
 }
 
 impl Hostile {
     /// Every mode.
-    pub const ALL: [Hostile; 8] = [
+    pub const ALL: [Hostile; 9] = [
         Hostile::Nan,
         Hostile::WrongShape,
         Hostile::Truncated,
@@ -43,6 +45,7 @@ impl Hostile {
         Hostile::BadSignature,
         Hostile::JunkFrame,
         Hostile::Oversized,
+        Hostile::BadDataRequest,
     ];
 
     /// The command-line name.
@@ -56,6 +59,7 @@ impl Hostile {
             Hostile::BadSignature => "bad-signature",
             Hostile::JunkFrame => "junk-frame",
             Hostile::Oversized => "oversized",
+            Hostile::BadDataRequest => "bad-data-request",
         }
     }
 }
@@ -125,6 +129,13 @@ impl Tamper {
     pub fn tamper(&mut self, result: TaskResult, n: usize, key: &WorkerKey) -> Vec<Send> {
         let msg = |r: TaskResult| Send::Msg(ToCoordinator::Result(Box::new(r)));
         let out = match self.mode {
+            Hostile::BadDataRequest => vec![
+                msg(result.clone()),
+                Send::Data(proto::DataRequest {
+                    blake3: [0xab; 32],
+                    part: proto::DataPart::Outboard,
+                }),
+            ],
             Hostile::Nan => vec![msg(resign(result.clone(), nan_payload(n), key))],
             Hostile::WrongShape => {
                 let short = compression::encode(&vec![0.0; n - 1], &CodecConfig::default(), 0)

@@ -34,6 +34,9 @@ pub enum Send {
     /// Bytes written as they are.
     #[cfg(feature = "test-hooks")]
     Raw(Vec<u8>),
+    /// A data request on a new data stream, its answer ignored.
+    #[cfg(feature = "test-hooks")]
+    Data(proto::DataRequest),
 }
 
 /// How a worker was started.
@@ -481,6 +484,11 @@ async fn session(
                     .write_all(&bytes)
                     .await
                     .map_err(|e| proto::FrameError::Io(e.into())),
+                #[cfg(feature = "test-hooks")]
+                Send::Data(req) => match conn.open_bi().await {
+                    Ok((mut s, _)) => write_frame(&mut s, &req, 1024).await.map(|_| ()),
+                    Err(e) => Err(proto::FrameError::Io(std::io::Error::other(e))),
+                },
             };
             sent.map_err(|e| closed(&conn, e.to_string()))?;
         }
