@@ -198,7 +198,7 @@ impl Default for DataSection {
             shards: None,
             seq_len: 128,
             train_limit: 0,
-            serve_max_mbps: 200.0,
+            serve_max_mbps: 50.0,
             serve_max_streams: 4,
         }
     }

@@ -696,7 +696,8 @@ impl Scheduler {
             self.metrics.emit(
                 "data_served",
                 json!({"conn": j.conn, "worker": j.worker.to_string(), "name": j.name,
-                       "bytes": j.data_served, "step": self.step()}),
+                       "bytes": j.data_served, "fetch_s": (j.fetch_s * 1000.0).round() / 1000.0,
+                       "step": self.step()}),
             );
         }
         let bitwise = match self.cfg.verification.mode {

@@ -35,6 +35,8 @@ pub struct Joined {
     pub traffic: Arc<Traffic>,
     /// Bytes of data files it fetched before it was ready.
     pub data_served: u64,
+    /// Seconds from its Welcome to its Ready (the time it took to get the data).
+    pub fetch_s: f64,
 }
 
 /// What the connection tasks and the checker thread tell the scheduler.
@@ -359,6 +361,7 @@ async fn serve(
             offence.clone(),
         ));
         let _stop_data = AbortOnDrop(data);
+        let welcomed = Instant::now();
         // Until it holds the data, the worker only fetches; then it says it is ready.
         match read_frame::<_, ToCoordinator>(&mut recv, 1024).await {
             Ok((ToCoordinator::Ready, n)) => traffic.add_in(n),
@@ -383,6 +386,7 @@ async fn serve(
                 tx,
                 traffic: traffic.clone(),
                 data_served,
+                fetch_s: welcomed.elapsed().as_secs_f64(),
             })))
             .map_err(|_| "scheduler gone".to_string())?;
         let writer = tokio::spawn(write_loop(

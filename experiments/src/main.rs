@@ -3,6 +3,7 @@
 //! for the swarm's accuracy and wall time.
 
 mod classes;
+mod data_join;
 mod fleet;
 mod flood;
 mod lm_bench;
@@ -113,6 +114,31 @@ enum Cmd {
         batch: usize,
         /// Output folder.
         #[arg(long, default_value = "results/stragglers")]
+        out: PathBuf,
+    },
+    /// Round times before and while a new worker with an empty cache downloads the
+    /// training set from the coordinator, for several serving caps: CSV and Markdown.
+    DataJoin {
+        /// The model: `mlp` or `cnn`.
+        #[arg(long, default_value = "mlp")]
+        model: String,
+        /// Global batches per run.
+        #[arg(long, default_value_t = 1500)]
+        steps: u64,
+        /// Global batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// `[data] serve_max_mbps` values to try.
+        #[arg(long, value_delimiter = ',', default_values_t = [50.0, 200.0, 1000.0])]
+        mbps: Vec<f64>,
+        /// Runs per cap.
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        /// Seconds into the run the new worker starts.
+        #[arg(long, default_value_t = 8.0)]
+        join_after_s: f64,
+        /// Output folder.
+        #[arg(long, default_value = "results/data-join")]
         out: PathBuf,
     },
     /// Honest training alone and beside a flood of connections and junk datagrams.
@@ -355,6 +381,23 @@ fn main() -> Result<()> {
                 },
             })?
         }
+        Cmd::DataJoin {
+            model,
+            steps,
+            batch,
+            mbps,
+            repeats,
+            join_after_s,
+            out,
+        } => data_join::run(&data_join::Settings {
+            model,
+            steps,
+            batch,
+            mbps,
+            repeats,
+            join_after_s,
+            out,
+        })?,
         Cmd::Flood {
             rounds,
             conns_per_s,

@@ -61,22 +61,65 @@ fn a_worker_with_an_empty_cache_fetches_the_image_data_and_the_next_run_reuses_i
     assert!(w2.log().contains("all in the cache"), "{}", w2.log());
 }
 
+/// A shard folder of four training shards of 5,000 byte-level tokens and a validation shard.
+fn four_shards(dir: &Path) -> trainer::tokens::Manifest {
+    use trainer::tokens::{write_shard, Manifest, TokenDtype, TokenizerInfo, FORMAT};
+    std::fs::create_dir_all(dir).unwrap();
+    let text = "the cat sat on the mat and the dog ran far. ".repeat(500);
+    let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+    let train = (0..4)
+        .map(|i| {
+            let name = format!("train-{i:05}.bin");
+            write_shard(dir, &name, &ids[i * 5000..(i + 1) * 5000], TokenDtype::U16).unwrap()
+        })
+        .collect();
+    let m = Manifest {
+        format: FORMAT.into(),
+        tokenizer: TokenizerInfo {
+            kind: "byte".into(),
+            vocab_size: 256,
+            blake3: blake3::hash(b"byte").to_hex().to_string(),
+            file: None,
+        },
+        train,
+        val: write_shard(dir, "val.bin", &ids[20_000..22_000], TokenDtype::U16).unwrap(),
+    };
+    m.save(dir).unwrap();
+    m
+}
+
 #[test]
-fn a_worker_fetches_the_token_shards_of_a_language_model_run() {
+fn a_worker_fetches_only_the_token_shards_its_tasks_touch() {
     let dir = tempfile::tempdir().unwrap();
     let shards = dir.path().join("shards");
-    let m = trainer::tokens::write_synthetic(&shards, 20_000, 5).unwrap();
-    let cfg = lm_config(4, 8, 1, 1, &shards, 16, "");
+    let m = four_shards(&shards);
+    // Samples 0..8 only: windows of 17 tokens from token 0, all inside the first shard.
+    let cfg = lm_config(4, 8, 1, 1, &shards, 16, "") + "train_limit = 8\n";
     let mut c = Coordinator::start(&cfg);
     let w = Worker::start_fetching(&c.join_string(), dir.path(), "w0", &[]);
     assert!(c.wait(Duration::from_secs(180)).success(), "{}", c.log());
-    // The manifest and the training shards; not the validation shard.
-    let files: Vec<String> = std::iter::once(trainer::tokens::MANIFEST.to_string())
-        .chain(m.train.iter().map(|s| s.file.clone()))
-        .collect();
-    let want = fetched(&shards, &files);
-    assert_eq!(served(&c), vec![want], "{}", w.log());
     assert!(c.events("eval").last().is_some());
+    // Before its first task it fetched the manifest alone.
+    let manifest = fetched(&shards, &[trainer::tokens::MANIFEST.to_string()]);
+    assert_eq!(served(&c), vec![manifest], "{}", w.log());
+    // Then the one shard its tasks read: the cache holds those two files, no others.
+    let mut blobs: Vec<String> = std::fs::read_dir(dir.path().join("cache/blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    blobs.sort();
+    let manifest_hash = blake3::hash(&std::fs::read(shards.join("manifest.json")).unwrap());
+    let mut want = vec![
+        manifest_hash.to_hex().to_string(),
+        m.train[0].blake3.clone(),
+    ];
+    want.sort();
+    assert_eq!(blobs, want, "{}", w.log());
+    assert!(
+        w.log().contains("loaded the shards a task needs shards=1"),
+        "{}",
+        w.log()
+    );
 }
 
 #[test]

@@ -46,6 +46,14 @@ pub enum TrainError {
         /// Dataset size.
         len: usize,
     },
+    /// A window lies in a shard this worker has not loaded (yet).
+    #[error("sample {index} needs shard {part}, which is not loaded")]
+    Missing {
+        /// The window.
+        index: u32,
+        /// Position of the shard in the manifest's training list.
+        part: usize,
+    },
     /// Writing a file failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

@@ -233,18 +233,31 @@ pub fn read_shard(
     Ok(())
 }
 
-/// A token stream cut into windows of `seq_len + 1` tokens (see the module docs).
+/// A token stream cut into windows of `seq_len + 1` tokens (see the module docs), held as
+/// consecutive pieces (a worker's are its shards), each loaded or not yet: a worker that
+/// fetches shards as its tasks need them starts with none ([`TokenWindows::sparse`]) and
+/// [`TokenWindows::fill`]s them.
 #[derive(Clone)]
 pub struct TokenWindows {
-    tokens: Vec<u32>,
+    parts: Vec<Part>,
+    total: u64,
     seq_len: usize,
     digest: [u8; 32],
+}
+
+/// One piece of the stream: `len` tokens from token `start`.
+#[derive(Clone)]
+struct Part {
+    start: u64,
+    len: u64,
+    tokens: std::sync::OnceLock<Vec<u32>>,
 }
 
 impl std::fmt::Debug for TokenWindows {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenWindows")
-            .field("tokens", &self.tokens.len())
+            .field("tokens", &self.total)
+            .field("parts", &self.parts.len())
             .field("seq_len", &self.seq_len)
             .finish()
     }
@@ -254,11 +267,82 @@ impl TokenWindows {
     /// Windows over `tokens`; `digest` identifies the tokens (a manifest's
     /// [`Manifest::train_digest`]).
     pub fn new(tokens: Vec<u32>, seq_len: usize, digest: [u8; 32]) -> Self {
+        let w = Self::sparse(&[tokens.len() as u64], seq_len, digest);
+        let _ = w.parts[0].tokens.set(tokens);
+        w
+    }
+
+    /// Windows over pieces of `counts` tokens, none loaded yet.
+    pub fn sparse(counts: &[u64], seq_len: usize, digest: [u8; 32]) -> Self {
+        let mut start = 0;
+        let parts = counts
+            .iter()
+            .map(|&len| {
+                let p = Part {
+                    start,
+                    len,
+                    tokens: Default::default(),
+                };
+                if len == 0 {
+                    let _ = p.tokens.set(Vec::new());
+                }
+                start += len;
+                p
+            })
+            .collect();
         TokenWindows {
-            tokens,
+            parts,
+            total: start,
             seq_len: seq_len.max(1),
             digest,
         }
+    }
+
+    /// Token range `[start, end)` of window `i`.
+    fn span(&self, i: u32) -> (u64, u64) {
+        let start = u64::from(i) * self.seq_len as u64;
+        (start, start + self.seq_len as u64 + 1)
+    }
+
+    /// The pieces that overlap tokens `[start, end)`.
+    fn parts_of(&self, start: u64, end: u64) -> std::ops::Range<usize> {
+        let first = self.parts.partition_point(|p| p.start + p.len <= start);
+        let last = self.parts.partition_point(|p| p.start < end);
+        first..last.max(first)
+    }
+
+    /// The pieces (shard positions) windows `indices` need that are not loaded, in order;
+    /// indices out of range are left to [`TokenWindows::batch`] to refuse.
+    pub fn missing(&self, indices: &[u32]) -> Vec<usize> {
+        let mut out: Vec<usize> = indices
+            .iter()
+            .filter(|&&i| (i as usize) < self.len())
+            .flat_map(|&i| {
+                let (s, e) = self.span(i);
+                self.parts_of(s, e)
+            })
+            .filter(|&p| self.parts[p].tokens.get().is_none())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Loads piece `part` (its token count must match; a piece already loaded stays).
+    pub fn fill(&self, part: usize, tokens: Vec<u32>) -> Result<(), String> {
+        let p = self
+            .parts
+            .get(part)
+            .ok_or_else(|| format!("no piece {part} of {}", self.parts.len()))?;
+        if tokens.len() as u64 != p.len {
+            return Err(format!(
+                "piece {part}: {} tokens, expected {}",
+                tokens.len(),
+                p.len
+            ));
+        }
+        let _ = p.tokens.set(tokens);
+        Ok(())
     }
 
     /// Loads the training and validation windows of the shard folder `dir`, checking every
@@ -317,7 +401,7 @@ impl TokenWindows {
 
     /// Number of windows.
     pub fn len(&self) -> usize {
-        self.tokens.len().saturating_sub(1) / self.seq_len
+        (self.total.saturating_sub(1) / self.seq_len as u64) as usize
     }
 
     /// Whether there is no whole window.
@@ -342,9 +426,20 @@ impl TokenWindows {
                     len: self.len(),
                 });
             }
-            let w = &self.tokens[i as usize * t..i as usize * t + t + 1];
-            xs.extend(w[..t].iter().map(|&v| i64::from(v)));
-            ys.extend(w[1..].iter().map(|&v| i64::from(v)));
+            let (start, end) = self.span(i);
+            let mut window = Vec::with_capacity(t + 1);
+            for p in self.parts_of(start, end) {
+                let part = &self.parts[p];
+                let tokens = part
+                    .tokens
+                    .get()
+                    .ok_or(crate::TrainError::Missing { index: i, part: p })?;
+                let from = start.max(part.start) - part.start;
+                let to = end.min(part.start + part.len) - part.start;
+                window.extend_from_slice(&tokens[from as usize..to as usize]);
+            }
+            xs.extend(window[..t].iter().map(|&v| i64::from(v)));
+            ys.extend(window[1..].iter().map(|&v| i64::from(v)));
         }
         let shape = [n as i64, t as i64];
         Ok((
@@ -496,5 +591,40 @@ mod tests {
             .to_string()
             .contains("blake3"));
         std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn sparse_windows_read_across_pieces_like_the_whole_stream() {
+        let tokens: Vec<u32> = (0..103).collect();
+        let whole = TokenWindows::new(tokens.clone(), 8, [1; 32]);
+        let counts = [30u64, 0, 7, 50, 16];
+        let sparse = TokenWindows::sparse(&counts, 8, [1; 32]);
+        assert_eq!(sparse.len(), whole.len());
+        let idx: Vec<u32> = (0..whole.len() as u32).collect();
+        // Window 3 is tokens 24..33: pieces 0 (0..30) and 2 (30..37); the empty piece 1
+        // needs nothing.
+        assert_eq!(sparse.missing(&[3]), vec![0, 2]);
+        assert_eq!(sparse.missing(&idx), vec![0, 2, 3, 4]);
+        assert!(matches!(
+            sparse.batch(&[3]),
+            Err(crate::TrainError::Missing { index: 3, part: 0 })
+        ));
+        assert!(sparse.fill(0, vec![0; 29]).is_err());
+        let mut at = 0usize;
+        for (p, &n) in counts.iter().enumerate() {
+            sparse
+                .fill(p, tokens[at..at + n as usize].to_vec())
+                .unwrap();
+            at += n as usize;
+        }
+        assert!(sparse.missing(&idx).is_empty());
+        let (a, b) = (whole.batch(&idx).unwrap(), sparse.batch(&idx).unwrap());
+        assert!(a.0.equal(&b.0) && a.1.equal(&b.1));
+        // Out of range is still an index error, not a missing piece.
+        assert!(sparse.missing(&[999]).is_empty());
+        assert!(matches!(
+            sparse.batch(&[999]),
+            Err(crate::TrainError::Index { .. })
+        ));
     }
 }

@@ -9,6 +9,7 @@ pub mod dial;
 pub mod fetch;
 #[cfg(feature = "test-hooks")]
 pub mod hostile;
+pub mod shards;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 
@@ -21,7 +22,6 @@ use proto::{
     ToCoordinator, ToWorker,
 };
 use tracing::{info, warn};
-use trainer::tokens::TokenWindows;
 use trainer::{Dataset, ModelSpec, TrainData};
 use verify::{ComputeClass, WorkerKey};
 
@@ -205,7 +205,7 @@ struct SessionState {
     joined: bool,
     tasks_seen: u64,
     /// The training data loaded for a run, with the digest it was checked against.
-    data: Option<([u8; 32], Arc<TrainData>)>,
+    data: Option<Loaded>,
     /// The run's compute state (model, parameters, error feedback), reused on reconnecting to
     /// the same run.
     compute: Option<Compute>,
@@ -213,14 +213,38 @@ struct SessionState {
     tamper: Option<hostile::Tamper>,
 }
 
-/// Loads the run's training data from `dir` (IDX files or token shards, as the coordinator
-/// says) and checks it against the run's digest.
+/// The training data of a run, with the digest it was checked against.
+struct Loaded {
+    digest: [u8; 32],
+    data: Arc<TrainData>,
+    /// A language-model run's shards, loaded as tasks need them.
+    shards: Option<Arc<shards::LazyShards>>,
+}
+
+/// The files a worker needs before its first task: all of an image run's; only the
+/// manifest of a language-model run (its shards come as tasks need them).
+fn join_files(welcome: &proto::Welcome) -> Vec<proto::DataFile> {
+    let manifest = trainer::tokens::MANIFEST;
+    match welcome.dataset.as_str() {
+        "tokens" => welcome
+            .data_files
+            .iter()
+            .filter(|f| f.name == manifest)
+            .cloned()
+            .collect(),
+        _ => welcome.data_files.clone(),
+    }
+}
+
+/// Loads the run's training data from `dir` (the IDX files, or the manifest of the token
+/// shards, as the coordinator says) and checks it against the run's digest.
 fn load_data(
     dir: &std::path::Path,
     welcome: &proto::Welcome,
     spec: &ModelSpec,
-) -> Result<TrainData, SessionError> {
+) -> Result<(TrainData, Option<shards::LazyShards>), SessionError> {
     let fatal = |m: String| SessionError::Fatal(m);
+    let mut lazy = None;
     let data: TrainData = match (welcome.dataset.as_str(), spec) {
         ("fashion-mnist", ModelSpec::Cnn | ModelSpec::Mlp) => Dataset::load_idx(dir, "train")
             .map_err(|e| fatal(e.to_string()))?
@@ -232,9 +256,15 @@ fn load_data(
                     welcome.seq_len, c.max_position_embeddings
                 )));
             }
-            let train = TokenWindows::load_train(dir, welcome.seq_len as usize, c.vocab_size)
-                .map_err(|e| fatal(e.to_string()))?;
-            TrainData::Tokens(train)
+            let (shards, windows) = shards::LazyShards::open(
+                dir,
+                &welcome.data_files,
+                welcome.seq_len as usize,
+                c.vocab_size,
+            )
+            .map_err(fatal)?;
+            lazy = Some(shards);
+            TrainData::Tokens(windows)
         }
         (other, _) => {
             return Err(fatal(format!(
@@ -250,7 +280,18 @@ fn load_data(
             welcome.dataset
         )));
     }
-    Ok(data)
+    Ok((data, lazy))
+}
+
+/// A failed fetch: a lost link is retried, anything else ends the worker.
+fn fetch_error(conn: &quinn::Connection, e: fetch::FetchError) -> SessionError {
+    match (e, conn.close_reason()) {
+        (fetch::FetchError::Link(_), Some(reason)) => classify(&reason),
+        (fetch::FetchError::Link(m), None) => {
+            SessionError::Retry(format!("fetching the run's data: {m}"))
+        }
+        (e, _) => SessionError::Fatal(e.to_string()),
+    }
 }
 
 /// Checks the coordinator's list of data files: how many, plain unique names.
@@ -330,32 +371,34 @@ async fn session(
         tokio::time::sleep(Duration::from_millis(100)).await;
         return Err(restart_portable());
     }
-    let data = match &state.data {
-        Some((digest, d)) if *digest == welcome.dataset_digest => d.clone(),
+    let (data, lazy) = match &state.data {
+        Some(l) if l.digest == welcome.dataset_digest => (l.data.clone(), l.shards.clone()),
         _ => {
             check_files(&welcome.data_files).map_err(SessionError::Fatal)?;
             let gathered = fetch::gather(
                 &conn,
-                &welcome.data_files,
+                &join_files(&welcome),
                 opts.data_dir.as_deref(),
                 &opts.cache,
             )
             .await
-            .map_err(|e| match e {
-                fetch::FetchError::Link(_) => closed(&conn, e.to_string()),
-                _ => SessionError::Fatal(e.to_string()),
-            })?;
+            .map_err(|e| fetch_error(&conn, e))?;
             if gathered.downloaded > 0 {
                 *progressed = true;
             }
             let (dir, w, m) = (gathered.dir().to_path_buf(), welcome.clone(), model.clone());
-            let d = tokio::task::spawn_blocking(move || load_data(&dir, &w, &m))
+            let (d, lazy) = tokio::task::spawn_blocking(move || load_data(&dir, &w, &m))
                 .await
                 .map_err(|e| SessionError::Fatal(format!("loading the data: {e}")))??;
             drop(gathered);
-            let d = Arc::new(d);
-            state.data = Some((welcome.dataset_digest, d.clone()));
-            d
+            let loaded = Loaded {
+                digest: welcome.dataset_digest,
+                data: Arc::new(d),
+                shards: lazy.map(Arc::new),
+            };
+            let out = (loaded.data.clone(), loaded.shards.clone());
+            state.data = Some(loaded);
+            out
         }
     };
     // The class the coordinator expects: the declared one at the run's forced thread count.
@@ -377,7 +420,7 @@ async fn session(
         let compute = Compute::new(
             &model,
             device,
-            data,
+            data.clone(),
             key.clone(),
             welcome.run_id,
             welcome.codec,
@@ -420,6 +463,15 @@ async fn session(
                 #[cfg(feature = "test-hooks")]
                 opts.hooks.crash_if_due(state.tasks_seen);
                 let task_id = task.task_id;
+                if let (Some(lazy), TrainData::Tokens(windows)) = (&lazy, data.as_ref()) {
+                    let missing = windows.missing(&task.indices);
+                    if !missing.is_empty() {
+                        let cache = &opts.cache;
+                        lazy.load(&conn, &missing, windows, opts.data_dir.as_deref(), cache)
+                            .await
+                            .map_err(|e| fetch_error(&conn, e))?;
+                    }
+                }
                 let mut c = state
                     .compute
                     .take()
