@@ -31,8 +31,20 @@ use crate::server::Bucket;
 /// fetch it once, and refetch a few bad groups).
 pub const REPEAT_FACTOR: u64 = 3;
 
-/// Data requests per second one connection may make (burst: twice that).
+/// Data requests per second one connection may make (burst: twice that); faster requests
+/// wait their turn, and a request that would wait more than [`MAX_REQUEST_WAIT`] is refused.
 pub const REQUESTS_PER_S: f64 = 64.0;
+
+/// The longest a request may wait for the request rate before it is refused as a flood.
+pub const MAX_REQUEST_WAIT: Duration = Duration::from_secs(10);
+
+/// Uploads of one connection in flight at once, so that one worker cannot hold every
+/// upload slot.
+pub const UPLOADS_PER_CONN: usize = 2;
+
+/// A piece that cannot be written for this long ends its upload (the worker stopped
+/// reading), freeing its slot.
+const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bytes written to a data stream at a time (each piece waits for the bandwidth bucket).
 const PIECE: usize = 64 << 10;
@@ -86,10 +98,12 @@ impl ConnData {
     }
 }
 
-/// A checked request: which bytes of which file to send.
+/// A checked request: which bytes of which file to send, after waiting `wait` for the
+/// request rate.
 struct Plan<'a> {
     served: &'a Served,
     what: Range,
+    wait: Duration,
 }
 
 enum Range {
@@ -153,8 +167,11 @@ impl DataServer {
     /// Checks a request against the run's files and what the connection has asked for.
     fn plan(&self, req: &DataRequest, conn: &mut ConnData) -> Result<Plan<'_>, Refusal> {
         let refuse = |reason: String| Err(Refusal { reason });
-        if !conn.requests.try_take() {
-            return refuse(format!("more than {REQUESTS_PER_S} data requests a second"));
+        let wait = conn.requests.take(1.0);
+        if wait > MAX_REQUEST_WAIT {
+            return refuse(format!(
+                "far more than {REQUESTS_PER_S} data requests a second"
+            ));
         }
         let Some(s) = self.files.get(&req.blake3) else {
             return refuse(format!(
@@ -192,16 +209,22 @@ impl DataServer {
             ));
         }
         conn.served += n;
-        Ok(Plan { served: s, what })
+        Ok(Plan {
+            served: s,
+            what,
+            wait,
+        })
     }
 
     /// Answers the one request of a data stream; returns the bytes sent, or the refusal
-    /// (already sent to the worker), which is an offence.
+    /// (already sent to the worker), which is an offence. `uploads` holds the connection's
+    /// upload slots ([`UPLOADS_PER_CONN`]).
     pub async fn serve_stream(
         &self,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         conn: &Mutex<ConnData>,
+        uploads: &Semaphore,
     ) -> Result<u64, Refusal> {
         // The coordinator's control messages go first.
         let _ = send.set_priority(-1);
@@ -236,18 +259,35 @@ impl DataServer {
                 return Err(r);
             }
         };
-        let Ok(_permit) = self.uploads.acquire().await else {
+        if !plan.wait.is_zero() {
+            tokio::time::sleep(plan.wait).await;
+        }
+        let (Ok(_mine), Ok(_any)) = (uploads.acquire().await, self.uploads.acquire().await) else {
             return Ok(0);
         };
         let bytes = match plan.what {
             Range::Outboard => plan.served.outboard.clone(),
             Range::Bytes(start, end) => {
-                let mut buf = vec![0u8; (end - start) as usize];
-                if let Err(e) = plan.served.file.read_exact_at(&mut buf, start) {
-                    // The worker sees a short stream and asks again; the operator sees why.
-                    tracing::error!("reading {}: {e}", plan.served.path.display());
-                    return Ok(0);
-                }
+                let path = plan.served.path.clone();
+                let read = plan.served.file.try_clone().map(|f| {
+                    tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; (end - start) as usize];
+                        f.read_exact_at(&mut buf, start).map(|()| buf)
+                    })
+                });
+                let buf = match read {
+                    Ok(task) => task.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+                    Err(e) => Err(e),
+                };
+                #[allow(unused_mut)]
+                let mut buf = match buf {
+                    Ok(b) => b,
+                    Err(e) => {
+                        // The worker sees a short stream and asks again; the operator sees why.
+                        tracing::error!("reading {}: {e}", path.display());
+                        return Ok(0);
+                    }
+                };
                 #[cfg(feature = "test-hooks")]
                 self.maybe_corrupt(&mut buf);
                 buf
@@ -270,9 +310,17 @@ impl DataServer {
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            if let Err(e) = send.write_all(piece).await {
-                debug!("data stream closed by the worker: {e}");
-                return Ok(0);
+            match tokio::time::timeout(PIECE_TIMEOUT, send.write_all(piece)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!("data stream closed by the worker: {e}");
+                    return Ok(0);
+                }
+                Err(_) => {
+                    debug!("the worker stopped reading a data stream; upload dropped");
+                    let _ = send.reset(0u32.into());
+                    return Ok(0);
+                }
             }
         }
         let _ = send.finish();
@@ -281,9 +329,11 @@ impl DataServer {
 
     #[cfg(feature = "test-hooks")]
     fn maybe_corrupt(&self, buf: &mut [u8]) {
-        let left = self.corrupt.load(Ordering::Relaxed);
-        if left > 0 && !buf.is_empty() {
-            self.corrupt.store(left - 1, Ordering::Relaxed);
+        let take = |n: u64| n.checked_sub(1);
+        let took = self
+            .corrupt
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, take);
+        if took.is_ok() && !buf.is_empty() {
             let at = buf.len() / 2;
             buf[at] ^= 0x5a;
             tracing::warn!("TEST: corrupted one byte of a data reply");
@@ -403,14 +453,19 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_requests_is_refused() {
+    fn requests_beyond_the_rate_wait_and_a_flood_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let s = server(d.path(), &[10]);
         let mut c = ConnData::default();
-        let n = (0..1000)
-            .take_while(|_| s.plan(&req(&s, 0, DataPart::Outboard), &mut c).is_ok())
-            .count();
-        // The burst is twice the rate; a little refills while the loop runs.
-        assert!((128..140).contains(&n), "{n}");
+        let waits: Vec<Duration> = (0..2000)
+            .map_while(|_| s.plan(&req(&s, 0, DataPart::Outboard), &mut c).ok())
+            .map(|p| p.wait)
+            .collect();
+        // The burst (twice the rate) goes at once; then each request waits its turn, up to
+        // 10 s of requests at the rate; the next is refused.
+        assert!(waits[..120].iter().all(|w| w.is_zero()));
+        assert!(waits[200] > Duration::from_millis(500), "{:?}", waits[200]);
+        let n = waits.len();
+        assert!((128 + 640 - 5..128 + 640 + 20).contains(&n), "{n}");
     }
 }

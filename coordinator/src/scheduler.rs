@@ -593,6 +593,18 @@ impl Scheduler {
         match ev {
             Event::Stop => return Ok(false),
             Event::Joined(j) => self.on_join(*j)?,
+            Event::Offence {
+                conn,
+                worker,
+                reason,
+            } => self.core.handle(
+                now,
+                Input::Offence {
+                    conn,
+                    worker,
+                    reason,
+                },
+            ),
             Event::Left {
                 conn,
                 reason,
@@ -1002,7 +1014,7 @@ impl Scheduler {
             .take(PER_WORKER_LINES)
             .map(|(conn, w)| {
                 let (i, o) = w.traffic.get();
-                json!({"conn": conn, "bytes_in": i, "bytes_out": o})
+                json!({"conn": conn, "bytes_in": i, "bytes_out": o, "data_served": w.traffic.data()})
             })
             .collect();
         let step = self.step();
@@ -1010,7 +1022,7 @@ impl Scheduler {
             "step",
             json!({"step": step, "batches": self.meta.batches_done, "loss": loss,
                    "parts": parts_used, "workers": self.links.conns.len(), "samples": samples,
-                   "bytes_in": bin, "bytes_out": bout,
+                   "bytes_in": bin, "bytes_out": bout, "data_served": self.traffic.data(),
                    "round_bytes_in": bin - self.counts.last_in, "round_bytes_out": bout - self.counts.last_out,
                    "uplink_ratio": self.counts.uplink_ratio(), "per_worker": per_worker,
                    "clipped": applied.report.clipped, "tokens": tokens,

@@ -43,6 +43,16 @@ pub struct Joined {
 pub enum Event {
     /// A worker completed the handshake.
     Joined(Box<Joined>),
+    /// A connection broke the protocol before its worker was ready (never `Joined`): the
+    /// key gets a strike.
+    Offence {
+        /// Connection number.
+        conn: u64,
+        /// The key it presented.
+        worker: WorkerId,
+        /// What it did.
+        reason: String,
+    },
     /// A worker's connection ended.
     Left {
         /// Connection number.
@@ -362,17 +372,25 @@ async fn serve(
         ));
         let _stop_data = AbortOnDrop(data);
         let welcomed = Instant::now();
-        // Until it holds the data, the worker only fetches; then it says it is ready.
-        match read_frame::<_, ToCoordinator>(&mut recv, 1024).await {
-            Ok((ToCoordinator::Ready, n)) => traffic.add_in(n),
-            Ok(_) => {
+        // Until it holds the data, the worker only fetches; then it says it is ready, within
+        // a minute plus the data set at 256 kbit/s.
+        let deadline = Duration::from_secs_f64(60.0 + ctx.data.total() as f64 / 32_000.0);
+        let ready = read_frame::<_, ToCoordinator>(&mut recv, 1024);
+        match tokio::time::timeout(deadline, ready).await {
+            Ok(Ok((ToCoordinator::Ready, n))) => traffic.add_in(n),
+            Ok(Ok(_)) => {
                 conn.close(close::PROTOCOL.into(), b"expected Ready");
                 return Ok(Ended {
                     reason: "protocol error: expected Ready".into(),
                     offence: true,
+                    joined: false,
                 });
             }
-            Err(e) => return Err(e.to_string()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                conn.close(close::TIMEOUT.into(), b"not ready in time");
+                return Err(format!("not ready within {:.0} s", deadline.as_secs_f64()));
+            }
         }
         let data_served = traffic.data();
         let (tx, rx) = unbounded_channel();
@@ -405,12 +423,18 @@ async fn serve(
     let mut ended = result.unwrap_or_else(|reason| Ended {
         reason,
         offence: false,
+        joined: false,
     });
     if let Some(reason) = offence.lock().ok().and_then(|mut o| o.take()) {
-        ended = Ended {
-            reason,
-            offence: true,
-        };
+        ended.reason = reason;
+        ended.offence = true;
+    }
+    if ended.offence && !ended.joined {
+        let _ = ctx.events.send(Event::Offence {
+            conn: conn_no,
+            worker: hello.worker_id,
+            reason: ended.reason.clone(),
+        });
     }
     info!("worker left: {}", ended.reason);
     let _ = ctx.events.send(Event::Left {
@@ -441,12 +465,13 @@ async fn data_loop(
     offence: Arc<std::sync::Mutex<Option<String>>>,
 ) {
     let state = Arc::new(std::sync::Mutex::new(ConnData::default()));
+    let uploads = Arc::new(Semaphore::new(crate::data_server::UPLOADS_PER_CONN));
     let mut streams = tokio::task::JoinSet::new();
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (data, state, total, mine) = (data.clone(), state.clone(), total.clone(), mine.clone());
-        let (conn, offence) = (conn.clone(), offence.clone());
+        let (conn, offence, uploads) = (conn.clone(), offence.clone(), uploads.clone());
         streams.spawn(async move {
-            match data.serve_stream(send, recv, &state).await {
+            match data.serve_stream(send, recv, &state, &uploads).await {
                 Ok(n) => {
                     total.add_data(n);
                     mine.add_data(n);
@@ -472,6 +497,8 @@ struct Ended {
     reason: String,
     /// The peer broke the protocol.
     offence: bool,
+    /// The scheduler knew it (it got as far as `Joined`).
+    joined: bool,
 }
 
 async fn read_loop(
@@ -490,6 +517,7 @@ async fn read_loop(
         Ended {
             reason,
             offence: true,
+            joined: true,
         }
     };
     loop {
@@ -499,6 +527,7 @@ async fn read_loop(
             return Ended {
                 reason: "closing".into(),
                 offence: false,
+                joined: true,
             };
         };
         match read_frame::<_, ToCoordinator>(recv, ctx.limits.max_frame).await {
@@ -528,6 +557,7 @@ async fn read_loop(
                     return Ended {
                         reason: "scheduler gone".into(),
                         offence: false,
+                        joined: true,
                     };
                 }
             }
@@ -535,6 +565,7 @@ async fn read_loop(
                 return Ended {
                     reason: format!("connection lost: {e}"),
                     offence: false,
+                    joined: true,
                 }
             }
             Err(e) => return offence(format!("protocol error: {e}")),

@@ -238,6 +238,9 @@ pub enum ToCoordinator {
 /// Most files a run's data set may have.
 pub const MAX_DATA_FILES: usize = 4096;
 
+/// Largest data file a worker accepts (1 TiB): sums of a run's files cannot overflow.
+pub const MAX_DATA_FILE_LEN: u64 = 1 << 40;
+
 /// Most groups ([`verify::blob::GROUP_LEN`] bytes each) one [`DataRequest`] may ask for.
 pub const MAX_GROUPS_PER_REQUEST: u32 = 16;
 

@@ -436,6 +436,11 @@ impl<P: Clone, B: Batches> Core<P, B> {
                     }
                 }
             }
+            Input::Offence {
+                conn,
+                worker,
+                reason,
+            } => self.strike(now, worker, conn, &reason),
             Input::TaskFailed {
                 conn,
                 task_id,
@@ -1089,6 +1094,16 @@ pub enum Input {
         reason: String,
         /// Whether the worker broke the protocol.
         offence: bool,
+    },
+    /// A connection the core never admitted (it broke the protocol before it was ready,
+    /// e.g. with a bad data request): its key gets a strike all the same.
+    Offence {
+        /// The connection.
+        conn: u64,
+        /// The key it presented.
+        worker: WorkerId,
+        /// What it did.
+        reason: String,
     },
     /// A worker reported that it could not do its task.
     TaskFailed {

@@ -209,6 +209,23 @@ fn a_leaving_worker_s_part_goes_to_an_idle_one() {
 }
 
 #[test]
+fn offences_before_joining_strike_the_key_and_three_ban_it() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    for conn in 10..13 {
+        h.input(Input::Offence {
+            conn,
+            worker: w(2),
+            reason: "data request refused".into(),
+        });
+    }
+    assert_eq!(h.offences, 3);
+    assert_eq!(h.banned, vec![w(2)]);
+    assert!(h.core.discipline().is_banned(&w(2)));
+    assert!(!h.core.discipline().is_banned(&w(1)));
+}
+
+#[test]
 fn a_missed_deadline_reassigns_and_the_late_answer_is_dropped_without_blame() {
     let mut h = Harness::new(cfg());
     h.join(1, w(1));

@@ -180,5 +180,14 @@ fn a_data_set_larger_than_the_cache_cap_is_a_clear_error() {
     let status = w.wait(Duration::from_secs(60)).expect("exit");
     assert!(!status.success());
     assert!(w.log().contains("--cache-max-gb"), "{}", w.log());
-    assert!(served(&c).is_empty());
+    // Refused before anything was fetched.
+    let blobs = std::fs::read_dir(home.path().join("cache/blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 0);
+    assert!(
+        !w.log().contains("downloading the run's data"),
+        "{}",
+        w.log()
+    );
 }

@@ -312,6 +312,13 @@ fn check_files(files: &[proto::DataFile]) -> Result<(), String> {
         if !names.insert(n.as_str()) {
             return Err(format!("the coordinator lists the data file {n:?} twice"));
         }
+        if f.len > proto::MAX_DATA_FILE_LEN {
+            return Err(format!(
+                "the coordinator lists {n:?} of {} bytes, more than {}",
+                f.len,
+                proto::MAX_DATA_FILE_LEN
+            ));
+        }
     }
     Ok(())
 }
