@@ -147,6 +147,30 @@ fn corrupted_groups_are_fetched_again_and_never_trained_on() {
 }
 
 #[test]
+fn a_download_cut_short_resumes_where_it_stopped() {
+    let home = tempfile::tempdir().unwrap();
+    // 20 Mbit/s: the 26.5 MB take about 11 s; the first worker is killed after 4 s.
+    let cfg = swarm_config("mlp", 10, 64, 1, 1, "[data]\nserve_max_mbps = 20\n");
+    let mut c = Coordinator::start(&cfg);
+    let mut first = Worker::start_fetching(&c.join_string(), home.path(), "w0", &[]);
+    std::thread::sleep(Duration::from_secs(4));
+    first.kill();
+    let w = Worker::start_fetching(&c.join_string(), home.path(), "w1", &[]);
+    assert!(c.wait(Duration::from_secs(180)).success(), "{}", c.log());
+    let log = w.log();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming an unfinished download"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(!resumed.contains("groups=0 "), "{resumed}");
+    // The second worker fetched only what the first had not.
+    let second = served(&c);
+    assert_eq!(second.len(), 1, "{log}");
+    assert!(second[0] < fashion_train_bytes() * 3 / 4, "{second:?}");
+    assert!(log.contains("every group verified"), "{log}");
+}
+
+#[test]
 fn a_coordinator_that_keeps_sending_bad_bytes_is_a_clear_error_for_the_volunteer() {
     let home = tempfile::tempdir().unwrap();
     let cfg = quick_config("mlp", 5, 64, "127.0.0.1:0", "");

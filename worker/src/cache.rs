@@ -97,15 +97,27 @@ impl Cache {
         self.dir.join("blobs").join(hex::encode(hash))
     }
 
-    /// A fresh temporary file for downloading `hash`, `len` bytes long.
-    pub fn part(&self, hash: &[u8; 32], len: u64) -> Result<(PathBuf, File), CacheError> {
-        let path =
-            self.dir
-                .join("tmp")
-                .join(format!("{}.{}.part", hex::encode(hash), std::process::id()));
-        let f = File::create(&path).map_err(unusable(&path))?;
-        f.set_len(len).map_err(unusable(&path))?;
-        Ok((path, f))
+    /// The temporary file for downloading `hash`, `len` bytes long, and whether it is an
+    /// unfinished earlier download (kept while the run needs the file; whoever downloads
+    /// holds the cache's lock, so there is one writer).
+    pub fn part(&self, hash: &[u8; 32], len: u64) -> Result<(PathBuf, File, bool), CacheError> {
+        let path = self
+            .dir
+            .join("tmp")
+            .join(format!("{}.part", hex::encode(hash)));
+        let resumed = std::fs::metadata(&path).is_ok_and(|m| m.len() == len);
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(unusable(&path))?;
+        if !resumed {
+            f.set_len(0).map_err(unusable(&path))?;
+            f.set_len(len).map_err(unusable(&path))?;
+        }
+        Ok((path, f, resumed))
     }
 
     /// Moves a finished, verified temporary file into place.
@@ -181,9 +193,18 @@ impl Cache {
             total -= len;
             removed += len;
         }
+        // Unfinished downloads of other files go too; the run's own are resumed later.
         let tmp = self.dir.join("tmp");
         for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
-            let _ = std::fs::remove_file(e.path());
+            let name = e.file_name().to_string_lossy().to_string();
+            let ours = name
+                .strip_suffix(".part")
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .is_some_and(|h| keep.contains(&h));
+            if !ours {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
         Ok(removed)
     }
@@ -213,7 +234,7 @@ mod tests {
 
     fn put(c: &Cache, bytes: &[u8]) -> DataFile {
         let hash = *blake3::hash(bytes).as_bytes();
-        let (p, f) = c.part(&hash, bytes.len() as u64).unwrap();
+        let (p, f, _) = c.part(&hash, bytes.len() as u64).unwrap();
         std::fs::write(&p, bytes).unwrap();
         c.insert(&hash, &p, f).unwrap();
         DataFile {

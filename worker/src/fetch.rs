@@ -63,12 +63,14 @@ pub struct CacheOptions {
 
 /// Gathers every file of `files`: a file of `data_dir` with the right name and hash, else
 /// the cache's copy, else a download into the cache (which is then evicted down to its
-/// cap). When `data_dir` holds them all the cache is not touched.
+/// cap). When `data_dir` holds them all the cache is not touched. `progressed` is set once a
+/// verified group arrives (an unfinished download resumes where it stopped).
 pub async fn gather(
     conn: &quinn::Connection,
     files: &[DataFile],
     data_dir: Option<&Path>,
     cache: &CacheOptions,
+    progressed: &mut bool,
 ) -> Result<Gathered, FetchError> {
     if let Some(d) = data_dir {
         if files.iter().all(|f| has(&d.join(&f.name), f)) {
@@ -119,8 +121,9 @@ pub async fn gather(
         );
         let mut progress = Progress::new(need);
         for f in &missing {
-            let path = download(conn, f, &cache, &mut progress).await?;
-            located.push((f.name.clone(), path));
+            let path = download(conn, f, &cache, &mut progress).await;
+            *progressed |= progress.moved;
+            located.push((f.name.clone(), path?));
         }
         progress.done();
     }
@@ -152,6 +155,8 @@ fn has(path: &Path, f: &DataFile) -> bool {
 struct Progress {
     total: u64,
     got: u64,
+    /// A group arrived from the coordinator.
+    moved: bool,
     started: Instant,
     logged: Instant,
 }
@@ -162,6 +167,7 @@ impl Progress {
         Progress {
             total,
             got: 0,
+            moved: false,
             started: now,
             logged: now,
         }
@@ -267,14 +273,33 @@ async fn download(
             }
         }
     };
-    let (part, file) = cache.part(&f.blake3, f.len)?;
+    let (part, file, resumed) = cache.part(&f.blake3, f.len)?;
     let groups = blob::groups(f.len);
-    let step = u64::from(MAX_GROUPS_PER_REQUEST);
-    // (first group, count, attempt)
-    let mut todo: VecDeque<(u64, u32, u32)> = (0..groups)
-        .step_by(step as usize)
-        .map(|first| (first, (groups - first).min(step) as u32, 0))
-        .collect();
+    let done = if resumed {
+        verified_groups(&file, f, &outboard).await
+    } else {
+        vec![false; groups as usize]
+    };
+    let here = done.iter().filter(|&&d| d).count();
+    if here > 0 {
+        info!(file = %f.name, groups = here, of = groups, "resuming an unfinished download");
+        for g in (0..groups).filter(|&g| done[g as usize]) {
+            let (s, e) = blob::group_range(f.len, g).unwrap_or((0, 0));
+            progress.add(e - s);
+        }
+    }
+    // Runs of missing groups, at most MAX_GROUPS_PER_REQUEST each: (first, count, attempt).
+    let mut todo: VecDeque<(u64, u32, u32)> = VecDeque::new();
+    for g in (0..groups).filter(|&g| !done[g as usize]) {
+        match todo.back_mut() {
+            Some((first, count, _))
+                if *first + u64::from(*count) == g && *count < MAX_GROUPS_PER_REQUEST =>
+            {
+                *count += 1
+            }
+            _ => todo.push_back((g, 1, 0)),
+        }
+    }
     let mut inflight = tokio::task::JoinSet::new();
     loop {
         while inflight.len() < DATA_STREAMS as usize {
@@ -307,6 +332,7 @@ async fn download(
                 file.write_all_at(data, s)
                     .map_err(|e| FetchError::Cache(unusable(&part, e)))?;
                 progress.add(data.len() as u64);
+                progress.moved = true;
             } else if attempt + 1 >= ATTEMPTS {
                 return Err(bad(format!("group {g}")));
             } else {
@@ -316,6 +342,28 @@ async fn download(
         }
     }
     Ok(cache.insert(&f.blake3, &part, file)?)
+}
+
+/// Which groups of an unfinished download already hold the right bytes (checked against the
+/// outboard, off the async threads).
+async fn verified_groups(file: &std::fs::File, f: &DataFile, outboard: &[u8]) -> Vec<bool> {
+    let groups = blob::groups(f.len) as usize;
+    let (Ok(file), f, outboard) = (file.try_clone(), f.clone(), outboard.to_vec()) else {
+        return vec![false; groups];
+    };
+    let check = move || {
+        (0..groups as u64)
+            .map(|g| {
+                let (s, e) = blob::group_range(f.len, g).unwrap_or((0, 0));
+                let mut buf = vec![0u8; (e - s) as usize];
+                file.read_exact_at(&mut buf, s).is_ok()
+                    && blob::group_ok(&f.blake3, f.len, &outboard, g, &buf)
+            })
+            .collect()
+    };
+    tokio::task::spawn_blocking(check)
+        .await
+        .unwrap_or_else(|_| vec![false; groups])
 }
 
 fn unusable(path: &Path, source: std::io::Error) -> crate::cache::CacheError {

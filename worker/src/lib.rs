@@ -387,12 +387,10 @@ async fn session(
                 &join_files(&welcome),
                 opts.data_dir.as_deref(),
                 &opts.cache,
+                progressed,
             )
             .await
             .map_err(|e| fetch_error(&conn, e))?;
-            if gathered.downloaded > 0 {
-                *progressed = true;
-            }
             let (dir, w, m) = (gathered.dir().to_path_buf(), welcome.clone(), model.clone());
             let (d, lazy) = tokio::task::spawn_blocking(move || load_data(&dir, &w, &m))
                 .await
@@ -473,8 +471,8 @@ async fn session(
                 if let (Some(lazy), TrainData::Tokens(windows)) = (&lazy, data.as_ref()) {
                     let missing = windows.missing(&task.indices);
                     if !missing.is_empty() {
-                        let cache = &opts.cache;
-                        lazy.load(&conn, &missing, windows, opts.data_dir.as_deref(), cache)
+                        let from = (opts.data_dir.as_deref(), &opts.cache);
+                        lazy.load(&conn, &missing, windows, from, progressed)
                             .await
                             .map_err(|e| fetch_error(&conn, e))?;
                     }

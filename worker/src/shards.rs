@@ -65,20 +65,20 @@ impl LazyShards {
     }
 
     /// Loads shards `parts` into `windows`, fetching those that are not local; returns the
-    /// bytes downloaded.
+    /// bytes downloaded. `progressed` as for [`fetch::gather`].
     pub async fn load(
         &self,
         conn: &quinn::Connection,
         parts: &[usize],
         windows: &TokenWindows,
-        data_dir: Option<&Path>,
-        cache: &CacheOptions,
+        (data_dir, cache): (Option<&Path>, &CacheOptions),
+        progressed: &mut bool,
     ) -> Result<u64, FetchError> {
         let files: Vec<DataFile> = parts
             .iter()
             .filter_map(|&p| self.files.get(p).cloned())
             .collect();
-        let gathered = fetch::gather(conn, &files, data_dir, cache).await?;
+        let gathered = fetch::gather(conn, &files, data_dir, cache, progressed).await?;
         let dir = gathered.dir().to_path_buf();
         let entries: Vec<(usize, ShardEntry)> = parts
             .iter()
