@@ -25,6 +25,9 @@ pub struct RunData {
     /// The files a worker loads the training set from, by the names its loader expects:
     /// what the coordinator serves to workers that do not hold them.
     pub files: Vec<(String, PathBuf)>,
+    /// A language-model run's training shards as windows without tokens (where each
+    /// sample falls), for the prefetch hints; `None` for images.
+    pub layout: Option<TokenWindows>,
 }
 
 /// Loads and checks the data the config names for `spec` (shard hashes, token ids below
@@ -40,6 +43,8 @@ pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
             let (train, val) = TokenWindows::load(dir, cfg.data.seq_len, c.vocab_size)
                 .with_context(|| format!("loading the token shards in {}", dir.display()))?;
             let manifest = Manifest::load(dir)?;
+            let counts: Vec<u64> = manifest.train.iter().map(|s| s.tokens).collect();
+            let layout = TokenWindows::sparse(&counts, cfg.data.seq_len, [0; 32]);
             let files = std::iter::once(trainer::tokens::MANIFEST.to_string())
                 .chain(manifest.train.iter().map(|s| s.file.clone()))
                 .map(|f| (f.clone(), dir.join(f)))
@@ -51,6 +56,7 @@ pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
                 seq_len: cfg.data.seq_len as u32,
                 tokenizer: manifest.tokenizer.file.map(|f| dir.join(f)),
                 files,
+                layout: Some(layout),
             })
         }
         ModelSpec::Cnn | ModelSpec::Mlp => {
@@ -66,6 +72,7 @@ pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
                     .into_iter()
                     .map(|f| (f.clone(), cfg.data.dir.join(f)))
                     .collect(),
+                layout: None,
             })
         }
     }

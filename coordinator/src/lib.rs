@@ -231,6 +231,7 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
         traffic,
         banned,
         check_key: blake3::derive_key("dtrain spot-check key v1", &identity.secret),
+        layout: data.layout,
     };
     let sched = scheduler::Scheduler::new(cfg, identity.run_id, inputs)?;
     let outcome = tokio::task::spawn_blocking(move || sched.run()).await??;

@@ -95,12 +95,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
     let (encode, info): (Box<Encoder>, TokenizerInfo) = match &opts.tokenizer {
         TokenizerChoice::Byte => (
             Box::new(|b: &[u8]| Ok(b.iter().map(|&x| u32::from(x)).collect())),
-            TokenizerInfo {
-                kind: "byte".into(),
-                vocab_size: 256,
-                blake3: blake3::hash(b"byte").to_hex().to_string(),
-                file: None,
-            },
+            TokenizerInfo::byte(),
         ),
         TokenizerChoice::File(path) => {
             let bytes =

@@ -98,6 +98,9 @@ pub struct Inputs {
     pub banned: Arc<std::sync::RwLock<HashSet<WorkerId>>>,
     /// Key of the spot-check draws (unpredictable to workers).
     pub check_key: [u8; 32],
+    /// A language-model run's training shards as windows without tokens: which shards a
+    /// task's next samples fall in (the prefetch hint of every task).
+    pub layout: Option<trainer::tokens::TokenWindows>,
 }
 
 /// The run's batch schedule as the core reads it.
@@ -134,6 +137,8 @@ struct Expected<'a> {
 /// The scheduler and the run state it owns.
 pub struct Scheduler {
     cfg: RunConfig,
+    /// See [`Inputs::layout`].
+    layout: Option<trainer::tokens::TokenWindows>,
     run_id: [u8; 32],
     events: Receiver<Event>,
     test: TrainData,
@@ -187,6 +192,7 @@ impl Scheduler {
             traffic,
             banned,
             check_key,
+            layout,
         } = inputs;
         let net = Net::new(&spec, tch::Device::Cpu, cfg.run.seed);
         let n_params = net.n_params();
@@ -315,12 +321,14 @@ impl Scheduler {
                 inner_batches: h,
                 total_batches,
                 growth: cfg.training.growth(),
+                next_hints: layout.is_some(),
             },
             Schedule(RefCell::new(schedule)),
             recovered.standings.clone(),
             meta.next_task,
         );
         Ok(Scheduler {
+            layout,
             class_digest,
             hyper: hyperparams_digest(&cfg, &spec),
             progress: Progress::new(total_steps, step),
@@ -566,6 +574,13 @@ impl Scheduler {
             params_version: self.downlink.version(),
             params,
             params_hash: self.downlink.hash(),
+            prefetch: self.layout.as_ref().map_or_else(Vec::new, |l| {
+                l.missing(&task.next)
+                    .into_iter()
+                    .take(proto::MAX_PREFETCH)
+                    .map(|p| p as u32)
+                    .collect()
+            }),
             indices: task.slice.indices,
             micro_batches: task.slice.micro,
             seed: task.seed,

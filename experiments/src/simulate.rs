@@ -247,6 +247,7 @@ fn fleet(n: usize, rounds: u64, seed: u64) -> Row {
                 min_micro_batch: MIN_MICRO,
                 max_global_batch: n * MIN_MICRO,
             }),
+            next_hints: false,
         },
         Seq,
         Vec::new(),

@@ -107,6 +107,7 @@ impl Stream {
             params_hash: verify::hash_f32(&params),
             micro_batches: vec![indices.len() as u32],
             indices,
+            prefetch: Vec::new(),
             seed: k,
             hyperparams: [0; 32],
             ef_base: 0,

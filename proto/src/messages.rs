@@ -119,6 +119,11 @@ pub struct Task {
     pub params_hash: [u8; 32],
     /// Indices into the training set.
     pub indices: Vec<u32>,
+    /// Positions (in the manifest's training list) of the shards the worker's next task is
+    /// likely to read (the same positions of the next round's batches): a worker that
+    /// fetches shards as it needs them fetches these while it computes. At most
+    /// [`MAX_PREFETCH`]; empty for image runs.
+    pub prefetch: Vec<u32>,
     /// Sizes of the consecutive micro-batches `indices` is cut into (one per global batch of
     /// the round).
     pub micro_batches: Vec<u32>,
@@ -234,6 +239,9 @@ pub enum ToCoordinator {
     /// [`ToWorker::Welcome`]; until then the coordinator only serves its data streams).
     Ready,
 }
+
+/// Most shards one task names for prefetching.
+pub const MAX_PREFETCH: usize = 256;
 
 /// Most files a run's data set may have.
 pub const MAX_DATA_FILES: usize = 4096;

@@ -93,6 +93,9 @@ pub struct Config {
     /// inner step, whatever the number of workers (then at most as many parts as a batch
     /// has samples).
     pub growth: Option<Growth>,
+    /// Attach to every task the samples at the same positions of the next round's batches
+    /// ([`TaskSpec::next`]), for workers that fetch data ahead (language-model shards).
+    pub next_hints: bool,
 }
 
 /// Where the core is in the round cycle.
@@ -130,6 +133,10 @@ pub struct TaskSpec {
     pub slice: Slice,
     /// Its seed ([`task_seed`]).
     pub seed: u64,
+    /// The samples at the same positions of the next round's batches, split with the same
+    /// weights: what this worker is likely to get next (empty unless
+    /// [`Config::next_hints`], and in the last round).
+    pub next: Vec<u32>,
 }
 
 /// What a round hands over when every part has an answer.
@@ -302,6 +309,8 @@ pub struct Core<P, B> {
     fruitless: Option<(u64, u64, bool)>,
     /// When the first round stops gathering workers (set once it has its `min_workers`).
     gather_until: Option<Instant>,
+    /// Per part of the round in flight: [`TaskSpec::next`].
+    hints: Vec<Vec<u32>>,
     backlog: usize,
     next_task: u64,
     started: bool,
@@ -326,6 +335,7 @@ impl<P: Clone, B: Batches> Core<P, B> {
             disputed: HashSet::new(),
             fruitless: None,
             gather_until: None,
+            hints: Vec::new(),
             backlog: 0,
             next_task,
             started: false,
@@ -548,6 +558,7 @@ impl<P: Clone, B: Batches> Core<P, B> {
                         part: p,
                         slice: r.parts[p].slice.clone(),
                         seed: r.parts[p].seed,
+                        next: Vec::new(),
                     };
                     let standing = self.discipline.accepted(worker);
                     let check = self.cfg.checks.as_ref().is_some_and(|(policy, key)| {
@@ -756,6 +767,20 @@ impl<P: Clone, B: Batches> Core<P, B> {
             .enumerate()
             .map(|(i, s)| (s, task_seed(self.cfg.run_seed, number, i)))
             .collect();
+        self.hints = match first + batches {
+            next if self.cfg.next_hints && next < self.cfg.total_batches => {
+                let inner: Vec<Vec<u32>> = self
+                    .inner_batches(next, idle.len())
+                    .into_iter()
+                    .map(|(b, _)| b)
+                    .collect();
+                split(&inner, &weights)
+                    .into_iter()
+                    .map(|s| s.indices)
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         let mut round = Round::new(number, batches, now, slices, self.cfg.straggler_grace);
         round.target = target;
         self.state = State::InFlight(Box::new(round));
@@ -929,6 +954,7 @@ impl<P: Clone, B: Batches> Core<P, B> {
             part,
             slice: r.parts[part].slice.clone(),
             seed: r.parts[part].seed,
+            next: self.hints.get(part).cloned().unwrap_or_default(),
         };
         self.actions.push_back(Action::SendTask {
             conn,

@@ -33,6 +33,7 @@ fn cfg() -> Config {
         inner_batches: 1,
         total_batches: 1000,
         growth: None,
+        next_hints: false,
     }
 }
 
@@ -206,6 +207,39 @@ fn a_leaving_worker_s_part_goes_to_an_idle_one() {
     h.answer(2, true);
     assert_eq!(h.commits.len(), 1);
     assert_eq!(h.offences, 0);
+}
+
+#[test]
+fn tasks_carry_the_same_positions_of_the_next_round_when_asked() {
+    let mut h = Harness::new(Config {
+        next_hints: true,
+        total_batches: 2,
+        ..cfg()
+    });
+    h.join(1, w(1));
+    h.join(2, w(2));
+    h.open(0);
+    // Round 0 is batch 0..8 in two parts; round 1 is batch 8..16 split the same way.
+    let next: HashMap<u64, Vec<u32>> = h.sent.iter().map(|(c, t)| (*c, t.next.clone())).collect();
+    let parts: HashMap<u64, Vec<u32>> = h
+        .sent
+        .iter()
+        .map(|(c, t)| (*c, t.slice.indices.clone()))
+        .collect();
+    for conn in [1, 2] {
+        let now: Vec<u32> = parts[&conn].iter().map(|i| i + 8).collect();
+        assert_eq!(next[&conn], now, "conn {conn}");
+    }
+    // The last round has nothing after it.
+    h.answer(1, true);
+    h.answer(2, true);
+    h.open(1);
+    assert!(h.sent[2..].iter().all(|(_, t)| t.next.is_empty()));
+    // Without the option, no hint.
+    let mut plain = Harness::new(cfg());
+    plain.join(1, w(1));
+    plain.open(0);
+    assert!(plain.sent[0].1.next.is_empty());
 }
 
 #[test]

@@ -61,31 +61,55 @@ fn a_worker_with_an_empty_cache_fetches_the_image_data_and_the_next_run_reuses_i
     assert!(w2.log().contains("all in the cache"), "{}", w2.log());
 }
 
-/// A shard folder of four training shards of 5,000 byte-level tokens and a validation shard.
-fn four_shards(dir: &Path) -> trainer::tokens::Manifest {
+/// A shard folder of `n` training shards of `len` byte-level tokens and a validation shard.
+fn shard_folder(dir: &Path, n: usize, len: usize) -> trainer::tokens::Manifest {
     use trainer::tokens::{write_shard, Manifest, TokenDtype, TokenizerInfo, FORMAT};
     std::fs::create_dir_all(dir).unwrap();
-    let text = "the cat sat on the mat and the dog ran far. ".repeat(500);
+    let sentence = "the cat sat on the mat and the dog ran far. ";
+    let text = sentence.repeat((n + 1) * len / sentence.len() + 1);
     let ids: Vec<u32> = text.bytes().map(u32::from).collect();
-    let train = (0..4)
+    let train = (0..n)
         .map(|i| {
             let name = format!("train-{i:05}.bin");
-            write_shard(dir, &name, &ids[i * 5000..(i + 1) * 5000], TokenDtype::U16).unwrap()
+            write_shard(dir, &name, &ids[i * len..(i + 1) * len], TokenDtype::U16).unwrap()
         })
         .collect();
     let m = Manifest {
         format: FORMAT.into(),
-        tokenizer: TokenizerInfo {
-            kind: "byte".into(),
-            vocab_size: 256,
-            blake3: blake3::hash(b"byte").to_hex().to_string(),
-            file: None,
-        },
+        tokenizer: TokenizerInfo::byte(),
         train,
-        val: write_shard(dir, "val.bin", &ids[20_000..22_000], TokenDtype::U16).unwrap(),
+        val: write_shard(
+            dir,
+            "val.bin",
+            &ids[n * len..(n + 1) * len],
+            TokenDtype::U16,
+        )
+        .unwrap(),
     };
     m.save(dir).unwrap();
     m
+}
+
+/// Four training shards of 5,000 tokens.
+fn four_shards(dir: &Path) -> trainer::tokens::Manifest {
+    shard_folder(dir, 4, 5000)
+}
+
+#[test]
+fn a_worker_prefetches_the_shards_its_next_task_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    // 40 shards of 500 tokens: a task of 8 windows reads a few of them, the next round's
+    // windows mostly others.
+    shard_folder(&shards, 40, 500);
+    let mut c = Coordinator::start(&lm_config(6, 8, 1, 1, &shards, 16, ""));
+    let w = Worker::start_fetching(&c.join_string(), dir.path(), "w0", &[]);
+    assert!(c.wait(Duration::from_secs(180)).success(), "{}", c.log());
+    let log = w.log();
+    assert!(
+        log.contains("prefetched the shards the next task is likely to read"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -214,4 +238,23 @@ fn a_data_set_larger_than_the_cache_cap_is_a_clear_error() {
         "{}",
         w.log()
     );
+}
+
+#[test]
+fn a_coordinator_whose_shards_do_not_match_their_manifest_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    four_shards(&shards);
+    let shard = shards.join("train-00002.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[7] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let mut c = Coordinator::start(&lm_config(4, 8, 1, 1, &shards, 16, ""));
+    assert!(!c.wait(Duration::from_secs(60)).success());
+    let log = c.log();
+    assert!(
+        log.contains("train-00002.bin") && log.contains("blake3"),
+        "{log}"
+    );
+    assert!(!c.out().join("join.txt").exists(), "it never listened");
 }

@@ -84,6 +84,18 @@ pub struct TokenizerInfo {
     pub file: Option<String>,
 }
 
+impl TokenizerInfo {
+    /// Byte-level ids: vocabulary 256, digest the blake3 of the word `byte`.
+    pub fn byte() -> Self {
+        TokenizerInfo {
+            kind: "byte".into(),
+            vocab_size: 256,
+            blake3: blake3::hash(b"byte").to_hex().to_string(),
+            file: None,
+        }
+    }
+}
+
 /// `manifest.json` of a shard folder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -328,6 +340,18 @@ impl TokenWindows {
         out
     }
 
+    /// Which of the pieces `parts` exist and are not loaded (sorted, each once).
+    pub fn unloaded(&self, parts: &[u32]) -> Vec<usize> {
+        let mut out: Vec<usize> = parts
+            .iter()
+            .map(|&p| p as usize)
+            .filter(|&p| self.parts.get(p).is_some_and(|x| x.tokens.get().is_none()))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Loads piece `part` (its token count must match; a piece already loaded stays).
     pub fn fill(&self, part: usize, tokens: Vec<u32>) -> Result<(), String> {
         let p = self
@@ -509,12 +533,7 @@ pub fn write_synthetic(dir: &Path, n_tokens: usize, seed: u64) -> std::io::Resul
     let val = write_shard(dir, "val.bin", &ids[split..], TokenDtype::U16)?;
     let m = Manifest {
         format: FORMAT.into(),
-        tokenizer: TokenizerInfo {
-            kind: "byte".into(),
-            vocab_size: 256,
-            blake3: blake3::hash(b"byte").to_hex().to_string(),
-            file: None,
-        },
+        tokenizer: TokenizerInfo::byte(),
         train: vec![train],
         val,
     };
@@ -604,6 +623,7 @@ mod tests {
         // Window 3 is tokens 24..33: pieces 0 (0..30) and 2 (30..37); the empty piece 1
         // needs nothing.
         assert_eq!(sparse.missing(&[3]), vec![0, 2]);
+        assert_eq!(sparse.unloaded(&[4, 2, 1, 2, 99]), vec![2, 4]);
         assert_eq!(sparse.missing(&idx), vec![0, 2, 3, 4]);
         assert!(matches!(
             sparse.batch(&[3]),

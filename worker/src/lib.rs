@@ -472,9 +472,20 @@ async fn session(
                     let missing = windows.missing(&task.indices);
                     if !missing.is_empty() {
                         let from = (opts.data_dir.as_deref(), &opts.cache);
-                        lazy.load(&conn, &missing, windows, from, progressed)
+                        let n = lazy
+                            .load(&conn, &missing, windows, from, progressed)
                             .await
                             .map_err(|e| fetch_error(&conn, e))?;
+                        info!(
+                            shards = missing.len(),
+                            downloaded = n,
+                            "loaded the shards a task needs"
+                        );
+                    }
+                    let ahead = windows.unloaded(&task.prefetch);
+                    if !ahead.is_empty() && task.prefetch.len() <= proto::MAX_PREFETCH {
+                        let from = (opts.data_dir.clone(), opts.cache.clone());
+                        shards::prefetch(lazy.clone(), data.clone(), conn.clone(), ahead, from);
                     }
                 }
                 let mut c = state

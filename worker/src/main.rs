@@ -96,20 +96,21 @@ enum DeviceArg {
     Cpu,
 }
 
-fn default_cache() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
+/// `$VAR`, else `~/fallback` (XDG base directories), else the current folder; then `rest`.
+fn xdg(var: &str, fallback: &str, rest: &str) -> PathBuf {
+    let base = std::env::var_os(var)
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(fallback)))
         .unwrap_or_else(|| PathBuf::from("."));
-    base.join("dtrain")
+    base.join(rest)
+}
+
+fn default_cache() -> PathBuf {
+    xdg("XDG_CACHE_HOME", ".cache", "dtrain")
 }
 
 fn default_key() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("dtrain/worker.key")
+    xdg("XDG_DATA_HOME", ".local/share", "dtrain/worker.key")
 }
 
 #[tokio::main]

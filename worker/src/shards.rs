@@ -1,13 +1,19 @@
 //! The training shards of a language-model run, loaded as tasks need them: at join the
 //! worker fetches only `manifest.json`; before a task it loads the shards the task's
 //! windows fall in that it has not loaded yet, from `--data-dir` or the cache when they
-//! are there, else from the coordinator ([`crate::fetch`]). A run whose tasks touch a few
-//! shards costs its volunteers a few shards.
+//! are there, else from the coordinator ([`crate::fetch`]); and while a task computes, it
+//! fetches in the background the shards the coordinator expects its next task to read (the
+//! task's `prefetch`). A run whose tasks touch a few shards costs its volunteers a few
+//! shards.
 
 use std::path::Path;
 
 use proto::DataFile;
 use trainer::tokens::{read_shard, window_digest, Manifest, ShardEntry, TokenWindows};
+
+use std::sync::Arc;
+
+use trainer::TrainData;
 
 use crate::fetch::{self, CacheOptions, FetchError};
 
@@ -100,11 +106,32 @@ impl LazyShards {
         for (p, ids) in loaded {
             windows.fill(p, ids).map_err(FetchError::Coordinator)?;
         }
-        tracing::info!(
-            shards = parts.len(),
-            downloaded = gathered.downloaded,
-            "loaded the shards a task needs"
-        );
         Ok(gathered.downloaded)
     }
+}
+
+/// Fetches shards `parts` of the run's token windows in the background (a failure is only
+/// logged: the shards are fetched again when a task needs them).
+pub fn prefetch(
+    lazy: Arc<LazyShards>,
+    data: Arc<TrainData>,
+    conn: quinn::Connection,
+    parts: Vec<usize>,
+    (data_dir, cache): (Option<std::path::PathBuf>, CacheOptions),
+) {
+    tokio::spawn(async move {
+        let TrainData::Tokens(windows) = data.as_ref() else {
+            return;
+        };
+        let mut moved = false;
+        let from = (data_dir.as_deref(), &cache);
+        match lazy.load(&conn, &parts, windows, from, &mut moved).await {
+            Ok(n) => tracing::info!(
+                shards = parts.len(),
+                downloaded = n,
+                "prefetched the shards the next task is likely to read"
+            ),
+            Err(e) => tracing::debug!("prefetch failed ({e}); shards come when a task needs them"),
+        }
+    });
 }
