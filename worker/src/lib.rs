@@ -12,6 +12,7 @@ pub mod hostile;
 pub mod shards;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
+pub mod uplink;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +60,11 @@ pub struct WorkerOptions {
     pub allow_cuda: bool,
     /// Stop retrying after failing to reach the coordinator for this long.
     pub retry_for: Duration,
+    /// The volunteer's cap on the worker's uplink, megabits per second.
+    pub max_upload_mbps: Option<f64>,
+    /// Becomes true when the volunteer asks the worker to stop (Ctrl-C, SIGTERM): it
+    /// finishes and sends the task it is computing, then leaves the run.
+    pub stop: tokio::sync::watch::Receiver<bool>,
     /// TEST ONLY: misbehaviours on purpose.
     #[cfg(feature = "test-hooks")]
     pub hooks: test_hooks::TestHooks,
@@ -89,6 +95,8 @@ enum SessionError {
 pub enum Exit {
     /// The coordinator said the run is over (or is stopping).
     Done(String),
+    /// The volunteer stopped the worker.
+    Stopped,
 }
 
 /// Errors that end the worker.
@@ -117,6 +125,9 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
     let mut failing_since: Option<Instant> = None;
     let mut state = SessionState::default();
     loop {
+        if *opts.stop.borrow() {
+            return Ok(Exit::Stopped);
+        }
         let mut progressed = false;
         match session(&opts, &key, device, &class, &mut progressed, &mut state).await {
             Ok(exit) => return Ok(exit),
@@ -135,7 +146,11 @@ pub async fn run(opts: WorkerOptions) -> Result<Exit, WorkerError> {
                     "{msg}; reconnecting in {:.1}s",
                     (backoff + jitter).as_secs_f64()
                 );
-                tokio::time::sleep(backoff + jitter).await;
+                let mut stop = opts.stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(Exit::Stopped),
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
@@ -457,10 +472,18 @@ async fn session(
         .map_err(|e| closed(&conn, e.to_string()))?;
     state.joined = true;
     info!(run = %hex::encode(&welcome.run_id[..8]), model = model.name(), params = n_params, "joined run");
+    let mut pacer = opts
+        .max_upload_mbps
+        .map(|m| uplink::Pacer::new(m, Instant::now()));
+    let mut stop = opts.stop.clone();
     loop {
-        let msg = match read_frame::<_, ToWorker>(&mut recv, cap).await {
-            Ok((m, _)) => m,
-            Err(e) => return Err(closed(&conn, e.to_string())),
+        let read = read_frame::<_, ToWorker>(&mut recv, cap);
+        let msg = tokio::select! {
+            r = read => match r {
+                Ok((m, _)) => m,
+                Err(e) => return Err(closed(&conn, e.to_string())),
+            },
+            _ = stop.wait_for(|s| *s) => return Ok(leave(&conn).await),
         };
         let replies = match msg {
             ToWorker::Task(task) => {
@@ -546,7 +569,9 @@ async fn session(
         };
         for reply in replies {
             let sent = match reply {
-                Send::Msg(m) => write_frame(&mut send, &m, cap).await.map(|_| ()),
+                Send::Msg(m) => uplink::send(&mut send, &m, cap, pacer.as_mut())
+                    .await
+                    .map(|_| ()),
                 #[cfg(feature = "test-hooks")]
                 Send::Raw(bytes) => send
                     .write_all(&bytes)
@@ -560,7 +585,19 @@ async fn session(
             };
             sent.map_err(|e| closed(&conn, e.to_string()))?;
         }
+        if *stop.borrow() {
+            return Ok(leave(&conn).await);
+        }
     }
+}
+
+/// Leaves the run at the volunteer's request, after the task in hand was answered.
+async fn leave(conn: &quinn::Connection) -> Exit {
+    info!("stopped by the volunteer: leaving the run");
+    conn.close(close::DONE.into(), b"the volunteer stopped the worker");
+    // Give the close a moment to leave before the endpoint goes away.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Exit::Stopped
 }
 
 /// Connects to the coordinator of `ticket`: resolves its address and tries every resolved

@@ -43,6 +43,13 @@ struct Cli {
     /// Give up after failing to reach the coordinator for this many seconds.
     #[arg(long, default_value_t = 600.0)]
     retry_for: f64,
+    /// Most megabits per second the worker sends (results, replies); default: no cap.
+    #[arg(long)]
+    max_upload_mbps: Option<f64>,
+    /// Run at this lower CPU priority (nice value 0..=19), so the machine's owner comes
+    /// first.
+    #[arg(long, default_value_t = 0)]
+    nice: i32,
     #[cfg(feature = "test-hooks")]
     #[command(flatten)]
     hooks: HookArgs,
@@ -96,6 +103,21 @@ enum DeviceArg {
     Cpu,
 }
 
+/// Ctrl-C or SIGTERM (how a service manager stops the worker).
+async fn stop_requested() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// `$VAR`, else `~/fallback` (XDG base directories), else the current folder; then `rest`.
 fn xdg(var: &str, fallback: &str, rest: &str) -> PathBuf {
     let base = std::env::var_os(var)
@@ -127,6 +149,33 @@ async fn main() -> Result<()> {
         cli.cache_max_gb.is_finite() && cli.cache_max_gb > 0.0,
         "--cache-max-gb must be a positive number of gigabytes"
     );
+    if let Some(m) = cli.max_upload_mbps {
+        anyhow::ensure!(
+            m.is_finite() && (0.01..=100_000.0).contains(&m),
+            "--max-upload-mbps must be in [0.01, 100000] megabits per second"
+        );
+    }
+    anyhow::ensure!((0..=19).contains(&cli.nice), "--nice must be in 0..=19");
+    if cli.nice > 0 {
+        // SAFETY: setpriority only reads its integer arguments.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, cli.nice) };
+        anyhow::ensure!(
+            r == 0,
+            "--nice {}: {}",
+            cli.nice,
+            std::io::Error::last_os_error()
+        );
+    }
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop_requested().await;
+        tracing::info!(
+            "stopping after the task in hand (Ctrl-C again to stop at once, losing that task)"
+        );
+        let _ = stop_tx.send(true);
+        stop_requested().await;
+        std::process::exit(130);
+    });
     let opts = worker::WorkerOptions {
         ticket,
         data_dir: cli.data_dir,
@@ -139,6 +188,8 @@ async fn main() -> Result<()> {
         name,
         allow_cuda: matches!(cli.device, DeviceArg::Auto),
         retry_for: Duration::from_secs_f64(cli.retry_for.max(0.0)),
+        max_upload_mbps: cli.max_upload_mbps,
+        stop,
         #[cfg(feature = "test-hooks")]
         hooks: cli.hooks.hooks(),
     };
@@ -149,6 +200,10 @@ async fn main() -> Result<()> {
     match worker::run(opts).await {
         Ok(worker::Exit::Done(reason)) => {
             tracing::info!("finished: {reason}");
+            Ok(())
+        }
+        Ok(worker::Exit::Stopped) => {
+            tracing::info!("stopped");
             Ok(())
         }
         Err(e) => {

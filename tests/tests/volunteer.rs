@@ -1,0 +1,54 @@
+//! What a volunteer controls: Ctrl-C lets the worker finish and send the task in hand, then
+//! leave without blame; a capped uplink and a lower CPU priority still train.
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{swarm_config, wait_until, Coordinator, Worker};
+
+#[test]
+fn ctrl_c_finishes_the_task_in_hand_and_leaves_the_run_cleanly() {
+    let mut c = Coordinator::start(&swarm_config("mlp", 300, 64, 2, 1, ""));
+    let join = c.join_string();
+    let _stays = Worker::start(&join, c.dir.path(), "stays", &[]);
+    let mut leaves = Worker::start(&join, c.dir.path(), "leaves", &[]);
+    assert!(
+        wait_until(Duration::from_secs(60), || (c.steps_done() >= 5)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        c.log()
+    );
+    Command::new("kill")
+        .args(["-INT", &leaves.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = leaves
+        .wait(Duration::from_secs(30))
+        .expect("the worker stops");
+    assert!(status.success(), "{}", leaves.log());
+    let log = leaves.log();
+    assert!(log.contains("stopping after the task in hand"), "{log}");
+    assert!(log.contains("stopped by the volunteer"), "{log}");
+    // The run goes on with the other worker, and nobody was struck.
+    assert!(c.wait(Duration::from_secs(180)).success(), "{}", c.log());
+    assert_eq!(c.steps_done(), 300);
+    assert!(c.events("offence").is_empty(), "{:?}", c.events("offence"));
+}
+
+#[test]
+fn a_worker_with_a_capped_uplink_and_a_low_priority_trains() {
+    let mut c = Coordinator::start(&swarm_config("mlp", 20, 64, 1, 1, ""));
+    let w = Worker::start(
+        &c.join_string(),
+        c.dir.path(),
+        "w0",
+        &["--max-upload-mbps", "4", "--nice", "10"],
+    );
+    assert!(c.wait(Duration::from_secs(120)).success(), "{}", c.log());
+    assert_eq!(c.steps_done(), 20, "{}", w.log());
+    // Refused values are clear errors.
+    let out =
+        integration_tests::run_worker_to_end(&c.join_string(), c.dir.path(), &["--nice", "40"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nice"));
+}
