@@ -52,3 +52,30 @@ fn a_worker_with_a_capped_uplink_and_a_low_priority_trains() {
         integration_tests::run_worker_to_end(&c.join_string(), c.dir.path(), &["--nice", "40"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nice"));
 }
+
+#[test]
+fn ctrl_c_during_the_first_download_stops_at_once() {
+    // 5 Mbit/s: the 26.5 MB would take 42 s.
+    let cfg = swarm_config("mlp", 5, 64, 1, 1, "[data]\nserve_max_mbps = 5\n");
+    let c = Coordinator::start(&cfg);
+    let mut w = Worker::start_fetching(&c.join_string(), c.dir.path(), "w0", &[]);
+    let downloading = || w.log().contains("downloading the run's data").then_some(());
+    assert!(
+        wait_until(Duration::from_secs(30), downloading).is_some(),
+        "{}",
+        w.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    Command::new("kill")
+        .args(["-INT", &w.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = w.wait(Duration::from_secs(10)).expect("stops at once");
+    assert!(status.success(), "{}", w.log());
+    assert!(w.log().contains("stopped by the volunteer"), "{}", w.log());
+    // The unfinished file stays for the next start.
+    let parts = std::fs::read_dir(c.dir.path().join("cache/tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(parts, 1);
+}

@@ -397,15 +397,20 @@ async fn session(
         Some(l) if l.digest == welcome.dataset_digest => (l.data.clone(), l.shards.clone()),
         _ => {
             check_files(&welcome.data_files).map_err(SessionError::Fatal)?;
-            let gathered = fetch::gather(
+            let files = join_files(&welcome);
+            let gather = fetch::gather(
                 &conn,
-                &join_files(&welcome),
+                &files,
                 opts.data_dir.as_deref(),
                 &opts.cache,
                 progressed,
-            )
-            .await
-            .map_err(|e| fetch_error(&conn, e))?;
+            );
+            // No task is in hand yet: a stop ends the download at once (it resumes later).
+            let mut stop = opts.stop.clone();
+            let gathered = tokio::select! {
+                g = gather => g.map_err(|e| fetch_error(&conn, e))?,
+                _ = stop.wait_for(|s| *s) => return Ok(leave(&conn).await),
+            };
             let (dir, w, m) = (gathered.dir().to_path_buf(), welcome.clone(), model.clone());
             let (d, lazy) = tokio::task::spawn_blocking(move || load_data(&dir, &w, &m))
                 .await
