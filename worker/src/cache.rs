@@ -50,7 +50,8 @@ impl Drop for CacheLock {
     }
 }
 
-fn unusable(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
+/// The error of an I/O failure on `path` in the cache (or a folder the worker writes).
+pub(crate) fn unusable(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     move |source| CacheError::Unusable {
         path: path.display().to_string(),
         source,

@@ -16,7 +16,7 @@ use proto::{
 use tracing::info;
 use verify::blob;
 
-use crate::cache::{file_hash, Cache, CacheLock};
+use crate::cache::{file_hash, unusable, Cache, CacheLock};
 
 /// Times a group (or an outboard) is asked for before the coordinator is given up on.
 pub const ATTEMPTS: u32 = 3;
@@ -135,7 +135,7 @@ pub async fn gather(
         .map_err(|e| FetchError::Link(format!("a temporary folder: {e}")))?;
     for (name, path) in &located {
         std::os::unix::fs::symlink(path, view.path().join(name))
-            .map_err(|e| FetchError::Cache(unusable(view.path(), e)))?;
+            .map_err(|e| FetchError::Cache(unusable(view.path())(e)))?;
     }
     Ok(Gathered {
         dir: view.path().to_path_buf(),
@@ -330,7 +330,7 @@ async fn download(
             offset += (e - s) as usize;
             if blob::group_ok(&f.blake3, f.len, &outboard, g, data) {
                 file.write_all_at(data, s)
-                    .map_err(|e| FetchError::Cache(unusable(&part, e)))?;
+                    .map_err(|e| FetchError::Cache(unusable(&part)(e)))?;
                 progress.add(data.len() as u64);
                 progress.moved = true;
             } else if attempt + 1 >= ATTEMPTS {
@@ -364,11 +364,4 @@ async fn verified_groups(file: &std::fs::File, f: &DataFile, outboard: &[u8]) ->
     tokio::task::spawn_blocking(check)
         .await
         .unwrap_or_else(|_| vec![false; groups])
-}
-
-fn unusable(path: &Path, source: std::io::Error) -> crate::cache::CacheError {
-    crate::cache::CacheError::Unusable {
-        path: path.display().to_string(),
-        source,
-    }
 }
