@@ -50,6 +50,9 @@ pub struct RunConfig {
     /// What workers are told about determinism, and how work is split among them.
     #[serde(default)]
     pub workers: WorkersSection,
+    /// The status server (dashboard, JSON API, Prometheus metrics, operator actions).
+    #[serde(default)]
+    pub monitor: MonitorSection,
     /// TEST ONLY (cargo feature `test-hooks`; `coordinator run --test-crash-after-logging N`,
     /// never from a file): exit as if killed right after round N is in the write-ahead log
     /// and before it is reported.
@@ -463,6 +466,17 @@ impl Default for LedgerSection {
             history_max_bytes: 256 << 20,
         }
     }
+}
+
+/// `[monitor]`: the status server ([`crate::monitor`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorSection {
+    /// Address of the HTTP status server, e.g. `127.0.0.1:9090`; unset: no server. It is
+    /// read-only without the operator token of the run's `identity.json`; put it behind a
+    /// TLS proxy before exposing it beyond the machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// Errors of configuration loading.

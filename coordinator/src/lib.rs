@@ -10,6 +10,8 @@
 //! * [`registry`]: the driver's side of each connection, and results kept for checks.
 //! * [`state`]: the run identity (atomic writes).
 //! * [`metrics`]: `metrics.jsonl` and traffic counters; [`progress`]: the live line.
+//! * [`monitor`]: the status server (dashboard, JSON API, Prometheus metrics, operator
+//!   actions).
 
 pub mod checks;
 pub mod config;
@@ -18,6 +20,7 @@ pub mod dataset;
 pub mod downlink;
 pub mod ledger;
 pub mod metrics;
+pub mod monitor;
 pub mod prepare;
 pub mod progress;
 pub mod registry;
@@ -145,6 +148,11 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
     )?;
     #[cfg(feature = "test-hooks")]
     served.corrupt_next(cfg.test_corrupt_data);
+    // The status server's port is taken before the run's, so a taken one stops the start.
+    let monitor_listener = match cfg.monitor.listen {
+        Some(addr) => Some(monitor::http::bind(addr).await?),
+        None => None,
+    };
     let endpoint = bind(&cfg, &dir, &mut identity, &limits)?;
     let bound = endpoint.local_addr()?;
     let welcome = Welcome {
@@ -214,6 +222,15 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
         Arc::new(served),
     ));
     let accept = tokio::spawn(server::accept_loop(endpoint.clone(), ctx));
+    let monitor = monitor_listener.map(|listener| {
+        let commands = tx.clone();
+        let m = monitor::Monitor::new(
+            &identity.monitor_token,
+            Box::new(move |c| commands.send(server::Event::Operator(c)).is_ok()),
+        );
+        monitor::http::spawn(listener, m.clone());
+        m
+    });
     let stop_tx = tx.clone();
     tokio::spawn(async move {
         let signal = stop_signal().await;
@@ -232,6 +249,8 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
         banned,
         check_key: blake3::derive_key("dtrain spot-check key v1", &identity.secret),
         layout: data.layout,
+        monitor,
+        dataset: data.name,
     };
     let sched = scheduler::Scheduler::new(cfg, identity.run_id, inputs)?;
     let outcome = tokio::task::spawn_blocking(move || sched.run()).await??;

@@ -33,6 +33,21 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         test_corrupt_data: u64,
     },
+    /// Print the run's summary: live from its status server (`[monitor] listen`), or from
+    /// its output dir when it is not running.
+    Status {
+        /// The run config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Operator actions through the run's status server, with the token of its identity.json.
+    Ctl {
+        /// The run config.
+        #[arg(long)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
     /// Check a config file and print it with all defaults filled in.
     Check {
         /// The run config.
@@ -48,6 +63,24 @@ enum Cmd {
     Data {
         #[command(subcommand)]
         cmd: DataCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Open no new round after the one in flight (workers stay connected).
+    Pause,
+    /// Open rounds again.
+    Resume,
+    /// Save a checkpoint and stop (the run resumes with `coordinator run`).
+    Stop,
+    /// Ban a worker's key: it is disconnected, its unverified contributions are rolled back.
+    Ban {
+        /// The key (64 hex digits, as /api/workers and metrics.jsonl show it).
+        worker: String,
+        /// Why (recorded in metrics.jsonl).
+        #[arg(long, default_value = "banned by the operator")]
+        reason: String,
     },
 }
 
@@ -112,6 +145,34 @@ fn main() -> Result<()> {
         }
         Cmd::Recheck => {
             coordinator::checks::serve_emulated_check(std::io::stdin().lock(), std::io::stdout())?;
+        }
+        Cmd::Status { config } => {
+            let cfg = coordinator::RunConfig::load(&config)?;
+            print!(
+                "{}",
+                coordinator::monitor::report::status_text(&cfg.run.output_dir, cfg.monitor.listen)?
+            );
+        }
+        Cmd::Ctl { config, action } => {
+            let cfg = coordinator::RunConfig::load(&config)?;
+            let Some(listen) = cfg.monitor.listen else {
+                anyhow::bail!(
+                    "{}: no [monitor] listen, so the run takes no actions",
+                    config.display()
+                );
+            };
+            let (name, ban) = match &action {
+                CtlAction::Pause => ("pause", None),
+                CtlAction::Resume => ("resume", None),
+                CtlAction::Stop => ("stop", None),
+                CtlAction::Ban { worker, reason } => {
+                    ("ban", Some((worker.as_str(), reason.as_str())))
+                }
+            };
+            println!(
+                "{}",
+                coordinator::monitor::report::act(&cfg.run.output_dir, listen, name, ban)?
+            );
         }
         Cmd::Check { config } => {
             let cfg = coordinator::RunConfig::load(&config)?;

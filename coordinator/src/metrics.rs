@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Result;
 use serde_json::{json, Value};
 
+use crate::monitor::status::Digest;
+
 /// Application-level bytes (frames) moved by one connection, or by all of them.
 #[derive(Debug, Default)]
 pub struct Traffic {
@@ -46,12 +48,9 @@ impl Traffic {
     }
 }
 
-/// What every `step` line of `metrics.jsonl` contains.
-const STEP_TAG: &[u8] = b"\"event\":\"step\"";
-
 /// Reads `metrics.jsonl` once: the length of its whole lines (a crash can leave a torn last
-/// one) and the step of its last `step` event.
-fn scan(file: &File) -> Result<(u64, Option<u64>)> {
+/// one) and the step of its last `step` event; each event goes into `digest`.
+fn scan(file: &File, digest: &mut Digest) -> Result<(u64, Option<u64>)> {
     let mut reader = BufReader::new(file);
     let (mut whole, mut last, mut line) = (0u64, None, Vec::new());
     loop {
@@ -61,13 +60,11 @@ fn scan(file: &File) -> Result<(u64, Option<u64>)> {
             return Ok((whole, last));
         }
         whole += n as u64;
-        // Parse only the lines that can be step events.
-        if line.windows(STEP_TAG.len()).any(|w| w == STEP_TAG) {
-            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
-                if v["event"] == "step" {
-                    last = v["step"].as_u64().or(last);
-                }
+        if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+            if v["event"] == "step" {
+                last = v["step"].as_u64().or(last);
             }
+            digest.add(&v);
         }
     }
 }
@@ -77,6 +74,8 @@ pub struct Metrics {
     file: File,
     start: std::time::Instant,
     wall_offset: f64,
+    /// What the events so far (earlier sessions' included) say, for the status server.
+    pub digest: Digest,
 }
 
 impl Metrics {
@@ -91,7 +90,8 @@ impl Metrics {
             .read(true)
             .append(true)
             .open(dir.join("metrics.jsonl"))?;
-        let (whole, last_step) = scan(&file)?;
+        let mut digest = Digest::default();
+        let (whole, last_step) = scan(&file, &mut digest)?;
         if whole < file.metadata()?.len() {
             tracing::warn!("metrics.jsonl: cutting off a torn last line");
             file.set_len(whole)?;
@@ -100,6 +100,7 @@ impl Metrics {
             file,
             start: std::time::Instant::now(),
             wall_offset,
+            digest,
         };
         Ok((metrics, last_step))
     }
@@ -120,7 +121,9 @@ impl Metrics {
             "wall_s".into(),
             json!((self.wall_s() * 1000.0).round() / 1000.0),
         );
-        let line = Value::Object(obj).to_string();
+        let v = Value::Object(obj);
+        self.digest.add(&v);
+        let line = v.to_string();
         if let Err(e) = writeln!(self.file, "{line}").and_then(|_| self.file.flush()) {
             tracing::error!("cannot write metrics.jsonl: {e}");
         }

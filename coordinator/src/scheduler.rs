@@ -31,6 +31,7 @@ use crate::config::{CheckMode, RunConfig};
 use crate::downlink::Downlink;
 use crate::ledger::{Contribution, Ledger, Meta, RoundRecord, Rules, TrainState};
 use crate::metrics::{Metrics, Traffic};
+use crate::monitor::{self, Command, Monitor, RunState};
 use crate::progress::{Progress, StepLine};
 use crate::registry::{Accepted, Link, Links};
 use crate::server::{Event, Joined, Outgoing};
@@ -101,6 +102,10 @@ pub struct Inputs {
     /// A language-model run's training shards as windows without tokens: which shards a
     /// task's next samples fall in (the prefetch hint of every task).
     pub layout: Option<trainer::tokens::TokenWindows>,
+    /// The status server's shared state, when `[monitor] listen` is set.
+    pub monitor: Option<Arc<Monitor>>,
+    /// The data set's kind (`fashion-mnist`, `tokens`), as the status server names it.
+    pub dataset: &'static str,
 }
 
 /// The run's batch schedule as the core reads it.
@@ -176,6 +181,18 @@ pub struct Scheduler {
     last_eval: Option<(u64, Evaluation)>,
     /// Training tokens per second, smoothed over rounds (language models).
     token_rate: Option<f64>,
+    /// Training samples per second, smoothed over rounds.
+    sample_rate: Option<f64>,
+    /// The status server, if any.
+    monitor: Option<Arc<Monitor>>,
+    /// See [`Inputs::dataset`].
+    dataset: &'static str,
+    /// When the status server was last given a snapshot.
+    published: Option<Instant>,
+    /// Where the run is (as the status server shows it).
+    state: RunState,
+    /// Samples each worker contributed to the last committed round (its share).
+    last_shares: std::collections::HashMap<WorkerId, u64>,
 }
 
 impl Scheduler {
@@ -193,6 +210,8 @@ impl Scheduler {
             banned,
             check_key,
             layout,
+            monitor,
+            dataset,
         } = inputs;
         let net = Net::new(&spec, tch::Device::Cpu, cfg.run.seed);
         let n_params = net.n_params();
@@ -368,6 +387,12 @@ impl Scheduler {
             },
             last_eval: None,
             token_rate: None,
+            sample_rate: None,
+            monitor,
+            dataset,
+            published: None,
+            state: RunState::Starting,
+            last_shares: Default::default(),
             cfg,
         })
     }
@@ -378,26 +403,45 @@ impl Scheduler {
 
     /// Runs until every global batch is done or the operator stops the run.
     pub fn run(mut self) -> Result<Outcome> {
+        self.publish();
         while self.meta.batches_done < self.total_batches {
+            if self.state == RunState::Paused {
+                // No round opens; joins, checks and operator actions are still handled.
+                if !self.pump(Duration::from_millis(200))? {
+                    return self.stop();
+                }
+                // An operator's ban takes its contributions out now, not at the next round.
+                self.roll_back()?;
+                continue;
+            }
             let before = self.meta.batches_done;
             if !self.train_step()? {
-                // Contributions of workers banned meanwhile leave before the state is saved.
-                self.roll_back()?;
-                self.save_checkpoint()?;
-                self.metrics.emit("stopped", json!({"step": self.step()}));
-                for c in self.links.conns.values() {
-                    let _ = c.tx.send(Outgoing::Close(
-                        close::GOING_AWAY,
-                        "coordinator stopping; the run will resume".into(),
-                    ));
-                }
-                self.progress.finish();
-                return Ok(Outcome::Stopped);
+                return self.stop();
             }
             self.after_step(before)?;
         }
         self.finish()?;
+        self.state = RunState::Finished;
+        self.publish();
         Ok(Outcome::Finished)
+    }
+
+    /// Saves a checkpoint and tells the workers the run stops (it resumes from the folder).
+    fn stop(&mut self) -> Result<Outcome> {
+        // Contributions of workers banned meanwhile leave before the state is saved.
+        self.roll_back()?;
+        self.save_checkpoint()?;
+        self.metrics.emit("stopped", json!({"step": self.step()}));
+        for c in self.links.conns.values() {
+            let _ = c.tx.send(Outgoing::Close(
+                close::GOING_AWAY,
+                "coordinator stopping; the run will resume".into(),
+            ));
+        }
+        self.progress.finish();
+        self.state = RunState::Stopped;
+        self.publish();
+        Ok(Outcome::Stopped)
     }
 
     /// Waits for an event (at most `wait`), hands it and what is due to the core, and carries
@@ -415,11 +459,18 @@ impl Scheduler {
         }
         self.core.handle_timeout(now);
         self.apply()?;
+        if self
+            .published
+            .is_none_or(|t| now.saturating_duration_since(t) >= PUBLISH_EVERY)
+        {
+            self.publish();
+        }
         Ok(ok)
     }
 
     /// One round; false when the operator stopped the run.
     fn train_step(&mut self) -> Result<bool> {
+        self.state = RunState::Running;
         self.core
             .open_round(Instant::now(), self.step(), self.meta.batches_done);
         loop {
@@ -606,7 +657,30 @@ impl Scheduler {
     fn handle(&mut self, ev: Event) -> Result<bool> {
         let now = Instant::now();
         match ev {
-            Event::Stop => return Ok(false),
+            Event::Stop | Event::Operator(Command::Stop) => return Ok(false),
+            Event::Operator(Command::Pause) => {
+                if self.state != RunState::Paused {
+                    info!(
+                        step = self.step(),
+                        "paused by the operator: no new round opens"
+                    );
+                    self.metrics.emit("paused", json!({"step": self.step()}));
+                    self.state = RunState::Paused;
+                    self.publish();
+                }
+            }
+            Event::Operator(Command::Resume) => {
+                if self.state == RunState::Paused {
+                    info!(step = self.step(), "resumed by the operator");
+                    self.metrics.emit("resumed", json!({"step": self.step()}));
+                    self.state = RunState::Running;
+                    self.publish();
+                }
+            }
+            Event::Operator(Command::Ban { worker, reason }) => {
+                warn!(worker = %worker.short(), "banned by the operator: {reason}");
+                self.core.handle(now, Input::Ban { worker, reason });
+            }
             Event::Joined(j) => self.on_join(*j)?,
             Event::Offence {
                 conn,
@@ -1020,6 +1094,17 @@ impl Scheduler {
             let rate = tokens as f64 / step_s;
             self.token_rate = Some(self.token_rate.map_or(rate, |r| 0.9 * r + 0.1 * rate));
         }
+        if step_s > 0.0 {
+            let rate = applied.n as f64 / step_s;
+            self.sample_rate = Some(self.sample_rate.map_or(rate, |r| 0.9 * r + 0.1 * rate));
+        }
+        self.last_shares.clear();
+        for d in &c.answers {
+            *self.last_shares.entry(d.worker).or_default() += u64::from(d.result.n_samples);
+        }
+        if let Some(m) = &self.monitor {
+            m.round_time(step_s);
+        }
         let (bin, bout) = self.traffic.get();
         // Per-connection traffic, while the list stays short enough for one line.
         let per_worker: Vec<serde_json::Value> = self
@@ -1056,7 +1141,95 @@ impl Scheduler {
                 eval: self.last_eval.map(|(_, e)| self.eval_line(&e)),
             },
         );
+        self.publish();
         Ok(())
+    }
+
+    /// Gives the status server the run's state: what `metrics.jsonl` says, with what only
+    /// the scheduler knows (workers, rates, traffic, checks) on top. O(workers).
+    fn publish(&mut self) {
+        let Some(m) = self.monitor.clone() else {
+            return;
+        };
+        self.published = Some(Instant::now());
+        let mut s = self.metrics.digest.status.clone();
+        let spe = self.core.batches().steps_per_epoch().max(1);
+        let (bytes_in, bytes_out) = self.traffic.get();
+        let c = &self.counts;
+        s.run_id = hex::encode(self.run_id);
+        s.model = self.spec().name().to_string();
+        s.dataset = self.dataset.to_string();
+        s.n_params = self.downlink.params().len() as u64;
+        s.language_model = self.spec().is_language_model();
+        s.state = self.state;
+        s.step = self.step();
+        s.total_steps = self.total_batches.div_ceil(self.h);
+        s.epoch = self.meta.batches_done as f64 / spe as f64;
+        s.local_steps = self.h;
+        s.global_batch = self.cfg.training.global_batch as u64;
+        s.samples = self.meta.batches_done * s.global_batch;
+        s.wall_s = self.metrics.wall_s();
+        s.eval = self.last_eval.map(|(step, e)| monitor::status::Eval {
+            step,
+            loss: e.loss,
+            accuracy: e.accuracy,
+        });
+        s.samples_per_s = self.sample_rate;
+        s.tokens_per_s = self.token_rate;
+        s.bytes_in = bytes_in;
+        s.bytes_out = bytes_out;
+        s.data_served = self.traffic.data();
+        s.uplink_ratio = c.uplink_ratio();
+        s.workers = self.links.conns.len() as u64;
+        s.workers_seen = self.workers_seen();
+        s.rejected = c.rejected;
+        s.reassigned = c.reassigned;
+        s.checks = monitor::status::CheckCounts {
+            done: c.checks,
+            passed: c.passed,
+            caught: c.caught,
+            abandoned: c.abandoned,
+        };
+        s.banned = self.core.discipline().banned().count() as u64;
+        s.rollbacks = c.rollbacks;
+        s.removed = c.removed;
+        let round_samples: u64 = self.last_shares.values().sum();
+        let mut workers: Vec<monitor::WorkerRow> = self
+            .links
+            .conns
+            .iter()
+            .map(|(&conn, l)| {
+                let member = self.core.members().get(conn);
+                let standing = self.core.discipline().standing(&l.id);
+                let (i, o) = l.traffic.get();
+                monitor::WorkerRow {
+                    conn,
+                    worker: l.id.to_string(),
+                    name: l.name.clone(),
+                    class: l.class.label(),
+                    samples_per_s: member
+                        .and_then(|m| m.ms_per_sample)
+                        .filter(|&ms| ms > 0.0)
+                        .map(|ms| 1000.0 / ms),
+                    share: self.last_shares.get(&l.id).copied().unwrap_or(0) as f64
+                        / round_samples.max(1) as f64,
+                    tasks: standing.rep.tasks,
+                    checks_passed: standing.rep.checks_passed,
+                    checks_failed: standing.rep.checks_failed,
+                    strikes: standing.strikes,
+                    bytes_in: i,
+                    bytes_out: o,
+                    data_served: l.traffic.data(),
+                    busy: member.is_some_and(|m| m.busy.is_some()),
+                }
+            })
+            .collect();
+        workers.sort_by_key(|w| w.conn);
+        m.publish(monitor::Snapshot {
+            status: s,
+            workers,
+            history: self.metrics.digest.history.clone(),
+        });
     }
 
     /// Removes the contributions of banned workers and of unconfirmable results.
@@ -1303,6 +1476,9 @@ fn hyperparams_digest(cfg: &RunConfig, spec: &ModelSpec) -> [u8; 32] {
     h.update(&serde_json::to_vec(&cfg.compression).unwrap_or_default());
     *h.finalize().as_bytes()
 }
+
+/// How often the status server gets a new snapshot between rounds.
+const PUBLISH_EVERY: Duration = Duration::from_millis(500);
 
 /// Connections listed with their traffic in a `step` event at most.
 const PER_WORKER_LINES: usize = 256;

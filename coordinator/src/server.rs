@@ -74,8 +74,10 @@ pub enum Event {
     },
     /// The checker thread finished a re-execution.
     Checked(Box<crate::checks::Done>),
-    /// The operator asked the run to stop (Ctrl-C).
+    /// The operator asked the run to stop (Ctrl-C, SIGTERM).
     Stop,
+    /// The operator acted through the status server.
+    Operator(crate::monitor::Command),
 }
 
 /// What the scheduler sends to a connection task.

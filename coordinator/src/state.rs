@@ -138,6 +138,9 @@ pub struct RunIdentity {
     pub run_id: [u8; 32],
     /// The UDP port the run last listened on (None until the first start has bound one).
     pub port: Option<u16>,
+    /// The operator's bearer token for the status server's actions (pause, resume, stop,
+    /// ban); unrelated to the join secret, which workers hold.
+    pub monitor_token: [u8; 32],
 }
 
 #[derive(Serialize, Deserialize)]
@@ -148,6 +151,9 @@ struct IdentityFile {
     run_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     port: Option<u16>,
+    /// Absent in identities written before the status server existed: one is added.
+    #[serde(default)]
+    monitor_token: Option<String>,
 }
 
 fn hex32(s: &str) -> Result<[u8; 32]> {
@@ -156,15 +162,34 @@ fn hex32(s: &str) -> Result<[u8; 32]> {
         .map_err(|_| anyhow::anyhow!("expected 32 bytes"))
 }
 
+/// 32 bytes from the operating system's generator.
+fn random32() -> [u8; 32] {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b
+}
+
+/// The operator token of the run in `dir` (its `identity.json`), for `coordinator status`
+/// and scripts; `None` when the run has no identity yet or an old one without a token.
+pub fn read_monitor_token(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join("identity.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let f: IdentityFile = serde_json::from_slice(&std::fs::read(&path)?)
+        .with_context(|| format!("{} is corrupt", path.display()))?;
+    Ok(f.monitor_token)
+}
+
 impl RunIdentity {
     /// Loads `dir/identity.json`, or creates a fresh identity there.
     pub fn load_or_create(dir: &Path) -> Result<Self> {
-        use rand::RngCore;
         let path = dir.join("identity.json");
         if path.exists() {
             let f: IdentityFile = serde_json::from_slice(&std::fs::read(&path)?)
                 .with_context(|| format!("{} is corrupt", path.display()))?;
-            return Ok(RunIdentity {
+            let id = RunIdentity {
                 tls: proto::tls::Identity {
                     cert_der: hex::decode(f.cert_der)?,
                     key_der: hex::decode(f.key_der)?,
@@ -172,18 +197,24 @@ impl RunIdentity {
                 secret: hex32(&f.secret)?,
                 run_id: hex32(&f.run_id)?,
                 port: f.port,
-            });
+                monitor_token: match &f.monitor_token {
+                    Some(t) => hex32(t).with_context(|| {
+                        format!("{}: monitor_token is not 32 hex bytes", path.display())
+                    })?,
+                    None => random32(),
+                },
+            };
+            if f.monitor_token.is_none() {
+                id.save(dir)?;
+            }
+            return Ok(id);
         }
-        let mut rng = rand::rngs::OsRng;
-        let mut secret = [0u8; 32];
-        let mut run_id = [0u8; 32];
-        rng.fill_bytes(&mut secret);
-        rng.fill_bytes(&mut run_id);
         let id = RunIdentity {
             tls: proto::tls::Identity::generate()?,
-            secret,
-            run_id,
+            secret: random32(),
+            run_id: random32(),
             port: None,
+            monitor_token: random32(),
         };
         id.save(dir)?;
         Ok(id)
@@ -202,6 +233,7 @@ impl RunIdentity {
             secret: hex::encode(self.secret),
             run_id: hex::encode(self.run_id),
             port: self.port,
+            monitor_token: Some(hex::encode(self.monitor_token)),
         };
         atomic_write_private(&dir.join("identity.json"), &serde_json::to_vec_pretty(&f)?)
     }

@@ -463,6 +463,11 @@ impl<P: Clone, B: Batches> Core<P, B> {
             Input::Caught { worker, reason } => {
                 self.ban(now, worker, format!("caught cheating: {reason}"));
             }
+            Input::Ban { worker, reason } => {
+                if !self.discipline.is_banned(&worker) {
+                    self.ban(now, worker, format!("banned by the operator: {reason}"));
+                }
+            }
             Input::CheckAbandoned {
                 worker,
                 task_id,
@@ -1150,6 +1155,14 @@ pub enum Input {
         /// The worker.
         worker: WorkerId,
         /// Why.
+        reason: String,
+    },
+    /// The operator banned `worker` (connected or not): as a caught cheat, its connection
+    /// closes and its unverified contributions go.
+    Ban {
+        /// The worker.
+        worker: WorkerId,
+        /// Why, as the operator gave it.
         reason: String,
     },
     /// A spot check could not be completed: the result cannot stay in the model.

@@ -320,6 +320,32 @@ fn invalid_results_strike_and_three_strikes_ban() {
 }
 
 #[test]
+fn an_operator_ban_closes_the_connection_once_and_refuses_the_key_later() {
+    let mut h = Harness::new(cfg());
+    h.join(1, w(1));
+    h.join(2, w(2));
+    h.open(0);
+    h.answer(1, true);
+    for _ in 0..2 {
+        h.input(Input::Ban {
+            worker: w(1),
+            reason: "spam".into(),
+        });
+    }
+    assert_eq!(h.banned, vec![w(1)], "banned once");
+    assert!(h.closed.contains(&(1, CloseWhy::Auth)));
+    // A key that is not connected can be banned too.
+    h.input(Input::Ban {
+        worker: w(7),
+        reason: "known bad".into(),
+    });
+    assert_eq!(h.banned, vec![w(1), w(7)]);
+    h.join(3, w(7));
+    assert_eq!(h.closed.last(), Some(&(3, CloseWhy::Auth)));
+    assert!(h.core.members().get(3).is_none());
+}
+
+#[test]
 fn a_caught_worker_loses_its_answers_in_the_round_and_its_connection() {
     let mut h = Harness::new(cfg());
     h.join(1, w(1));

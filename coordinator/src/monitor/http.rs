@@ -1,0 +1,259 @@
+//! The HTTP side of the status server, on axum.
+//!
+//! | Path | Method | What |
+//! |---|---|---|
+//! | `/` | GET | the dashboard (HTML; `/dashboard.js` draws it from the JSON API) |
+//! | `/api/status` | GET | [`Status`](super::Status) as JSON |
+//! | `/api/workers` | GET | [`WorkerRow`](super::WorkerRow)s as JSON |
+//! | `/api/history` | GET | [`History`](super::History) (loss and evaluation curves) as JSON |
+//! | `/metrics` | GET | Prometheus / OpenMetrics text |
+//! | `/api/pause`, `/api/resume`, `/api/stop` | POST | operator actions |
+//! | `/api/ban` | POST | `{"worker": "<64 hex>", "reason": "..."}` |
+//!
+//! Actions need `Authorization: Bearer <monitor_token of identity.json>` (RFC 6750); without
+//! it they answer 401 and change nothing. Request bodies over 4 KiB are refused (413).
+//! Nothing served contains the join secret.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use super::{Command, Monitor};
+
+/// The page.
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+/// The page's script: fetches the JSON API and draws the charts (no third-party code).
+const DASHBOARD_JS: &str = include_str!("dashboard.js");
+
+/// Largest request body accepted (a ban request is well under this).
+const MAX_BODY: usize = 4096;
+/// Characters of a ban reason kept.
+const MAX_REASON: usize = 200;
+
+/// Errors of starting the status server.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// The address cannot be listened on (taken, or not this machine's).
+    #[error(
+        "monitor.listen {addr}: cannot listen there ({source}); is another run or program \
+         using that port? Choose a free address in [monitor] listen, or remove it to run \
+         without the status server"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the status server's address (at start, so that a taken port is an error before the
+/// run begins rather than a failure in the middle of it).
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MonitorError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MonitorError::Bind { addr, source })
+}
+
+/// Serves `monitor` on `listener` until the process ends; a failure is logged, the run goes on.
+pub fn spawn(listener: tokio::net::TcpListener, monitor: Arc<Monitor>) {
+    if let Ok(a) = listener.local_addr() {
+        info!("status server on http://{a}/");
+    }
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(monitor)).await {
+            error!("the status server stopped: {e}; the run goes on without it");
+        }
+    });
+}
+
+/// The routes.
+pub fn router(monitor: Arc<Monitor>) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/dashboard.js", get(script))
+        .route("/api/status", get(api_status))
+        .route("/api/workers", get(api_workers))
+        .route("/api/history", get(api_history))
+        .route("/metrics", get(metrics))
+        .route(
+            "/api/pause",
+            post(|s, h, b| action(s, h, b, ActionKind::Pause)),
+        )
+        .route(
+            "/api/resume",
+            post(|s, h, b| action(s, h, b, ActionKind::Resume)),
+        )
+        .route(
+            "/api/stop",
+            post(|s, h, b| action(s, h, b, ActionKind::Stop)),
+        )
+        .route("/api/ban", post(|s, h, b| action(s, h, b, ActionKind::Ban)))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(monitor)
+}
+
+type Shared = State<Arc<Monitor>>;
+
+fn no_store(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+async fn dashboard() -> Response {
+    let mut r = no_store(
+        (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            DASHBOARD_HTML,
+        )
+            .into_response(),
+    );
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    r
+}
+
+async fn script() -> Response {
+    no_store(
+        (
+            [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+            DASHBOARD_JS,
+        )
+            .into_response(),
+    )
+}
+
+async fn api_status(State(m): Shared) -> Response {
+    no_store(Json(m.snapshot().status.clone()).into_response())
+}
+
+async fn api_workers(State(m): Shared) -> Response {
+    no_store(Json(m.snapshot().workers.clone()).into_response())
+}
+
+async fn api_history(State(m): Shared) -> Response {
+    no_store(Json(m.snapshot().history.clone()).into_response())
+}
+
+async fn metrics(State(m): Shared) -> Response {
+    no_store(
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            m.metrics_text(),
+        )
+            .into_response(),
+    )
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ActionKind {
+    Pause,
+    Resume,
+    Stop,
+    Ban,
+}
+
+/// The body of `/api/ban`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BanRequest {
+    worker: String,
+    #[serde(default)]
+    reason: String,
+}
+
+fn refuse(code: StatusCode, message: &str) -> Response {
+    let mut r = (code, Json(json!({ "error": message }))).into_response();
+    if code == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"dtrain\""),
+        );
+    }
+    r
+}
+
+/// An operator action: the token first, then the body, then the scheduler.
+async fn action(State(m): Shared, headers: HeaderMap, body: Bytes, kind: ActionKind) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        Some(t) if m.authorized(t) => {}
+        Some(_) => {
+            warn!(
+                ?kind,
+                "status server: an action with a wrong token was refused"
+            );
+            return refuse(StatusCode::UNAUTHORIZED, "wrong token");
+        }
+        None => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "actions need Authorization: Bearer <monitor_token from the run's identity.json>",
+            )
+        }
+    }
+    let cmd = match kind {
+        ActionKind::Pause => Command::Pause,
+        ActionKind::Resume => Command::Resume,
+        ActionKind::Stop => Command::Stop,
+        ActionKind::Ban => {
+            let req: BanRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
+                        "expected {{\"worker\": \"<64 hex digits>\", \"reason\": \"...\"}}: {e}"
+                    ),
+                    )
+                }
+            };
+            let Ok(worker) = req.worker.trim().parse() else {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "worker must be a key as 64 hex digits (see /api/workers)",
+                );
+            };
+            let reason: String = req
+                .reason
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_REASON)
+                .collect();
+            Command::Ban { worker, reason }
+        }
+    };
+    info!(?cmd, "status server: operator action");
+    if m.command(cmd) {
+        (StatusCode::ACCEPTED, Json(json!({ "ok": true }))).into_response()
+    } else {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the run is no longer running",
+        )
+    }
+}

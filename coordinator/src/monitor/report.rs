@@ -1,0 +1,201 @@
+//! `coordinator status`: the run's summary as terminal text, from the status server or,
+//! when the run is not running, from its output dir; and `coordinator ctl`, the operator
+//! actions from the terminal.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::status::{Digest, Status, WorkerRow};
+use crate::progress::human_bytes;
+
+/// How long a request to the status server may take.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The address to reach a server listening on `listen` from this machine.
+fn local(listen: SocketAddr) -> SocketAddr {
+    let mut a = listen;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// The live status and workers from the status server on `listen`.
+pub fn fetch(listen: SocketAddr) -> Result<(Status, Vec<WorkerRow>)> {
+    let base = format!("http://{}", local(listen));
+    let a = agent();
+    let get = |path: &str| -> Result<ureq::Body> {
+        let r = a.get(format!("{base}{path}")).call()?;
+        if r.status() != 200 {
+            bail!("{base}{path} answered {}", r.status());
+        }
+        Ok(r.into_body())
+    };
+    let status = get("/api/status")?.read_json()?;
+    let workers = get("/api/workers")?.read_json()?;
+    Ok((status, workers))
+}
+
+/// The summary of the run whose config names `output_dir` and `listen`: live when its
+/// status server answers, else from `metrics.jsonl` (with a line saying why).
+pub fn status_text(output_dir: &Path, listen: Option<SocketAddr>) -> Result<String> {
+    let why = match listen {
+        Some(l) => match fetch(l) {
+            Ok((s, w)) => {
+                return Ok(format(
+                    &s,
+                    Some(&w),
+                    &format!("live from http://{}", local(l)),
+                ))
+            }
+            Err(e) => format!("the status server at {} did not answer ({e})", local(l)),
+        },
+        None => "no [monitor] listen in the config".to_string(),
+    };
+    let path = output_dir.join("metrics.jsonl");
+    if !path.exists() {
+        bail!(
+            "{} does not exist: the run has not started ({why})",
+            path.display()
+        );
+    }
+    let d = Digest::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format(
+        &d.status,
+        None,
+        &format!("from {} ({why})", path.display()),
+    ))
+}
+
+/// Formats a summary; `workers` when known (live).
+pub fn format(s: &Status, workers: Option<&[WorkerRow]>, source: &str) -> String {
+    let mut t = String::new();
+    let opt = |x: Option<f64>, d: usize| x.map_or("-".to_string(), |v| format!("{v:.d$}"));
+    let _ = writeln!(t, "run {} ({source})", short(&s.run_id));
+    let _ = writeln!(
+        t,
+        "  state {:?}, step {}/{}, epoch {:.2}, wall {:.0} s",
+        s.state, s.step, s.total_steps, s.epoch, s.wall_s
+    );
+    let eval = s.eval.map_or("-".to_string(), |e| {
+        if s.language_model {
+            format!("val loss {:.4} (step {})", e.loss, e.step)
+        } else {
+            format!("test acc {:.4} (step {})", e.accuracy, e.step)
+        }
+    });
+    let _ = writeln!(t, "  loss {}, {eval}", opt(s.loss, 4));
+    let rate = if s.language_model {
+        format!("{} tokens/s", opt(s.tokens_per_s, 0))
+    } else {
+        format!("{} samples/s", opt(s.samples_per_s, 1))
+    };
+    let _ = writeln!(
+        t,
+        "  {rate}, up {}, down {}, data served {}, uplink x{:.1}",
+        human_bytes(s.bytes_in),
+        human_bytes(s.bytes_out),
+        human_bytes(s.data_served),
+        s.uplink_ratio
+    );
+    let _ = writeln!(
+        t,
+        "  workers {} (seen {}), spot checks {} passed of {}, cheats {}, banned {}, rollbacks {} ({} removed)",
+        s.workers, s.workers_seen, s.checks.passed, s.checks.done, s.checks.caught, s.banned,
+        s.rollbacks, s.removed
+    );
+    for c in &s.cheats {
+        let _ = writeln!(
+            t,
+            "  cheat at step {}: {} task {}: {}",
+            c.step,
+            short(&c.worker),
+            c.task_id,
+            c.reason
+        );
+    }
+    for b in &s.bans {
+        let _ = writeln!(
+            t,
+            "  ban at step {}: {}: {}",
+            b.step,
+            short(&b.worker),
+            b.reason
+        );
+    }
+    if let Some(ws) = workers {
+        let _ = writeln!(
+            t,
+            "  {:<20} {:<16} {:>9} {:>6} {:>6} {:>7} {:>7} {:>10} {:>10}",
+            "name", "key", "samples/s", "share", "tasks", "checks", "strikes", "up", "down"
+        );
+        for w in ws {
+            let _ = writeln!(
+                t,
+                "  {:<20} {:<16} {:>9} {:>5.1}% {:>6} {:>7} {:>7} {:>10} {:>10}",
+                w.name.chars().take(20).collect::<String>(),
+                short(&w.worker),
+                opt(w.samples_per_s, 1),
+                100.0 * w.share,
+                w.tasks,
+                w.checks_passed,
+                w.strikes,
+                human_bytes(w.bytes_in),
+                human_bytes(w.bytes_out)
+            );
+        }
+    }
+    t
+}
+
+fn short(key: &str) -> &str {
+    key.get(..16).unwrap_or(key)
+}
+
+/// An operator action for `coordinator ctl`: `pause`, `resume`, `stop`, or `ban` with a key.
+pub fn act(
+    output_dir: &Path,
+    listen: SocketAddr,
+    action: &str,
+    ban: Option<(&str, &str)>,
+) -> Result<String> {
+    let Some(token) = crate::state::read_monitor_token(output_dir)? else {
+        bail!(
+            "{} has no monitor_token: start the run once with this version of the coordinator",
+            output_dir.join("identity.json").display()
+        );
+    };
+    let url = format!("http://{}/api/{action}", local(listen));
+    let req = agent()
+        .post(&url)
+        .header("Authorization", &format!("Bearer {token}"));
+    let r = match ban {
+        Some((worker, reason)) => {
+            req.send_json(serde_json::json!({ "worker": worker, "reason": reason }))
+        }
+        None => req.send_empty(),
+    }
+    .with_context(|| format!("cannot reach {url}"))?;
+    let code = r.status();
+    let body = r.into_body().read_to_string().unwrap_or_default();
+    if code.is_success() {
+        Ok(format!("{action}: accepted"))
+    } else {
+        bail!("{url} answered {code}: {body}")
+    }
+}

@@ -1,0 +1,261 @@
+//! The status server: what it shows of a running swarm, its Prometheus metrics, operator
+//! actions only with the identity's token, bad requests refused, `coordinator status` and
+//! `coordinator ctl`, and a taken port as a clear error at start.
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{bin, swarm_config, wait_until, Coordinator, Worker};
+use serde_json::Value;
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// GET `path`: (status code, body).
+fn get(base: &str, path: &str) -> (u16, String) {
+    let r = agent().get(format!("{base}{path}")).call().unwrap();
+    let code = r.status().as_u16();
+    (code, r.into_body().read_to_string().unwrap())
+}
+
+fn get_json(base: &str, path: &str) -> Value {
+    let (code, body) = get(base, path);
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// POST `body` to `path` with an optional bearer token: the status code.
+fn post(base: &str, path: &str, token: Option<&str>, body: &str) -> u16 {
+    let mut req = agent()
+        .post(format!("{base}{path}"))
+        .header("Content-Type", "application/json");
+    if let Some(t) = token {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    req.send(body).unwrap().status().as_u16()
+}
+
+fn identity(c: &Coordinator) -> Value {
+    serde_json::from_slice(&std::fs::read(c.out().join("identity.json")).unwrap()).unwrap()
+}
+
+/// `coordinator CMD --config CONFIG REST...`.
+fn coordinator_cli(cmd: &str, config: &std::path::Path, rest: &[&str]) -> std::process::Output {
+    Command::new(bin("coordinator"))
+        .args([cmd, "--config"])
+        .arg(config)
+        .args(rest)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
+    let port = free_tcp_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let cfg = swarm_config(
+        "mlp",
+        2000,
+        64,
+        2,
+        1,
+        &format!("[monitor]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let mut c = Coordinator::start(&cfg);
+    let join = c.join_string();
+    let _a = Worker::start(&join, c.dir.path(), "alpha", &[]);
+    let _b = Worker::start(&join, c.dir.path(), "beta", &[]);
+    let running = || {
+        let s = get_json(&base, "/api/status");
+        (s["step"].as_u64()? >= 5 && s["state"] == "running").then_some(s)
+    };
+    let status =
+        wait_until(Duration::from_secs(90), running).unwrap_or_else(|| panic!("{}", c.log()));
+    assert_eq!(status["model"], "mlp");
+    assert_eq!(status["dataset"], "fashion-mnist");
+    assert_eq!(status["workers"], 2);
+    assert!(status["loss"].as_f64().unwrap() > 0.0);
+    assert!(status["samples_per_s"].as_f64().unwrap() > 0.0);
+    let workers = get_json(&base, "/api/workers");
+    let rows = workers.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{workers}");
+    let names: Vec<&str> = rows.iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert!(names.iter().any(|n| n.starts_with("alpha")), "{names:?}");
+    assert!(
+        rows.iter().all(|w| w["tasks"].as_u64().unwrap() > 0),
+        "{workers}"
+    );
+    let history = get_json(&base, "/api/history");
+    assert!(history["loss"]["points"].as_array().unwrap().len() >= 5);
+    let (code, metrics) = get(&base, "/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "dtrain_rounds_total ",
+        "dtrain_workers 2",
+        "dtrain_round_seconds_bucket",
+        "dtrain_received_bytes_total ",
+    ] {
+        assert!(metrics.contains(want), "{want} missing:\n{metrics}");
+    }
+    let (code, page) = get(&base, "/");
+    assert_eq!(code, 200);
+    assert!(page.contains("/dashboard.js") && page.contains("loss-chart"));
+    // Nothing served holds the join secret.
+    let secret = identity(&c)["secret"].as_str().unwrap().to_string();
+    let token = identity(&c)["monitor_token"].as_str().unwrap().to_string();
+    for p in [
+        "/",
+        "/api/status",
+        "/api/workers",
+        "/api/history",
+        "/metrics",
+    ] {
+        assert!(
+            !get(&base, p).1.contains(&secret),
+            "{p} shows the join secret"
+        );
+        assert!(!get(&base, p).1.contains(&token), "{p} shows the token");
+    }
+
+    // Actions without the token, or with a wrong one, change nothing.
+    assert_eq!(post(&base, "/api/pause", None, ""), 401);
+    assert_eq!(post(&base, "/api/stop", Some(&"0".repeat(64)), ""), 401);
+    assert_eq!(post(&base, "/api/ban", Some("nonsense"), "{}"), 401);
+    // Malformed and oversized requests are refused.
+    assert_eq!(post(&base, "/api/ban", Some(&token), "{not json"), 400);
+    assert_eq!(
+        post(&base, "/api/ban", Some(&token), "{\"worker\": \"zz\"}"),
+        400
+    );
+    assert_eq!(
+        post(&base, "/api/ban", Some(&token), &"x".repeat(10_000)),
+        413
+    );
+    assert_eq!(get(&base, "/api/nothing").0, 404);
+    let before = c.steps_done();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(c.steps_done() > before, "still training");
+    assert!(c.events("paused").is_empty() && c.events("banned").is_empty());
+
+    // Pause: the round in flight ends, no other starts.
+    assert_eq!(post(&base, "/api/pause", Some(&token), ""), 202);
+    let paused = || (get_json(&base, "/api/status")["state"] == "paused").then_some(());
+    assert!(
+        wait_until(Duration::from_secs(20), paused).is_some(),
+        "{}",
+        c.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let at = c.steps_done();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.steps_done(), at, "no round while paused");
+    let out = coordinator_cli("status", c.config_path(), &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("state Paused") && text.contains("live from") && text.contains("alpha"),
+        "{text}"
+    );
+    let out = coordinator_cli("ctl", c.config_path(), &["resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || (c.steps_done() > at + 2)
+            .then_some(()))
+        .is_some(),
+        "resumed"
+    );
+
+    // Ban beta by its key: disconnected, counted, refused.
+    let beta = rows
+        .iter()
+        .find(|w| w["name"].as_str().unwrap().starts_with("beta"))
+        .unwrap()["worker"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = coordinator_cli(
+        "ctl",
+        c.config_path(),
+        &["ban", &beta, "--reason", "test ban"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let banned = || {
+        let s = get_json(&base, "/api/status");
+        (s["banned"] == 1 && s["workers"] == 1).then_some(s)
+    };
+    let s = wait_until(Duration::from_secs(20), banned).unwrap_or_else(|| panic!("{}", c.log()));
+    assert!(
+        s["bans"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("banned by the operator: test ban"),
+        "{s}"
+    );
+    assert_eq!(c.events("banned")[0]["worker"], beta.as_str());
+
+    // Stop with a checkpoint; the summary then comes from the output dir.
+    assert_eq!(post(&base, "/api/stop", Some(&token), ""), 202);
+    assert!(c.wait(Duration::from_secs(60)).success(), "{}", c.log());
+    assert_eq!(c.events("stopped").len(), 1);
+    let out = coordinator_cli("status", c.config_path(), &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("state Stopped") && text.contains("metrics.jsonl"),
+        "{text}"
+    );
+    assert!(text.contains("ban at step"), "{text}");
+}
+
+#[test]
+fn a_taken_status_port_is_a_clear_error_at_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = swarm_config(
+        "mlp",
+        5,
+        64,
+        1,
+        1,
+        &format!("[monitor]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let mut c = Coordinator::start(&cfg);
+    let status = c.wait(Duration::from_secs(60));
+    assert!(!status.success());
+    let log = c.log();
+    assert!(
+        log.contains(&format!(
+            "monitor.listen 127.0.0.1:{port}: cannot listen there"
+        )),
+        "{log}"
+    );
+    // Nothing of the run was written.
+    assert!(!c.out().join("join.txt").exists());
+}
