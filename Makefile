@@ -5,7 +5,7 @@ export LIBTORCH := $(CURDIR)/.venv/torch
 export LD_LIBRARY_PATH := $(CURDIR)/.venv/torch/lib:$(LD_LIBRARY_PATH)
 CARGO ?= cargo
 
-.PHONY: setup build experiments demo demo-lm test lint bench fuzz fmt
+.PHONY: setup build experiments dashboard demo demo-lm test lint bench fuzz fmt
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,11 @@ build: setup
 ## use (slowdowns, adversaries), in target/experiments/ (profile `experiments`: release).
 experiments: setup
 	$(CARGO) build --profile experiments --bins
+
+## Screenshots of the status server's dashboard over a running swarm with a cheater
+## (headless Chromium): results/dashboard/dashboard.png and dashboard-phone.png.
+dashboard: experiments
+	target/experiments/experiments dashboard
 
 ## The main job: a coordinator and 4 worker processes on loopback train a CNN on Fashion-MNIST.
 demo: build

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a .venv with torch==2.11.0 (for libtorch) and transformers (for the
-# Python reference scripts scripts/hf_parity.py etc.), the Fashion-MNIST and fortunes packages,
-# and the .venv/torch link that the binaries' run path points at. Each step is skipped
+# Python reference scripts scripts/hf_parity.py etc.), the Fashion-MNIST, fortunes and chromium
+# (dashboard test) packages, and the .venv/torch link that the binaries' run path points at. Each step is skipped
 # when its result is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +39,11 @@ if [ ! -f /usr/share/games/fortunes/fortunes ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fortunes
 fi
-echo "setup: ok (torch $TORCH_VERSION and transformers $TRANSFORMERS_VERSION in .venv, Fashion-MNIST, fortunes)"
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "setup: installing chromium (the headless browser of the dashboard test)"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
+fi
+echo "setup: ok (torch $TORCH_VERSION and transformers $TRANSFORMERS_VERSION in .venv, Fashion-MNIST, fortunes, chromium)"

@@ -638,6 +638,14 @@ impl Scheduler {
             hyperparams: self.hyper,
             ef_base,
             inner_steps: self.h > 1,
+            standing: {
+                let s = self.core.discipline().standing(&worker);
+                proto::Standing {
+                    tasks_accepted: s.rep.tasks,
+                    checks_passed: s.rep.checks_passed,
+                    strikes: s.strikes,
+                }
+            },
         };
         let Some(l) = self.links.conns.get_mut(&conn) else {
             return Ok(());

@@ -3,6 +3,7 @@
 //! for the swarm's accuracy and wall time.
 
 mod classes;
+mod dashboard;
 mod data_join;
 mod fleet;
 mod flood;
@@ -139,6 +140,16 @@ enum Cmd {
         join_after_s: f64,
         /// Output folder.
         #[arg(long, default_value = "results/data-join")]
+        out: PathBuf,
+    },
+    /// Screenshots of the status server's dashboard over a running swarm with a cheater
+    /// (headless Chromium), for the README.
+    Dashboard {
+        /// Rounds before the screenshots.
+        #[arg(long, default_value_t = 60)]
+        after_steps: u64,
+        /// Output folder.
+        #[arg(long, default_value = "results/dashboard")]
         out: PathBuf,
     },
     /// Honest training alone and beside a flood of connections and junk datagrams.
@@ -380,6 +391,9 @@ fn main() -> Result<()> {
                     format!(" {args}")
                 },
             })?
+        }
+        Cmd::Dashboard { after_steps, out } => {
+            dashboard::run(&dashboard::Settings { after_steps, out })?
         }
         Cmd::DataJoin {
             model,

@@ -112,6 +112,7 @@ impl Stream {
             hyperparams: [0; 32],
             ef_base: 0,
             inner_steps: false,
+            standing: Default::default(),
         };
         (task, params)
     }

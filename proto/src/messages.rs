@@ -139,6 +139,19 @@ pub struct Task {
     /// The worker's last result that the coordinator used: continue the error-feedback
     /// residual left by that task (0: start from a zero residual).
     pub ef_base: u64,
+    /// What the run has on record for this worker (shown on its status line).
+    pub standing: Standing,
+}
+
+/// A worker's record in the run, as the coordinator keeps it (its reputation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Standing {
+    /// Results accepted over the run.
+    pub tasks_accepted: u64,
+    /// Spot checks passed.
+    pub checks_passed: u64,
+    /// Strikes (protocol offences, unanswered challenges); a ban follows at the run's limit.
+    pub strikes: u32,
 }
 
 /// The answer to a [`Task`].

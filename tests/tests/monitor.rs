@@ -259,3 +259,96 @@ fn a_taken_status_port_is_a_clear_error_at_start() {
     // Nothing of the run was written.
     assert!(!c.out().join("join.txt").exists());
 }
+
+/// Debian's headless Chromium (installed by `make test`'s set-up).
+fn chromium() -> std::path::PathBuf {
+    let found = ["chromium", "chromium-browser"].iter().find_map(|n| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("command -v {n}")])
+            .output()
+            .ok()?;
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!p.is_empty()).then(|| p.into())
+    });
+    found.expect("the dashboard test needs Debian's chromium package (make test installs it)")
+}
+
+#[test]
+fn headless_chromium_draws_the_dashboard_of_a_running_swarm() {
+    let port = free_tcp_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let cfg = swarm_config(
+        "mlp",
+        2000,
+        64,
+        2,
+        1,
+        &format!("[monitor]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .replace("threads = 1\n", "threads = 1\neval_every = 5\n");
+    let c = Coordinator::start(&cfg);
+    let join = c.join_string();
+    let _a = Worker::start(&join, c.dir.path(), "alpha", &[]);
+    let _b = Worker::start(&join, c.dir.path(), "beta", &[]);
+    let evaluated = || {
+        (!get_json(&base, "/api/history")["eval_accuracy"]["points"]
+            .as_array()?
+            .is_empty())
+        .then_some(())
+    };
+    assert!(
+        wait_until(Duration::from_secs(90), evaluated).is_some(),
+        "{}",
+        c.log()
+    );
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        // Runs the page's timers and fetches for up to 10 s of page time, then prints the DOM.
+        .args([
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            &format!("{base}/"),
+        ])
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let attr = |id: &str| -> usize {
+        let at = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no #{id}:\n{dom}"));
+        let tag = &dom[dom[..at].rfind('<').unwrap()..at + dom[at..].find('>').unwrap()];
+        let v = tag
+            .split("data-points=\"")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{tag}"));
+        v[..v.find('"').unwrap()].parse().unwrap()
+    };
+    assert!(
+        attr("loss-chart") >= 5,
+        "the loss chart has its points:\n{dom}"
+    );
+    assert!(
+        attr("eval-chart") >= 1,
+        "the evaluation chart has its points:\n{dom}"
+    );
+    // The workers table has both workers, by name, and the state is shown.
+    let table = &dom[dom.find("id=\"workers\"").unwrap()..];
+    let table = &table[..table.find("</table>").unwrap()];
+    assert_eq!(table.matches("data-worker=").count(), 2, "{table}");
+    assert!(table.contains("alpha") && table.contains("beta"), "{table}");
+    assert!(dom.contains("class=\"state running\""), "{dom}");
+    assert!(dom.contains("fashion-mnist"), "{dom}");
+}

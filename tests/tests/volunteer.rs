@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{swarm_config, wait_until, Coordinator, Worker};
+use integration_tests::{swarm_config, wait_until, worker_command, Coordinator, Worker};
 
 #[test]
 fn ctrl_c_finishes_the_task_in_hand_and_leaves_the_run_cleanly() {
@@ -78,4 +78,69 @@ fn ctrl_c_during_the_first_download_stops_at_once() {
         .unwrap()
         .count();
     assert_eq!(parts, 1);
+}
+
+/// The number before `what` in `line` (`"12 tasks"` → 12).
+fn count_before(line: &str, what: &str) -> u64 {
+    let head = &line[..line
+        .find(what)
+        .unwrap_or_else(|| panic!("{what} in {line}"))];
+    head.trim_end()
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a count before {what} in {line}"))
+}
+
+#[test]
+fn the_worker_reports_its_status_and_only_warnings_when_quiet() {
+    let mut c = Coordinator::start(&swarm_config("mlp", 30, 64, 2, 1, ""));
+    let join = c.join_string();
+    let mut loud = Worker::start(&join, c.dir.path(), "loud", &[]);
+    let quiet_log = c.dir.path().join("quiet.log");
+    let mut quiet = worker_command(&join, &c.dir.path().join("quiet.key"), 60)
+        .args(["--name", "quiet", "--quiet"])
+        .args(["--data-dir", "/usr/share/datasets/fashion-mnist"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&quiet_log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(c.wait(Duration::from_secs(120)).success(), "{}", c.log());
+    assert!(loud
+        .wait(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    assert!(quiet.wait().unwrap().success());
+    // The last status line of the loud worker: its tasks, and the run's record of it.
+    let log = loud.log();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains(" tasks | "))
+        .unwrap_or_else(|| panic!("no status line:\n{log}"));
+    assert!(count_before(line, " tasks") >= 5, "{line}");
+    assert!(line.trim_end().ends_with(", strikes 0"), "{line}");
+    // "accepted N, strikes 0": the run's record, as the last task carried it.
+    assert!(count_before(line, ", strikes") >= 1, "{line}");
+    assert!(line.contains("samples/s") && line.contains("up "), "{line}");
+    // The quiet one trained too, and logged nothing below a warning.
+    assert!(c.names().values().any(|n| n == "quiet"));
+    let qlog = std::fs::read_to_string(&quiet_log).unwrap();
+    assert!(!qlog.contains(" INFO "), "{qlog}");
+}
+
+#[test]
+fn a_run_needing_more_threads_than_the_cap_is_refused_clearly() {
+    let c = Coordinator::start(&swarm_config(
+        "mlp",
+        5,
+        64,
+        1,
+        1,
+        "[workers]\ndeterministic_threads = 2\n",
+    ));
+    // The harness's workers run with `--threads 1` (an alias of `--max-threads`).
+    let out = integration_tests::run_worker_to_end(&c.join_string(), c.dir.path(), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("more than --max-threads 1"), "{err}");
 }

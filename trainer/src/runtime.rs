@@ -3,11 +3,21 @@
 /// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default `info`), with colours
 /// only on a terminal.
 pub fn init_logging() {
+    init_logging_to(std::io::stderr, "info");
+}
+
+/// Logs to `writer` at the levels of `RUST_LOG`, else at `default` (`"info"`, `"warn"`);
+/// colours when stderr is a terminal.
+pub fn init_logging_to<W>(writer: W, default: &str)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

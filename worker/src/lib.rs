@@ -10,6 +10,7 @@ pub mod fetch;
 #[cfg(feature = "test-hooks")]
 pub mod hostile;
 pub mod shards;
+pub mod status;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 pub mod uplink;
@@ -50,7 +51,7 @@ pub struct WorkerOptions {
     pub data_dir: Option<PathBuf>,
     /// The data cache.
     pub cache: fetch::CacheOptions,
-    /// Compute threads (`None`: libtorch's default).
+    /// Most compute threads (`--max-threads`; `None`: libtorch's default).
     pub threads: Option<usize>,
     /// File of the worker's persistent key.
     pub key_path: PathBuf,
@@ -65,6 +66,8 @@ pub struct WorkerOptions {
     /// Becomes true when the volunteer asks the worker to stop (Ctrl-C, SIGTERM): it
     /// finishes and sends the task it is computing, then leaves the run.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// What the status line shows (updated as the worker goes).
+    pub stats: Arc<status::Stats>,
     /// TEST ONLY: misbehaviours on purpose.
     #[cfg(feature = "test-hooks")]
     pub hooks: test_hooks::TestHooks,
@@ -347,6 +350,8 @@ async fn session(
     state: &mut SessionState,
 ) -> Result<Exit, SessionError> {
     let retry = |m: String| SessionError::Retry(m);
+    let stats = &opts.stats;
+    stats.set_phase(status::Phase::Connecting);
     let (_endpoint, conn) = connect(&opts.ticket, state.joined).await?;
     let closed = |conn: &quinn::Connection, what: String| match conn.close_reason() {
         Some(e) => classify(&e),
@@ -407,10 +412,12 @@ async fn session(
             );
             // No task is in hand yet: a stop ends the download at once (it resumes later).
             let mut stop = opts.stop.clone();
+            stats.set_phase(status::Phase::Downloading);
             let gathered = tokio::select! {
                 g = gather => g.map_err(|e| fetch_error(&conn, e))?,
-                _ = stop.wait_for(|s| *s) => return Ok(leave(&conn).await),
+                _ = stop.wait_for(|s| *s) => return Ok(leave(&conn, stats).await),
             };
+            stats.received(gathered.downloaded);
             let (dir, w, m) = (gathered.dir().to_path_buf(), welcome.clone(), model.clone());
             let (d, lazy) = tokio::task::spawn_blocking(move || load_data(&dir, &w, &m))
                 .await
@@ -429,6 +436,12 @@ async fn session(
     // The class the coordinator expects: the declared one at the run's forced thread count.
     let mut class = class.clone();
     if let Some(t) = welcome.deterministic_threads {
+        if let Some(max) = opts.threads.filter(|&m| t as usize > m) {
+            return Err(SessionError::Fatal(format!(
+                "the run computes with {t} threads (for its bit-exact checks), more than \
+                 --max-threads {max}; raise --max-threads to join it"
+            )));
+        }
         trainer::runtime::set_threads(Some(t as usize));
         class.threads = t;
     }
@@ -476,6 +489,7 @@ async fn session(
         .await
         .map_err(|e| closed(&conn, e.to_string()))?;
     state.joined = true;
+    stats.set_phase(status::Phase::Idle);
     info!(run = %hex::encode(&welcome.run_id[..8]), model = model.name(), params = n_params, "joined run");
     let mut pacer = opts
         .max_upload_mbps
@@ -485,14 +499,18 @@ async fn session(
         let read = read_frame::<_, ToWorker>(&mut recv, cap);
         let msg = tokio::select! {
             r = read => match r {
-                Ok((m, _)) => m,
+                Ok((m, n)) => {
+                    stats.received(n);
+                    m
+                }
                 Err(e) => return Err(closed(&conn, e.to_string())),
             },
-            _ = stop.wait_for(|s| *s) => return Ok(leave(&conn).await),
+            _ = stop.wait_for(|s| *s) => return Ok(leave(&conn, stats).await),
         };
         let replies = match msg {
             ToWorker::Task(task) => {
                 state.tasks_seen += 1;
+                stats.set_standing(task.standing);
                 #[cfg(feature = "test-hooks")]
                 opts.hooks.crash_if_due(state.tasks_seen);
                 let task_id = task.task_id;
@@ -500,10 +518,12 @@ async fn session(
                     let missing = windows.missing(&task.indices);
                     if !missing.is_empty() {
                         let from = (opts.data_dir.as_deref(), &opts.cache);
+                        stats.set_phase(status::Phase::Downloading);
                         let n = lazy
                             .load(&conn, &missing, windows, from, progressed)
                             .await
                             .map_err(|e| fetch_error(&conn, e))?;
+                        stats.received(n);
                         info!(
                             shards = missing.len(),
                             downloaded = n,
@@ -522,6 +542,7 @@ async fn session(
                     .ok_or_else(|| retry("compute state lost".into()))?;
                 #[cfg(feature = "test-hooks")]
                 let slowdown = opts.hooks.slowdown;
+                stats.set_phase(status::Phase::Training);
                 let (c, res) = tokio::task::spawn_blocking(move || {
                     #[cfg(feature = "test-hooks")]
                     let started = Instant::now();
@@ -534,6 +555,10 @@ async fn session(
                 .map_err(|e| SessionError::Fatal(format!("compute thread failed: {e}")))?;
                 state.compute = Some(c);
                 *progressed = true;
+                stats.set_phase(status::Phase::Idle);
+                if let Ok(r) = &res {
+                    stats.task_done(u64::from(r.n_samples), r.compute_us);
+                }
                 match res {
                     #[cfg(feature = "test-hooks")]
                     Ok(r) if state.tamper.is_some() => state
@@ -576,7 +601,7 @@ async fn session(
             let sent = match reply {
                 Send::Msg(m) => uplink::send(&mut send, &m, cap, pacer.as_mut())
                     .await
-                    .map(|_| ()),
+                    .map(|n| stats.sent(n)),
                 #[cfg(feature = "test-hooks")]
                 Send::Raw(bytes) => send
                     .write_all(&bytes)
@@ -591,13 +616,14 @@ async fn session(
             sent.map_err(|e| closed(&conn, e.to_string()))?;
         }
         if *stop.borrow() {
-            return Ok(leave(&conn).await);
+            return Ok(leave(&conn, stats).await);
         }
     }
 }
 
 /// Leaves the run at the volunteer's request, after the task in hand was answered.
-async fn leave(conn: &quinn::Connection) -> Exit {
+async fn leave(conn: &quinn::Connection, stats: &status::Stats) -> Exit {
+    stats.set_phase(status::Phase::Stopping);
     info!("stopped by the volunteer: leaving the run");
     conn.close(close::DONE.into(), b"the volunteer stopped the worker");
     // Give the close a moment to leave before the endpoint goes away.

@@ -1,10 +1,13 @@
 //! `worker --join dtrain://...`: joins a run and works until it ends.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Parser)]
 #[command(
@@ -28,9 +31,14 @@ struct Cli {
     /// files of other runs are removed to stay under it.
     #[arg(long, default_value_t = 20.0)]
     cache_max_gb: f64,
-    /// Compute threads (default: libtorch's choice).
+    /// Most compute threads the worker uses (default: libtorch's choice, one per core). A
+    /// run that fixes its thread count for bit-exact checks uses its count, and is left if
+    /// that is more.
+    #[arg(long, visible_alias = "threads")]
+    max_threads: Option<usize>,
+    /// No status line, and only warnings and errors in the log (for services).
     #[arg(long)]
-    threads: Option<usize>,
+    quiet: bool,
     /// File holding this worker's persistent identity key (created if missing).
     #[arg(long)]
     key: Option<PathBuf>,
@@ -135,10 +143,70 @@ fn default_key() -> PathBuf {
     xdg("XDG_DATA_HOME", ".local/share", "dtrain/worker.key")
 }
 
+/// Where log lines go: stderr, above the status line when there is one.
+#[derive(Clone)]
+struct LogWriter(Option<ProgressBar>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &self.0 {
+            Some(bar) => bar.suspend(|| std::io::stderr().write(buf)),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'w self) -> LogWriter {
+        self.clone()
+    }
+}
+
+/// Seconds between status lines in the log when stderr is not a terminal.
+const LOG_STATUS_EVERY: Duration = Duration::from_secs(60);
+
+/// Shows `stats`: redrawn twice a second on a terminal, else logged every minute.
+fn show_status(bar: Option<ProgressBar>, stats: Arc<worker::status::Stats>) {
+    tokio::spawn(async move {
+        let every = if bar.is_some() {
+            Duration::from_millis(500)
+        } else {
+            LOG_STATUS_EVERY
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match &bar {
+                Some(b) => b.set_message(stats.line()),
+                None => tracing::info!("status: {}", stats.line()),
+            }
+        }
+    });
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    trainer::runtime::init_logging();
     let cli = Cli::parse();
+    let bar = (!cli.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(4));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {wide_msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(250));
+        bar
+    });
+    trainer::runtime::init_logging_to(
+        LogWriter(bar.clone()),
+        if cli.quiet { "warn" } else { "info" },
+    );
     let ticket = cli.join.parse().context("--join")?;
     let name = cli.name.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
@@ -176,6 +244,10 @@ async fn main() -> Result<()> {
         stop_requested().await;
         std::process::exit(130);
     });
+    let stats = Arc::new(worker::status::Stats::default());
+    if !cli.quiet {
+        show_status(bar.clone(), stats.clone());
+    }
     let opts = worker::WorkerOptions {
         ticket,
         data_dir: cli.data_dir,
@@ -183,13 +255,14 @@ async fn main() -> Result<()> {
             dir: cli.cache_dir.unwrap_or_else(default_cache),
             max_bytes: (cli.cache_max_gb * 1e9) as u64,
         },
-        threads: cli.threads,
+        threads: cli.max_threads,
         key_path: cli.key.unwrap_or_else(default_key),
         name,
         allow_cuda: matches!(cli.device, DeviceArg::Auto),
         retry_for: Duration::from_secs_f64(cli.retry_for.max(0.0)),
         max_upload_mbps: cli.max_upload_mbps,
         stop,
+        stats: stats.clone(),
         #[cfg(feature = "test-hooks")]
         hooks: cli.hooks.hooks(),
     };
@@ -197,7 +270,12 @@ async fn main() -> Result<()> {
     if opts.hooks.adversarial() {
         tracing::warn!("TEST ONLY adversarial mode: this worker misbehaves on purpose");
     }
-    match worker::run(opts).await {
+    let exit = worker::run(opts).await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    tracing::info!("{}", stats.line());
+    match exit {
         Ok(worker::Exit::Done(reason)) => {
             tracing::info!("finished: {reason}");
             Ok(())

@@ -75,8 +75,10 @@ function lineChart(canvas, series) {
   }
   for (let i = 0; i <= 4; i++) {
     const x = x0 + ((x1 - x0) * i) / 4;
-    ctx.fillText(String(Math.round(x)), px(x) - 8, h - 6);
+    ctx.textAlign = i === 0 ? "left" : i === 4 ? "right" : "center";
+    ctx.fillText(String(Math.round(x)), px(x), h - 6);
   }
+  ctx.textAlign = "left";
   let lx = pad.l;
   for (const s of series) {
     if (!s.points.length) continue;
