@@ -5,7 +5,7 @@ export LIBTORCH := $(CURDIR)/.venv/torch
 export LD_LIBRARY_PATH := $(CURDIR)/.venv/torch/lib:$(LD_LIBRARY_PATH)
 CARGO ?= cargo
 
-.PHONY: setup build experiments dashboard demo demo-lm test lint bench fuzz fmt
+.PHONY: setup build wheel wheel-test experiments dashboard demo demo-lm test lint bench fuzz fmt
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,16 @@ setup:
 ## What volunteers and ML teams run: the coordinator and the worker, without test hooks.
 build: setup
 	$(CARGO) build --release -p coordinator -p worker
+
+## The volunteer's install: a Python wheel (maturin, bin bindings) of the worker as
+## `dtrain-worker`, depending on torch==2.11.0: target/wheels/dtrain_worker-*.whl.
+wheel: setup
+	maturin build --release -m wheel/Cargo.toml --auditwheel skip --out target/wheels
+
+## The wheel as a volunteer installs it: pip into a fresh venv (torch from pip), then
+## `dtrain-worker --join` trains a short run of a local coordinator.
+wheel-test: setup
+	bash scripts/wheel_test.sh
 
 ## The experiments, with coordinator and worker binaries built with the test hooks they
 ## use (slowdowns, adversaries), in target/experiments/ (profile `experiments`: release).
@@ -38,6 +48,7 @@ test: setup
 	$(CARGO) check -p coordinator -p worker --bins
 	$(CARGO) build --bins
 	$(CARGO) test --workspace -- --test-threads=1
+	bash scripts/wheel_test.sh
 
 lint: setup
 	$(CARGO) fmt --all -- --check

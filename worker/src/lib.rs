@@ -4,6 +4,7 @@
 #[cfg(feature = "test-hooks")]
 pub mod adversary;
 pub mod cache;
+pub mod cli;
 pub mod compute;
 pub mod dial;
 pub mod fetch;
