@@ -23,6 +23,7 @@ for _ in $(seq 1 300); do [ -s "$OUT/join.txt" ] && break; sleep 0.1; done
 [ -s "$OUT/join.txt" ] || { echo "coordinator did not start" >&2; exit 1; }
 join=$(cat "$OUT/join.txt")
 echo "join string: $join"
+echo "dashboard: http://127.0.0.1:7080/ (or: $BIN/coordinator status --config configs/demo.toml)"
 for i in $(seq 1 "$WORKERS"); do
     "$BIN/worker" --join "$join" --threads 1 --device cpu --name "demo-$i" \
         --key "$OUT/keys/worker-$i.key" --cache-dir "$OUT/cache-$i" 2>"$OUT/worker-$i.log" &
