@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::info;
+use trainer::runtime::human_bytes;
 
 /// Shows step, loss, workers and traffic as training goes.
 pub struct Progress {
@@ -28,17 +29,6 @@ pub struct StepLine {
     pub tokens_per_s: Option<f64>,
     /// The last evaluation, as shown (`test acc 0.8812`, `val loss 1.9021`).
     pub eval: Option<String>,
-}
-
-/// `12.3 MB` style.
-pub fn human_bytes(b: u64) -> String {
-    let b = b as f64;
-    match b {
-        b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
-        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
-        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
-        b => format!("{b} B"),
-    }
 }
 
 impl Progress {

@@ -60,10 +60,11 @@ fn coordinator_cli(cmd: &str, config: &std::path::Path, rest: &[&str]) -> std::p
         .unwrap()
 }
 
-#[test]
-fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
+/// A 2000-round MLP run with the status server on a free port (evaluating every
+/// `eval_every` rounds; 0: only at epoch ends) and two workers, `alpha` and `beta`: the
+/// coordinator, the server's base URL, and the workers (killed on drop).
+fn monitored_swarm(eval_every: u64) -> (Coordinator, String, [Worker; 2]) {
     let port = free_tcp_port();
-    let base = format!("http://127.0.0.1:{port}");
     let cfg = swarm_config(
         "mlp",
         2000,
@@ -71,11 +72,21 @@ fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
         2,
         1,
         &format!("[monitor]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .replacen(
+        "threads = 1\n",
+        &format!("threads = 1\neval_every = {eval_every}\n"),
+        1,
     );
-    let mut c = Coordinator::start(&cfg);
+    let c = Coordinator::start(&cfg);
     let join = c.join_string();
-    let _a = Worker::start(&join, c.dir.path(), "alpha", &[]);
-    let _b = Worker::start(&join, c.dir.path(), "beta", &[]);
+    let workers = ["alpha", "beta"].map(|n| Worker::start(&join, c.dir.path(), n, &[]));
+    (c, format!("http://127.0.0.1:{port}"), workers)
+}
+
+#[test]
+fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
+    let (mut c, base, _workers) = monitored_swarm(0);
     let running = || {
         let s = get_json(&base, "/api/status");
         (s["step"].as_u64()? >= 5 && s["state"] == "running").then_some(s)
@@ -275,21 +286,7 @@ fn chromium() -> std::path::PathBuf {
 
 #[test]
 fn headless_chromium_draws_the_dashboard_of_a_running_swarm() {
-    let port = free_tcp_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let cfg = swarm_config(
-        "mlp",
-        2000,
-        64,
-        2,
-        1,
-        &format!("[monitor]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .replace("threads = 1\n", "threads = 1\neval_every = 5\n");
-    let c = Coordinator::start(&cfg);
-    let join = c.join_string();
-    let _a = Worker::start(&join, c.dir.path(), "alpha", &[]);
-    let _b = Worker::start(&join, c.dir.path(), "beta", &[]);
+    let (c, base, _workers) = monitored_swarm(5);
     let evaluated = || {
         (!get_json(&base, "/api/history")["eval_accuracy"]["points"]
             .as_array()?

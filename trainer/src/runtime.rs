@@ -22,6 +22,17 @@ where
         .init();
 }
 
+/// A byte count for the status lines: `12.3 MB` style (powers of 1000).
+pub fn human_bytes(b: u64) -> String {
+    let f = b as f64;
+    match f {
+        f if f >= 1e9 => format!("{:.2} GB", f / 1e9),
+        f if f >= 1e6 => format!("{:.1} MB", f / 1e6),
+        f if f >= 1e3 => format!("{:.1} kB", f / 1e3),
+        _ => format!("{b} B"),
+    }
+}
+
 use tch::Device;
 
 /// Sets libtorch's intra-op thread count (`None` keeps libtorch's default).

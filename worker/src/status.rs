@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
+use trainer::runtime::human_bytes;
+
 /// What the worker is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -117,17 +119,6 @@ impl Stats {
             s.tasks_accepted,
             s.strikes,
         )
-    }
-}
-
-/// `12.3 MB` style (powers of 1000).
-fn human_bytes(b: u64) -> String {
-    let f = b as f64;
-    match f {
-        f if f >= 1e9 => format!("{:.2} GB", f / 1e9),
-        f if f >= 1e6 => format!("{:.1} MB", f / 1e6),
-        f if f >= 1e3 => format!("{:.1} kB", f / 1e3),
-        _ => format!("{b} B"),
     }
 }
 

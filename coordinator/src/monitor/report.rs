@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::status::{Digest, Status, WorkerRow};
-use crate::progress::human_bytes;
+use trainer::runtime::human_bytes;
 
 /// How long a request to the status server may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
