@@ -64,6 +64,16 @@ env -u LD_LIBRARY_PATH -u LIBTORCH "$exe" --join "$join" --name wheel --max-thre
     echo "wheel-test: FAILED: dtrain-worker exited with an error" >&2
     exit 1
 }
+# The worker left: the run ends within seconds (or it never will).
+for _ in $(seq 600); do
+    kill -0 $coord 2>/dev/null || break
+    sleep 0.1
+done
+if kill -0 $coord 2>/dev/null; then
+    tail -20 "$out/run/coordinator.log"
+    echo "wheel-test: FAILED: the coordinator did not finish after the worker left" >&2
+    exit 1
+fi
 wait $coord
 trap - EXIT
 summary=$(grep '"event":"summary"' "$out/run/out/metrics.jsonl")

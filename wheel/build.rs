@@ -9,9 +9,12 @@ const PYTHON_MINORS: std::ops::RangeInclusive<u32> = 10..=16;
 
 fn main() {
     for minor in PYTHON_MINORS {
-        println!(
-            "cargo:rustc-link-arg-bins=-Wl,-rpath,$ORIGIN/../lib/python3.{minor}/site-packages/torch/lib"
-        );
+        // site-packages: venvs and --user; dist-packages: Debian's system Python.
+        for dir in ["site-packages", "dist-packages"] {
+            println!(
+                "cargo:rustc-link-arg-bins=-Wl,-rpath,$ORIGIN/../lib/python3.{minor}/{dir}/torch/lib"
+            );
+        }
     }
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -150,7 +150,13 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
     served.corrupt_next(cfg.test_corrupt_data);
     // The status server's port is taken before the run's, so a taken one stops the start.
     let monitor_listener = match cfg.monitor.listen {
-        Some(addr) => Some(monitor::http::bind(addr).await?),
+        Some(addr) => {
+            let l = monitor::http::bind(addr).await?;
+            // Where `coordinator status` and `ctl` find it (the port may have been 0).
+            let url = format!("http://{}/\n", l.local_addr()?);
+            state::atomic_write(&dir.join(monitor::report::URL_FILE), url.as_bytes())?;
+            Some(l)
+        }
         None => None,
     };
     let endpoint = bind(&cfg, &dir, &mut identity, &limits)?;

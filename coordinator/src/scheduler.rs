@@ -346,6 +346,10 @@ impl Scheduler {
             recovered.standings.clone(),
             meta.next_task,
         );
+        let paused = metrics.digest.paused;
+        if paused {
+            tracing::warn!("the run was paused by the operator: it stays paused until resumed");
+        }
         Ok(Scheduler {
             layout,
             class_digest,
@@ -391,7 +395,12 @@ impl Scheduler {
             monitor,
             dataset,
             published: None,
-            state: RunState::Starting,
+            // A run the operator paused stays paused across restarts.
+            state: if paused {
+                RunState::Paused
+            } else {
+                RunState::Starting
+            },
             last_shares: Default::default(),
             cfg,
         })
@@ -470,7 +479,6 @@ impl Scheduler {
 
     /// One round; false when the operator stopped the run.
     fn train_step(&mut self) -> Result<bool> {
-        self.state = RunState::Running;
         self.core
             .open_round(Instant::now(), self.step(), self.meta.batches_done);
         loop {
@@ -1106,6 +1114,9 @@ impl Scheduler {
             let rate = applied.n as f64 / step_s;
             self.sample_rate = Some(self.sample_rate.map_or(rate, |r| 0.9 * r + 0.1 * rate));
         }
+        if self.state == RunState::Starting {
+            self.state = RunState::Running;
+        }
         self.last_shares.clear();
         for d in &c.answers {
             *self.last_shares.entry(d.worker).or_default() += u64::from(d.result.n_samples);
@@ -1177,10 +1188,11 @@ impl Scheduler {
         s.global_batch = self.cfg.training.global_batch as u64;
         s.samples = self.meta.batches_done * s.global_batch;
         s.wall_s = self.metrics.wall_s();
+        let finite = |x: f64| x.is_finite().then_some(x);
         s.eval = self.last_eval.map(|(step, e)| monitor::status::Eval {
             step,
-            loss: e.loss,
-            accuracy: e.accuracy,
+            loss: finite(e.loss),
+            accuracy: finite(e.accuracy),
         });
         s.samples_per_s = self.sample_rate;
         s.tokens_per_s = self.token_rate;
@@ -1190,17 +1202,9 @@ impl Scheduler {
         s.uplink_ratio = c.uplink_ratio();
         s.workers = self.links.conns.len() as u64;
         s.workers_seen = self.workers_seen();
-        s.rejected = c.rejected;
-        s.reassigned = c.reassigned;
-        s.checks = monitor::status::CheckCounts {
-            done: c.checks,
-            passed: c.passed,
-            caught: c.caught,
-            abandoned: c.abandoned,
-        };
+        // Checks, rejections, reassignments and rollbacks: the digest's counts over the
+        // whole run; bans: the standings' (restored with the checkpoint).
         s.banned = self.core.discipline().banned().count() as u64;
-        s.rollbacks = c.rollbacks;
-        s.removed = c.removed;
         let round_samples: u64 = self.last_shares.values().sum();
         let mut workers: Vec<monitor::WorkerRow> = self
             .links

@@ -351,10 +351,13 @@ async fn serve(
         );
     }
     let class = hello.class.clone();
-    let name: String = format!(
+    // Shown in logs, metrics, the dashboard and `coordinator status`: no control characters.
+    let printable =
+        |s: &str, n: usize| -> String { s.chars().filter(|c| !c.is_control()).take(n).collect() };
+    let name = format!(
         "{}@{}",
-        hello.name.chars().take(64).collect::<String>(),
-        class.device.chars().take(16).collect::<String>()
+        printable(&hello.name, 64),
+        printable(&class.device, 16)
     );
     let traffic = Arc::new(Traffic::default());
     let offence: Arc<std::sync::Mutex<Option<String>>> = Arc::default();

@@ -8,12 +8,6 @@ use std::time::Duration;
 use integration_tests::{bin, swarm_config, wait_until, Coordinator, Worker};
 use serde_json::Value;
 
-/// A free TCP port on 127.0.0.1 (bound, read, released).
-fn free_tcp_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -60,18 +54,29 @@ fn coordinator_cli(cmd: &str, config: &std::path::Path, rest: &[&str]) -> std::p
         .unwrap()
 }
 
-/// A 2000-round MLP run with the status server on a free port (evaluating every
-/// `eval_every` rounds; 0: only at epoch ends) and two workers, `alpha` and `beta`: the
-/// coordinator, the server's base URL, and the workers (killed on drop).
+/// The status server's URL, as the coordinator records it in its output dir.
+fn recorded_url(c: &Coordinator) -> String {
+    let path = c.out().join("monitor.url");
+    wait_until(Duration::from_secs(60), || {
+        std::fs::read_to_string(&path).ok()
+    })
+    .unwrap_or_else(|| panic!("no monitor.url: {}", c.log()))
+    .trim()
+    .trim_end_matches('/')
+    .to_string()
+}
+
+/// A 2000-round MLP run with the status server on port 0 (the port the system picks;
+/// evaluating every `eval_every` rounds; 0: only at epoch ends) and two workers, `alpha` and
+/// `beta`: the coordinator, the server's base URL, and the workers (killed on drop).
 fn monitored_swarm(eval_every: u64) -> (Coordinator, String, [Worker; 2]) {
-    let port = free_tcp_port();
     let cfg = swarm_config(
         "mlp",
         2000,
         64,
         2,
         1,
-        &format!("[monitor]\nlisten = \"127.0.0.1:{port}\"\n"),
+        "[monitor]\nlisten = \"127.0.0.1:0\"\n",
     )
     .replacen(
         "threads = 1\n",
@@ -81,7 +86,20 @@ fn monitored_swarm(eval_every: u64) -> (Coordinator, String, [Worker; 2]) {
     let c = Coordinator::start(&cfg);
     let join = c.join_string();
     let workers = ["alpha", "beta"].map(|n| Worker::start(&join, c.dir.path(), n, &[]));
-    (c, format!("http://127.0.0.1:{port}"), workers)
+    let base = recorded_url(&c);
+    (c, base, workers)
+}
+
+/// Sends `raw` on a new connection to `base` and returns the status line of the answer.
+fn raw_request(base: &str, raw: &str) -> String {
+    use std::io::{BufRead, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(s).read_line(&mut line);
+    line
 }
 
 #[test]
@@ -153,7 +171,46 @@ fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
         post(&base, "/api/ban", Some(&token), &"x".repeat(10_000)),
         413
     );
+    // A huge declared body is refused from its header, without waiting for it.
+    let line = raw_request(
+        &base,
+        "POST /api/ban HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n",
+    );
+    assert!(line.contains(" 413 "), "{line}");
+    // Half-sent requests hold no more than a capped number of connections, for a while:
+    // the run goes on, and the server answers again once they are dropped.
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| {
+            let mut s = std::net::TcpStream::connect(base.trim_start_matches("http://")).ok()?;
+            std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\n").ok()?;
+            Some(s)
+        })
+        .collect();
+    let during = c.steps_done();
+    assert!(
+        wait_until(Duration::from_secs(20), || (c.steps_done() > during + 2)
+            .then_some(()))
+        .is_some(),
+        "training goes on beside {} half-open connections",
+        idle.len()
+    );
+    drop(idle);
+    let answers = || {
+        agent()
+            .get(format!("{base}/api/status"))
+            .call()
+            .ok()
+            .filter(|r| r.status() == 200)
+    };
+    assert!(wait_until(Duration::from_secs(20), answers).is_some());
     assert_eq!(get(&base, "/api/nothing").0, 404);
+    // The scheme is case-insensitive (RFC 7235); resume while running changes nothing.
+    let lower = agent()
+        .post(format!("{base}/api/resume"))
+        .header("Authorization", &format!("bearer {token}"))
+        .send_empty()
+        .unwrap();
+    assert_eq!(lower.status(), 202);
     let before = c.steps_done();
     std::thread::sleep(Duration::from_secs(1));
     assert!(c.steps_done() > before, "still training");
@@ -227,10 +284,36 @@ fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
     );
     assert_eq!(c.events("banned")[0]["worker"], beta.as_str());
 
+    // Paused, stopped with a checkpoint, and started again: still paused.
+    assert_eq!(post(&base, "/api/pause", Some(&token), ""), 202);
+    assert!(
+        wait_until(Duration::from_secs(20), paused).is_some(),
+        "{}",
+        c.log()
+    );
+    assert_eq!(post(&base, "/api/stop", Some(&token), ""), 202);
+    assert!(c.wait(Duration::from_secs(60)).success(), "{}", c.log());
+    let stopped_at = c.steps_done();
+    std::fs::remove_file(c.out().join("monitor.url")).unwrap();
+    c.spawn();
+    let base = recorded_url(&c);
+    let paused_again = || (get_json(&base, "/api/status")["state"] == "paused").then_some(());
+    assert!(
+        wait_until(Duration::from_secs(30), paused_again).is_some(),
+        "{}",
+        c.log()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        c.steps_done(),
+        stopped_at,
+        "a paused run stays paused across a restart"
+    );
+
     // Stop with a checkpoint; the summary then comes from the output dir.
     assert_eq!(post(&base, "/api/stop", Some(&token), ""), 202);
     assert!(c.wait(Duration::from_secs(60)).success(), "{}", c.log());
-    assert_eq!(c.events("stopped").len(), 1);
+    assert_eq!(c.events("stopped").len(), 2);
     let out = coordinator_cli("status", c.config_path(), &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -243,6 +326,18 @@ fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
         "{text}"
     );
     assert!(text.contains("ban at step"), "{text}");
+    // The run's id and its counters over both sessions.
+    let run_id = identity(&c)["run_id"].as_str().unwrap().to_string();
+    assert!(
+        text.starts_with(&format!("run {}", &run_id[..16])),
+        "{text}"
+    );
+    let passed = c.events("check_passed").len();
+    assert!(passed > 0);
+    assert!(
+        text.contains(&format!("spot checks {passed} passed of")),
+        "{passed} checks passed:\n{text}"
+    );
 }
 
 #[test]

@@ -144,3 +144,21 @@ fn a_run_needing_more_threads_than_the_cap_is_refused_clearly() {
     assert!(!out.status.success());
     assert!(err.contains("more than --max-threads 1"), "{err}");
 }
+
+#[test]
+fn ctrl_c_while_connecting_to_a_silent_coordinator_stops_at_once() {
+    // A join string whose coordinator is gone: the handshake would wait out its timeout.
+    let join = Coordinator::start(&swarm_config("mlp", 5, 64, 1, 1, "")).join_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Worker::start(&join, dir.path(), "w0", &[]);
+    let started = || w.log().contains("worker starting").then_some(());
+    assert!(wait_until(Duration::from_secs(30), started).is_some());
+    std::thread::sleep(Duration::from_secs(2));
+    Command::new("kill")
+        .args(["-INT", &w.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = w.wait(Duration::from_secs(5)).expect("stops at once");
+    assert!(status.success(), "{}", w.log());
+    assert!(w.log().contains("stopped"), "{}", w.log());
+}

@@ -353,7 +353,14 @@ async fn session(
     let retry = |m: String| SessionError::Retry(m);
     let stats = &opts.stats;
     stats.set_phase(status::Phase::Connecting);
-    let (_endpoint, conn) = connect(&opts.ticket, state.joined).await?;
+    let mut stop = opts.stop.clone();
+    let (_endpoint, conn) = tokio::select! {
+        c = connect(&opts.ticket, state.joined) => c?,
+        _ = stop.wait_for(|s| *s) => {
+            info!("stopped by the volunteer while connecting");
+            return Ok(Exit::Stopped);
+        }
+    };
     let closed = |conn: &quinn::Connection, what: String| match conn.close_reason() {
         Some(e) => classify(&e),
         None => retry(what),

@@ -97,6 +97,13 @@ function lineChart(canvas, series) {
   }
 }
 
+// A curve's points, with its newest point when decimation left it out.
+function curve(c) {
+  const p = c.points.slice();
+  if (c.latest && (!p.length || p[p.length - 1][0] < c.latest[0])) p.push(c.latest);
+  return p;
+}
+
 function card(key, value) {
   const d = document.createElement("div");
   d.className = "card";
@@ -132,10 +139,10 @@ function render(status, workers, history) {
     card("Rollbacks", `${status.rollbacks} (${status.removed} removed)`),
     card("Wall time", duration(status.wall_s)),
   );
-  const loss = history.loss.points;
+  const loss = curve(history.loss);
   lineChart($("loss-chart"), [{ points: loss, color: "#2f6fde", label: "train loss" }]);
   $("loss-last").textContent = loss.length ? `(${loss.length} points, last ${num(loss[loss.length - 1][1], 4)})` : "";
-  const ev = lm ? history.eval_loss.points : history.eval_accuracy.points;
+  const ev = curve(lm ? history.eval_loss : history.eval_accuracy);
   lineChart($("eval-chart"), [{ points: ev, color: "#067647", label: lm ? "validation loss" : "test accuracy" }]);
   $("eval-last").textContent = ev.length ? `(${ev.length} points, last ${num(ev[ev.length - 1][1], 4)})` : "";
   $("workers-count").textContent = `(${workers.length})`;
@@ -182,6 +189,7 @@ async function refresh() {
 }
 
 async function act(action) {
+  if ((action === "stop" || action === "ban") && !confirm(action === "stop" ? "Stop the run (it saves a checkpoint)?" : "Ban this key and roll back its unverified contributions?")) return;
   const token = $("token").value.trim();
   sessionStorage.setItem("dtrain-token", token);
   const body = action === "ban" ? JSON.stringify({ worker: $("ban-key").value.trim(), reason: "banned from the dashboard" }) : "";

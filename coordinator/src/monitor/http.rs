@@ -16,8 +16,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +26,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info};
 
 use super::{Command, Monitor};
 
@@ -64,14 +65,49 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MonitorEr
         .map_err(|source| MonitorError::Bind { addr, source })
 }
 
-/// Serves `monitor` on `listener` until the process ends; a failure is logged, the run goes on.
+/// Connections served at once; more are closed as they arrive.
+const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest life of one connection (a dashboard reconnects on its next poll).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves `monitor` on `listener` until the process ends: at most [`MAX_CONNECTIONS`]
+/// connections, each closed after [`CONNECTION_LIFETIME`] or when its headers take over
+/// [`HEADER_TIMEOUT`], so that idle or half-sent requests cannot hold the coordinator's
+/// file descriptors. A failure is logged; the run goes on.
 pub fn spawn(listener: tokio::net::TcpListener, monitor: Arc<Monitor>) {
     if let Ok(a) = listener.local_addr() {
         info!("status server on http://{a}/");
     }
+    let app = router(monitor);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(monitor)).await {
-            error!("the status server stopped: {e}; the run goes on without it");
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors, or the like: wait and go on.
+                    error!("status server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                debug!("status server: {MAX_CONNECTIONS} connections open; closing a new one");
+                continue;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                    debug!("status server connection: {e}");
+                }
+                drop(slot);
+            });
         }
     });
 }
@@ -194,16 +230,30 @@ fn refuse(code: StatusCode, message: &str) -> Response {
     r
 }
 
-/// An operator action: the token first, then the body, then the scheduler.
-async fn action(State(m): Shared, headers: HeaderMap, body: Bytes, kind: ActionKind) -> Response {
+/// The token of an `Authorization` header value: scheme `Bearer`, any case (RFC 7235 §2.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
+/// An operator action: the declared size and the token first, then the body, then the
+/// scheduler.
+async fn action(State(m): Shared, headers: HeaderMap, body: Body, kind: ActionKind) -> Response {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, "the body is over 4 KiB");
+    }
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer);
     match token {
         Some(t) if m.authorized(t) => {}
         Some(_) => {
-            warn!(
+            debug!(
                 ?kind,
                 "status server: an action with a wrong token was refused"
             );
@@ -216,6 +266,10 @@ async fn action(State(m): Shared, headers: HeaderMap, body: Bytes, kind: ActionK
             )
         }
     }
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, "the body is over 4 KiB"),
+    };
     let cmd = match kind {
         ActionKind::Pause => Command::Pause,
         ActionKind::Resume => Command::Resume,

@@ -1,8 +1,8 @@
 //! `/metrics`: the run's counters and gauges in the Prometheus text format
 //! (<https://prometheus.io/docs/instrumenting/exposition_formats/>), with the
 //! `prometheus-client` crate. Counters start at zero with each coordinator process, as
-//! Prometheus expects of a restarted target; the totals of the whole run are in
-//! `/api/status`.
+//! Prometheus expects of a restarted target (`increase()` and `rate()` handle the reset);
+//! the totals of the whole run are in `/api/status`.
 
 use std::sync::atomic::AtomicU64;
 
@@ -181,19 +181,25 @@ impl Prom {
             &self.data_served,
             s.data_served.saturating_sub(b.data_served),
         );
-        // These count this session already.
-        raise(&self.rejected, s.rejected);
-        raise(&self.reassigned, s.reassigned);
-        raise(&self.checks, s.checks.done);
-        raise(&self.checks_passed, s.checks.passed);
-        raise(&self.cheats, s.checks.caught);
-        raise(&self.rollbacks, s.rollbacks);
+        raise(&self.rejected, s.rejected.saturating_sub(b.rejected));
+        raise(&self.reassigned, s.reassigned.saturating_sub(b.reassigned));
+        raise(&self.checks, s.checks.done.saturating_sub(b.checks.done));
+        raise(
+            &self.checks_passed,
+            s.checks.passed.saturating_sub(b.checks.passed),
+        );
+        raise(
+            &self.cheats,
+            s.checks.caught.saturating_sub(b.checks.caught),
+        );
+        raise(&self.rollbacks, s.rollbacks.saturating_sub(b.rollbacks));
         self.banned.set(s.banned as i64);
         self.workers.set(s.workers as i64);
         self.step.set(s.step as i64);
         self.paused.set(i64::from(s.state == RunState::Paused));
         self.loss.set(s.loss.unwrap_or(f64::NAN));
-        self.eval_loss.set(s.eval.map_or(f64::NAN, |e| e.loss));
+        self.eval_loss
+            .set(s.eval.and_then(|e| e.loss).unwrap_or(f64::NAN));
         self.samples_per_s.set(s.samples_per_s.unwrap_or(0.0));
     }
 

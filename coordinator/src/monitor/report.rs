@@ -15,6 +15,26 @@ use trainer::runtime::human_bytes;
 /// How long a request to the status server may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The file in the output dir where a running coordinator records its status server's URL.
+pub const URL_FILE: &str = "monitor.url";
+
+/// The address of the status server of the run in `dir` configured with `listen`: the one
+/// recorded in [`URL_FILE`] when the configured port is 0, reachable from this machine.
+fn server(dir: &Path, listen: SocketAddr) -> SocketAddr {
+    let recorded = || -> Option<SocketAddr> {
+        let text = std::fs::read_to_string(dir.join(URL_FILE)).ok()?;
+        text.trim()
+            .strip_prefix("http://")?
+            .trim_end_matches('/')
+            .parse()
+            .ok()
+    };
+    match listen.port() {
+        0 => local(recorded().unwrap_or(listen)),
+        _ => local(listen),
+    }
+}
+
 /// The address to reach a server listening on `listen` from this machine.
 fn local(listen: SocketAddr) -> SocketAddr {
     let mut a = listen;
@@ -35,9 +55,9 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-/// The live status and workers from the status server on `listen`.
-pub fn fetch(listen: SocketAddr) -> Result<(Status, Vec<WorkerRow>)> {
-    let base = format!("http://{}", local(listen));
+/// The live status and workers from the status server at `addr`.
+fn fetch(addr: SocketAddr) -> Result<(Status, Vec<WorkerRow>)> {
+    let base = format!("http://{addr}");
     let a = agent();
     let get = |path: &str| -> Result<ureq::Body> {
         let r = a.get(format!("{base}{path}")).call()?;
@@ -54,16 +74,10 @@ pub fn fetch(listen: SocketAddr) -> Result<(Status, Vec<WorkerRow>)> {
 /// The summary of the run whose config names `output_dir` and `listen`: live when its
 /// status server answers, else from `metrics.jsonl` (with a line saying why).
 pub fn status_text(output_dir: &Path, listen: Option<SocketAddr>) -> Result<String> {
-    let why = match listen {
-        Some(l) => match fetch(l) {
-            Ok((s, w)) => {
-                return Ok(format(
-                    &s,
-                    Some(&w),
-                    &format!("live from http://{}", local(l)),
-                ))
-            }
-            Err(e) => format!("the status server at {} did not answer ({e})", local(l)),
+    let why = match listen.map(|l| server(output_dir, l)) {
+        Some(a) => match fetch(a) {
+            Ok((s, w)) => return Ok(format(&s, Some(&w), &format!("live from http://{a}"))),
+            Err(e) => format!("the status server at {a} did not answer ({e})"),
         },
         None => "no [monitor] listen in the config".to_string(),
     };
@@ -74,7 +88,13 @@ pub fn status_text(output_dir: &Path, listen: Option<SocketAddr>) -> Result<Stri
             path.display()
         );
     }
-    let d = Digest::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut d = Digest::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    // The run id is not in the events; the identity has it.
+    if let Ok(bytes) = std::fs::read(output_dir.join("identity.json")) {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+            d.status.run_id = v["run_id"].as_str().unwrap_or("").to_string();
+        }
+    }
     Ok(format(
         &d.status,
         None,
@@ -94,9 +114,9 @@ pub fn format(s: &Status, workers: Option<&[WorkerRow]>, source: &str) -> String
     );
     let eval = s.eval.map_or("-".to_string(), |e| {
         if s.language_model {
-            format!("val loss {:.4} (step {})", e.loss, e.step)
+            format!("val loss {} (step {})", opt(e.loss, 4), e.step)
         } else {
-            format!("test acc {:.4} (step {})", e.accuracy, e.step)
+            format!("test acc {} (step {})", opt(e.accuracy, 4), e.step)
         }
     });
     let _ = writeln!(t, "  loss {}, {eval}", opt(s.loss, 4));
@@ -126,7 +146,7 @@ pub fn format(s: &Status, workers: Option<&[WorkerRow]>, source: &str) -> String
             c.step,
             short(&c.worker),
             c.task_id,
-            c.reason
+            clean(&c.reason)
         );
     }
     for b in &s.bans {
@@ -135,36 +155,41 @@ pub fn format(s: &Status, workers: Option<&[WorkerRow]>, source: &str) -> String
             "  ban at step {}: {}: {}",
             b.step,
             short(&b.worker),
-            b.reason
+            clean(&b.reason)
         );
     }
     if let Some(ws) = workers {
         let _ = writeln!(
             t,
-            "  {:<20} {:<16} {:>9} {:>6} {:>6} {:>7} {:>7} {:>10} {:>10}",
-            "name", "key", "samples/s", "share", "tasks", "checks", "strikes", "up", "down"
+            "  {:<20} {:>9} {:>6} {:>6} {:>7} {:>7} {:>10} {:>10}  key",
+            "name", "samples/s", "share", "tasks", "checks", "strikes", "up", "down"
         );
         for w in ws {
             let _ = writeln!(
                 t,
-                "  {:<20} {:<16} {:>9} {:>5.1}% {:>6} {:>7} {:>7} {:>10} {:>10}",
-                w.name.chars().take(20).collect::<String>(),
-                short(&w.worker),
+                "  {:<20} {:>9} {:>5.1}% {:>6} {:>7} {:>7} {:>10} {:>10}  {}",
+                clean(&w.name).chars().take(20).collect::<String>(),
                 opt(w.samples_per_s, 1),
                 100.0 * w.share,
                 w.tasks,
                 w.checks_passed,
                 w.strikes,
                 human_bytes(w.bytes_in),
-                human_bytes(w.bytes_out)
+                human_bytes(w.bytes_out),
+                clean(&w.worker),
             );
         }
     }
     t
 }
 
-fn short(key: &str) -> &str {
-    key.get(..16).unwrap_or(key)
+fn short(key: &str) -> String {
+    clean(key.get(..16).unwrap_or(key))
+}
+
+/// Text from workers without control characters (no escape sequences reach the terminal).
+fn clean(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).collect()
 }
 
 /// An operator action for `coordinator ctl`: `pause`, `resume`, `stop`, or `ban` with a key.
@@ -180,7 +205,7 @@ pub fn act(
             output_dir.join("identity.json").display()
         );
     };
-    let url = format!("http://{}/api/{action}", local(listen));
+    let url = format!("http://{}/api/{action}", server(output_dir, listen));
     let req = agent()
         .post(&url)
         .header("Authorization", &format!("Bearer {token}"));

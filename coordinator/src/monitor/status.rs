@@ -84,10 +84,12 @@ pub struct Rollback {
 pub struct Eval {
     /// Round (step) evaluated.
     pub step: u64,
-    /// Test loss (images) or validation loss in nats per token (language models).
-    pub loss: f64,
-    /// Test accuracy (images) or next-token accuracy (language models).
-    pub accuracy: f64,
+    /// Test loss (images) or validation loss in nats per token (language models); `None`
+    /// when it was not a finite number.
+    pub loss: Option<f64>,
+    /// Test accuracy (images) or next-token accuracy (language models); `None` when it was
+    /// not a finite number.
+    pub accuracy: Option<f64>,
 }
 
 /// The run's summary (`/api/status`).
@@ -147,9 +149,9 @@ pub struct Status {
     pub checks: CheckCounts,
     /// Workers banned in the run.
     pub banned: u64,
-    /// Rollbacks done in this session, and contributions they removed.
+    /// Rollbacks of contributions.
     pub rollbacks: u64,
-    /// Contributions removed by rollbacks in this session.
+    /// Contributions removed by rollbacks.
     pub removed: u64,
     /// The latest cheats caught (at most [`KEEP_EVENTS`]).
     pub cheats: VecDeque<Cheat>,
@@ -217,6 +219,8 @@ pub struct Curve {
     stride: u64,
     /// Points offered.
     offered: u64,
+    /// The last point offered (drawn after `points` when it is not among them).
+    pub latest: Option<(u64, f64)>,
 }
 
 impl Curve {
@@ -225,6 +229,7 @@ impl Curve {
         if !value.is_finite() {
             return;
         }
+        self.latest = Some((step, value));
         let stride = self.stride.max(1);
         self.offered += 1;
         if !(self.offered - 1).is_multiple_of(stride) {
@@ -280,13 +285,18 @@ impl History {
 
 /// The summary and curves told by a run's `metrics.jsonl` events: what a restart shows from
 /// its first second, and what `coordinator status` prints for a run that is not running.
-/// The live scheduler overlays what only it knows (workers, rates, state).
+/// Its counters cover the whole run (every session's events). The live scheduler overlays
+/// what only it knows (workers, rates, state).
 #[derive(Clone, Debug, Default)]
 pub struct Digest {
     /// The summary.
     pub status: Status,
     /// The curves.
     pub history: History,
+    /// Whether the operator's last word was pause (a restart stays paused).
+    pub paused: bool,
+    /// Keys seen (`workers_seen`).
+    seen: std::collections::HashSet<[u8; 32]>,
 }
 
 impl Digest {
@@ -313,6 +323,7 @@ impl Digest {
         let status = &mut self.status;
         let step = v["step"].as_u64().unwrap_or(status.step);
         let u = |k: &str| v[k].as_u64().unwrap_or(0);
+        let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
         status.wall_s = v["wall_s"].as_f64().unwrap_or(status.wall_s);
         match v["event"].as_str() {
             Some("start") | Some("resume") => {
@@ -339,49 +350,65 @@ impl Digest {
                 status.language_model = v.get("val_loss").is_some();
                 status.eval = Some(Eval {
                     step,
-                    loss: v["val_loss"]
-                        .as_f64()
-                        .or(v["test_loss"].as_f64())
-                        .unwrap_or(f64::NAN),
-                    accuracy: v["val_acc"]
-                        .as_f64()
-                        .or(v["test_acc"].as_f64())
-                        .unwrap_or(f64::NAN),
+                    loss: v["val_loss"].as_f64().or(v["test_loss"].as_f64()),
+                    accuracy: v["val_acc"].as_f64().or(v["test_acc"].as_f64()),
                 });
             }
-            Some("cheat_detected") => keep_last(
-                &mut status.cheats,
-                Cheat {
+            Some("worker_joined") => {
+                let key = hex::decode(text("worker")).ok();
+                if let Some(k) = key.and_then(|k| <[u8; 32]>::try_from(k).ok()) {
+                    self.seen.insert(k);
+                    status.workers_seen = status.workers_seen.max(self.seen.len() as u64);
+                }
+            }
+            Some("check_passed") => {
+                status.checks.done += 1;
+                status.checks.passed += 1;
+            }
+            Some("check_abandoned") => status.checks.abandoned += 1,
+            Some("rejected_result") => status.rejected += 1,
+            Some("reassigned") => status.reassigned += 1,
+            Some("cheat_detected") => {
+                status.checks.done += 1;
+                status.checks.caught += 1;
+                let cheat = Cheat {
                     step,
-                    worker: v["worker"].as_str().unwrap_or("").into(),
+                    worker: text("worker"),
                     task_id: u("task_id"),
-                    reason: v["reason"].as_str().unwrap_or("").into(),
+                    reason: text("reason"),
                     divergent_step: v["divergent_step"].as_u64().map(|s| s as u32),
                     evidence_valid: v["evidence_valid"].as_bool().unwrap_or(false),
-                },
-            ),
+                };
+                keep_last(&mut status.cheats, cheat);
+            }
             Some("banned") => {
                 status.banned += 1;
-                keep_last(
-                    &mut status.bans,
-                    Ban {
-                        step,
-                        worker: v["worker"].as_str().unwrap_or("").into(),
-                        reason: v["reason"].as_str().unwrap_or("").into(),
-                    },
-                )
+                let ban = Ban {
+                    step,
+                    worker: text("worker"),
+                    reason: text("reason"),
+                };
+                keep_last(&mut status.bans, ban);
             }
-            Some("rolled_back") => keep_last(
-                &mut status.rollback_log,
-                Rollback {
+            Some("rolled_back") => {
+                status.rollbacks += 1;
+                status.removed += u("removed");
+                let rollback = Rollback {
                     step,
                     from_round: u("from_round"),
                     replayed: u("replayed"),
                     removed: u("removed"),
-                },
-            ),
-            Some("paused") => status.state = RunState::Paused,
-            Some("resumed") => status.state = RunState::Running,
+                };
+                keep_last(&mut status.rollback_log, rollback);
+            }
+            Some("paused") => {
+                status.state = RunState::Paused;
+                self.paused = true;
+            }
+            Some("resumed") => {
+                status.state = RunState::Running;
+                self.paused = false;
+            }
             Some("stopped") => {
                 status.state = RunState::Stopped;
                 status.workers = 0;
@@ -389,17 +416,7 @@ impl Digest {
             Some("summary") => {
                 status.state = RunState::Finished;
                 status.workers = 0;
-                status.workers_seen = u("workers_seen");
-                status.checks = CheckCounts {
-                    done: u("checks"),
-                    passed: u("checks_passed"),
-                    caught: u("cheats_caught"),
-                    abandoned: u("checks_abandoned"),
-                };
-                status.rejected = u("rejected");
-                status.reassigned = u("reassigned");
-                status.rollbacks = u("rollbacks");
-                status.removed = u("removed_contributions");
+                status.workers_seen = status.workers_seen.max(u("workers_seen"));
             }
             _ => {}
         }
@@ -423,6 +440,11 @@ mod tests {
         let gaps: Vec<u64> = c.points.windows(2).map(|w| w[1].0 - w[0].0).collect();
         assert!(gaps.iter().all(|&g| g == gaps[0]), "uneven gaps");
         assert!(c.points.last().unwrap().0 > 99_000 - gaps[0]);
+        assert_eq!(
+            c.latest,
+            Some((99_999, 99_999.0)),
+            "the newest point is kept"
+        );
     }
 
     #[test]
@@ -438,18 +460,22 @@ mod tests {
                 "{\"event\":\"step\",\"step\":2,\"loss\":2.0,\"workers\":3,\"bytes_in\":30,\"bytes_out\":40,\"uplink_ratio\":4.0,\"wall_s\":2.0}\n",
                 "{\"event\":\"eval\",\"step\":2,\"epoch\":0.5,\"test_acc\":0.7,\"test_loss\":0.9,\"wall_s\":2.5}\n",
                 "{\"event\":\"banned\",\"step\":2,\"worker\":\"ab\",\"reason\":\"caught cheating\",\"wall_s\":2.6}\n",
+                "{\"event\":\"check_passed\",\"step\":2,\"wall_s\":2.6}\n",
+                "{\"event\":\"rolled_back\",\"step\":2,\"from_round\":1,\"replayed\":1,\"removed\":3,\"wall_s\":2.7}\n",
+                "{\"event\":\"paused\",\"step\":2,\"wall_s\":2.8}\n",
                 "{\"event\":\"stopped\",\"step\":2,\"wall_s\":3.0}\n",
             ),
         )
         .unwrap();
-        let Digest {
-            status: s,
-            history: h,
-        } = Digest::read(&path).unwrap();
+        let d = Digest::read(&path).unwrap();
+        assert!(d.paused, "the pause outlives the stop");
+        let (s, h) = (d.status, d.history);
+        assert_eq!((s.checks.done, s.checks.passed), (1, 1));
+        assert_eq!((s.rollbacks, s.removed), (1, 3));
         assert_eq!(s.state, RunState::Stopped);
         assert_eq!((s.step, s.total_steps, s.bytes_out), (2, 40, 40));
         assert_eq!(s.loss, Some(2.0));
-        assert_eq!(s.eval.map(|e| e.accuracy), Some(0.7));
+        assert_eq!(s.eval.and_then(|e| e.accuracy), Some(0.7));
         assert_eq!(s.bans.len(), 1);
         assert_eq!(s.wall_s, 3.0);
         assert_eq!(h.loss.points, vec![(1, 2.5), (2, 2.0)]);
