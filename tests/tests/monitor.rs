@@ -102,6 +102,17 @@ fn raw_request(base: &str, raw: &str) -> String {
     line
 }
 
+/// What `coordinator status` prints for `c`'s run (it must succeed).
+fn status_text(c: &Coordinator) -> String {
+    let out = coordinator_cli("status", c.config_path(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
     let (mut c, base, _workers) = monitored_swarm(0);
@@ -228,13 +239,7 @@ fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
     let at = c.steps_done();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(c.steps_done(), at, "no round while paused");
-    let out = coordinator_cli("status", c.config_path(), &[]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = status_text(&c);
     assert!(
         text.contains("state Paused") && text.contains("live from") && text.contains("alpha"),
         "{text}"
@@ -314,13 +319,7 @@ fn the_status_server_shows_the_run_and_acts_only_with_the_token() {
     assert_eq!(post(&base, "/api/stop", Some(&token), ""), 202);
     assert!(c.wait(Duration::from_secs(60)).success(), "{}", c.log());
     assert_eq!(c.events("stopped").len(), 2);
-    let out = coordinator_cli("status", c.config_path(), &[]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = status_text(&c);
     assert!(
         text.contains("state Stopped") && text.contains("metrics.jsonl"),
         "{text}"

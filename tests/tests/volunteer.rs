@@ -53,6 +53,17 @@ fn a_worker_with_a_capped_uplink_and_a_low_priority_trains() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nice"));
 }
 
+/// Ctrl-C to `w` two seconds from now; it must exit cleanly within `within`.
+fn interrupt_after_2s(w: &mut Worker, within: Duration) {
+    std::thread::sleep(Duration::from_secs(2));
+    Command::new("kill")
+        .args(["-INT", &w.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = w.wait(within).expect("stops at once");
+    assert!(status.success(), "{}", w.log());
+}
+
 #[test]
 fn ctrl_c_during_the_first_download_stops_at_once() {
     // 5 Mbit/s: the 26.5 MB would take 42 s.
@@ -65,13 +76,7 @@ fn ctrl_c_during_the_first_download_stops_at_once() {
         "{}",
         w.log()
     );
-    std::thread::sleep(Duration::from_secs(2));
-    Command::new("kill")
-        .args(["-INT", &w.child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = w.wait(Duration::from_secs(10)).expect("stops at once");
-    assert!(status.success(), "{}", w.log());
+    interrupt_after_2s(&mut w, Duration::from_secs(10));
     assert!(w.log().contains("stopped by the volunteer"), "{}", w.log());
     // The unfinished file stays for the next start.
     let parts = std::fs::read_dir(c.dir.path().join("cache/tmp"))
@@ -153,12 +158,6 @@ fn ctrl_c_while_connecting_to_a_silent_coordinator_stops_at_once() {
     let mut w = Worker::start(&join, dir.path(), "w0", &[]);
     let started = || w.log().contains("worker starting").then_some(());
     assert!(wait_until(Duration::from_secs(30), started).is_some());
-    std::thread::sleep(Duration::from_secs(2));
-    Command::new("kill")
-        .args(["-INT", &w.child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = w.wait(Duration::from_secs(5)).expect("stops at once");
-    assert!(status.success(), "{}", w.log());
+    interrupt_after_2s(&mut w, Duration::from_secs(5));
     assert!(w.log().contains("stopped"), "{}", w.log());
 }
