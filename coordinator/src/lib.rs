@@ -149,15 +149,15 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
     #[cfg(feature = "test-hooks")]
     served.corrupt_next(cfg.test_corrupt_data);
     // The status server's port is taken before the run's, so a taken one stops the start.
-    let monitor_listener = match cfg.monitor.listen {
+    let (monitor_listener, _url_file) = match cfg.monitor.listen {
         Some(addr) => {
             let l = monitor::http::bind(addr).await?;
-            // Where `coordinator status` and `ctl` find it (the port may have been 0).
-            let url = format!("http://{}/\n", l.local_addr()?);
-            state::atomic_write(&dir.join(monitor::report::URL_FILE), url.as_bytes())?;
-            Some(l)
+            // Where `coordinator status` and `ctl` find it (the port may have been 0), for as
+            // long as this process runs.
+            let url = monitor::report::UrlFile::record(&dir, l.local_addr()?)?;
+            (Some(l), Some(url))
         }
-        None => None,
+        None => (None, None),
     };
     let endpoint = bind(&cfg, &dir, &mut identity, &limits)?;
     let bound = endpoint.local_addr()?;

@@ -123,8 +123,13 @@ impl Metrics {
         );
         let v = Value::Object(obj);
         self.digest.add(&v);
-        let line = v.to_string();
-        if let Err(e) = writeln!(self.file, "{line}").and_then(|_| self.file.flush()) {
+        // One write for the line and its newline: a kill cannot leave the event without it.
+        let line = v.to_string() + "\n";
+        if let Err(e) = self
+            .file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.flush())
+        {
             tracing::error!("cannot write metrics.jsonl: {e}");
         }
     }

@@ -191,6 +191,8 @@ pub struct Scheduler {
     published: Option<Instant>,
     /// Where the run is (as the status server shows it).
     state: RunState,
+    /// Rounds committed by this process (`starting` until the first).
+    rounds_done: u64,
     /// Samples each worker contributed to the last committed round (its share).
     last_shares: std::collections::HashMap<WorkerId, u64>,
 }
@@ -258,9 +260,11 @@ impl Scheduler {
         traffic.add_out(meta.bytes_out);
         let step = ledger.state.round;
         let (mut metrics, last_reported) = Metrics::open(dir, meta.wall_s)?;
+        // `fresh`: a run started over in this folder (`run.resume = false`); what
+        // metrics.jsonl said before it is another run's.
         metrics.emit(
             if step > 0 { "resume" } else { "start" },
-            json!({"step": step, "total_steps": total_steps, "local_steps": h, "total_batches": total_batches,
+            json!({"step": step, "fresh": !cfg.run.resume, "total_steps": total_steps, "local_steps": h, "total_batches": total_batches,
                    "n_params": n_params, "steps_per_epoch": steps_per_epoch,
                    "global_batch": cfg.training.global_batch, "codec": cfg.compression, "downlink": cfg.downlink,
                    "replayed": recovered.replayed, "verification": cfg.verification, "aggregation": cfg.aggregation}),
@@ -346,7 +350,7 @@ impl Scheduler {
             recovered.standings.clone(),
             meta.next_task,
         );
-        let paused = metrics.digest.paused;
+        let paused = cfg.run.resume && metrics.digest.paused;
         if paused {
             tracing::warn!("the run was paused by the operator: it stays paused until resumed");
         }
@@ -402,6 +406,7 @@ impl Scheduler {
                 RunState::Starting
             },
             last_shares: Default::default(),
+            rounds_done: 0,
             cfg,
         })
     }
@@ -689,7 +694,11 @@ impl Scheduler {
                 if self.state == RunState::Paused {
                     info!(step = self.step(), "resumed by the operator");
                     self.metrics.emit("resumed", json!({"step": self.step()}));
-                    self.state = RunState::Running;
+                    self.state = if self.rounds_done > 0 {
+                        RunState::Running
+                    } else {
+                        RunState::Starting
+                    };
                     self.publish();
                 }
             }
@@ -1114,6 +1123,7 @@ impl Scheduler {
             let rate = applied.n as f64 / step_s;
             self.sample_rate = Some(self.sample_rate.map_or(rate, |r| 0.9 * r + 0.1 * rate));
         }
+        self.rounds_done += 1;
         if self.state == RunState::Starting {
             self.state = RunState::Running;
         }
@@ -1189,11 +1199,15 @@ impl Scheduler {
         s.samples = self.meta.batches_done * s.global_batch;
         s.wall_s = self.metrics.wall_s();
         let finite = |x: f64| x.is_finite().then_some(x);
-        s.eval = self.last_eval.map(|(step, e)| monitor::status::Eval {
-            step,
-            loss: finite(e.loss),
-            accuracy: finite(e.accuracy),
-        });
+        // Before this session's first evaluation: the last one in metrics.jsonl.
+        s.eval = self
+            .last_eval
+            .map(|(step, e)| monitor::status::Eval {
+                step,
+                loss: finite(e.loss),
+                accuracy: finite(e.accuracy),
+            })
+            .or(s.eval);
         s.samples_per_s = self.sample_rate;
         s.tokens_per_s = self.token_rate;
         s.bytes_in = bytes_in;
@@ -1201,7 +1215,7 @@ impl Scheduler {
         s.data_served = self.traffic.data();
         s.uplink_ratio = c.uplink_ratio();
         s.workers = self.links.conns.len() as u64;
-        s.workers_seen = self.workers_seen();
+        s.workers_seen = s.workers_seen.max(self.workers_seen());
         // Checks, rejections, reassignments and rollbacks: the digest's counts over the
         // whole run; bans: the standings' (restored with the checkpoint).
         s.banned = self.core.discipline().banned().count() as u64;

@@ -12,9 +12,12 @@
 //!
 //! Actions need `Authorization: Bearer <monitor_token of identity.json>` (RFC 6750); without
 //! it they answer 401 and change nothing. Request bodies over 4 KiB are refused (413).
+//! Connections are capped (64, 16 from one address), and each has 10 s to send its headers
+//! and 60 s of life.
 //! Nothing served contains the join secret.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,13 +70,49 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MonitorEr
 
 /// Connections served at once; more are closed as they arrive.
 const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once from one IP address (one client cannot take every slot).
+const MAX_PER_PEER: usize = 16;
 /// Time a client has to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest life of one connection (a dashboard reconnects on its next poll).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
+/// A connection's place in the per-address count, given back when dropped.
+struct PeerSlot {
+    peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    /// A place for one more connection from `ip`, if it has fewer than [`MAX_PER_PEER`].
+    fn take(peers: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
+        let n = p.entry(ip).or_insert(0);
+        if *n >= MAX_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut p = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = p.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Serves `monitor` on `listener` until the process ends: at most [`MAX_CONNECTIONS`]
-/// connections, each closed after [`CONNECTION_LIFETIME`] or when its headers take over
+/// connections ([`MAX_PER_PEER`] from one address), each closed after [`CONNECTION_LIFETIME`] or when its headers take over
 /// [`HEADER_TIMEOUT`], so that idle or half-sent requests cannot hold the coordinator's
 /// file descriptors. A failure is logged; the run goes on.
 pub fn spawn(listener: tokio::net::TcpListener, monitor: Arc<Monitor>) {
@@ -82,10 +121,11 @@ pub fn spawn(listener: tokio::net::TcpListener, monitor: Arc<Monitor>) {
     }
     let app = router(monitor);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers = Arc::new(std::sync::Mutex::new(HashMap::new()));
     tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+            let (stream, peer) = match listener.accept().await {
+                Ok(a) => a,
                 Err(e) => {
                     // Out of descriptors, or the like: wait and go on.
                     error!("status server: accept failed: {e}");
@@ -97,6 +137,10 @@ pub fn spawn(listener: tokio::net::TcpListener, monitor: Arc<Monitor>) {
                 debug!("status server: {MAX_CONNECTIONS} connections open; closing a new one");
                 continue;
             };
+            let Some(peer_slot) = PeerSlot::take(&peers, peer.ip()) else {
+                debug!(%peer, "status server: {MAX_PER_PEER} connections from this address; closing a new one");
+                continue;
+            };
             let service = hyper_util::service::TowerToHyperService::new(app.clone());
             tokio::spawn(async move {
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -106,7 +150,7 @@ pub fn spawn(listener: tokio::net::TcpListener, monitor: Arc<Monitor>) {
                 if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
                     debug!("status server connection: {e}");
                 }
-                drop(slot);
+                drop((slot, peer_slot));
             });
         }
     });
@@ -268,7 +312,11 @@ async fn action(State(m): Shared, headers: HeaderMap, body: Body, kind: ActionKi
     }
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
-        Err(_) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, "the body is over 4 KiB"),
+        // A body sent without a length (chunked) that runs over.
+        Err(e) if e.to_string().contains("length limit") => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "the body is over 4 KiB")
+        }
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
     };
     let cmd = match kind {
         ActionKind::Pause => Command::Pause,

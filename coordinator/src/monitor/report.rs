@@ -18,6 +18,48 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// The file in the output dir where a running coordinator records its status server's URL.
 pub const URL_FILE: &str = "monitor.url";
 
+/// [`URL_FILE`] while the coordinator runs: written at start, removed when dropped.
+pub struct UrlFile(std::path::PathBuf);
+
+impl UrlFile {
+    /// Records that the status server of the run in `dir` listens on `addr`.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn record(dir: &Path, addr: SocketAddr) -> Result<Self> {
+        let path = dir.join(URL_FILE);
+        crate::state::atomic_write(&path, format!("http://{addr}/\n").as_bytes())?;
+        Ok(UrlFile(path))
+    }
+}
+
+impl Drop for UrlFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The run id in `dir/identity.json` (hex), if there is one.
+fn run_id(dir: &Path) -> Option<String> {
+    let bytes = std::fs::read(dir.join("identity.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(v["run_id"].as_str()?.to_string())
+}
+
+/// The live status of the run in `dir` from the server at `addr`, refused when the server
+/// there serves another run (a stale address, or another program on the port).
+fn fetch_own(dir: &Path, addr: SocketAddr) -> Result<(Status, Vec<WorkerRow>)> {
+    let (s, w) = fetch(addr)?;
+    match run_id(dir) {
+        Some(id) if id != s.run_id => bail!(
+            "the server at {addr} serves run {}, not this run ({})",
+            s.run_id.get(..16).unwrap_or(&s.run_id),
+            id.get(..16).unwrap_or(&id)
+        ),
+        _ => Ok((s, w)),
+    }
+}
+
 /// The address of the status server of the run in `dir` configured with `listen`: the one
 /// recorded in [`URL_FILE`] when the configured port is 0, reachable from this machine.
 fn server(dir: &Path, listen: SocketAddr) -> SocketAddr {
@@ -75,7 +117,7 @@ fn fetch(addr: SocketAddr) -> Result<(Status, Vec<WorkerRow>)> {
 /// status server answers, else from `metrics.jsonl` (with a line saying why).
 pub fn status_text(output_dir: &Path, listen: Option<SocketAddr>) -> Result<String> {
     let why = match listen.map(|l| server(output_dir, l)) {
-        Some(a) => match fetch(a) {
+        Some(a) => match fetch_own(output_dir, a) {
             Ok((s, w)) => return Ok(format(&s, Some(&w), &format!("live from http://{a}"))),
             Err(e) => format!("the status server at {a} did not answer ({e})"),
         },
@@ -90,11 +132,7 @@ pub fn status_text(output_dir: &Path, listen: Option<SocketAddr>) -> Result<Stri
     }
     let mut d = Digest::read(&path).with_context(|| format!("reading {}", path.display()))?;
     // The run id is not in the events; the identity has it.
-    if let Ok(bytes) = std::fs::read(output_dir.join("identity.json")) {
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-            d.status.run_id = v["run_id"].as_str().unwrap_or("").to_string();
-        }
-    }
+    d.status.run_id = run_id(output_dir).unwrap_or_default();
     Ok(format(
         &d.status,
         None,
@@ -205,7 +243,11 @@ pub fn act(
             output_dir.join("identity.json").display()
         );
     };
-    let url = format!("http://{}/api/{action}", server(output_dir, listen));
+    let addr = server(output_dir, listen);
+    // The token goes only to the server of this run.
+    fetch_own(output_dir, addr)
+        .with_context(|| format!("no status server of this run at {addr}; is the run running?"))?;
+    let url = format!("http://{addr}/api/{action}");
     let req = agent()
         .post(&url)
         .header("Authorization", &format!("Bearer {token}"));

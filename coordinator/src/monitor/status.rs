@@ -317,8 +317,12 @@ impl Digest {
         Ok(d)
     }
 
-    /// Takes one event.
+    /// Takes one event. A `start` event marked `fresh` begins another run in the same
+    /// folder: what came before is forgotten.
     pub fn add(&mut self, v: &Value) {
+        if v["event"] == "start" && v["fresh"] == true {
+            *self = Digest::default();
+        }
         self.history.add_event(v);
         let status = &mut self.status;
         let step = v["step"].as_u64().unwrap_or(status.step);
@@ -426,6 +430,7 @@ impl Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_curve_stays_bounded_and_evenly_spaced() {
@@ -445,6 +450,27 @@ mod tests {
             Some((99_999, 99_999.0)),
             "the newest point is kept"
         );
+    }
+
+    #[test]
+    fn a_fresh_start_forgets_the_runs_before_it() {
+        let mut d = Digest::default();
+        for e in [
+            json!({"event": "start", "step": 0, "fresh": false}),
+            json!({"event": "step", "step": 1, "loss": 2.0}),
+            json!({"event": "check_passed", "step": 1}),
+            json!({"event": "paused", "step": 1}),
+        ] {
+            d.add(&e);
+        }
+        assert!(d.paused && d.status.checks.passed == 1);
+        // A resumed run keeps all of it; a fresh one starts from nothing.
+        d.add(&json!({"event": "resume", "step": 1}));
+        assert!(d.paused && d.history.loss.points.len() == 1);
+        d.add(&json!({"event": "start", "step": 0, "fresh": true}));
+        assert!(!d.paused);
+        assert_eq!(d.status.checks.passed, 0);
+        assert!(d.history.loss.points.is_empty());
     }
 
     #[test]
