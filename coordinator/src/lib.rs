@@ -187,11 +187,7 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
         Some(a) => a.clone(),
         None if bound.ip().is_unspecified() => {
             warn!("listening on {bound}; set run.public_addr so remote workers get a reachable address");
-            let loopback = match bound {
-                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            };
-            std::net::SocketAddr::new(loopback, bound.port()).to_string()
+            state::local_addr(bound).to_string()
         }
         None => bound.to_string(),
     };

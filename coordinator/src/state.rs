@@ -116,6 +116,19 @@ impl DirLock {
     }
 }
 
+/// The address to reach, from this machine, a server listening on `listen`: loopback of the
+/// same family in place of an unspecified address (`0.0.0.0`, `[::]`).
+pub fn local_addr(listen: SocketAddr) -> SocketAddr {
+    let mut a = listen;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
 /// The address to listen on: the configured one, except that a resumed run configured with
 /// port 0 keeps the port it had before (`recorded`), the one its workers' join string names.
 pub fn listen_addr(configured: SocketAddr, resume: bool, recorded: Option<u16>) -> SocketAddr {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::status::{Digest, Status, WorkerRow};
+use crate::state::local_addr;
 use trainer::runtime::human_bytes;
 
 /// How long a request to the status server may take.
@@ -72,21 +73,9 @@ fn server(dir: &Path, listen: SocketAddr) -> SocketAddr {
             .ok()
     };
     match listen.port() {
-        0 => local(recorded().unwrap_or(listen)),
-        _ => local(listen),
+        0 => local_addr(recorded().unwrap_or(listen)),
+        _ => local_addr(listen),
     }
-}
-
-/// The address to reach a server listening on `listen` from this machine.
-fn local(listen: SocketAddr) -> SocketAddr {
-    let mut a = listen;
-    if a.ip().is_unspecified() {
-        a.set_ip(match a {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    a
 }
 
 fn agent() -> ureq::Agent {
