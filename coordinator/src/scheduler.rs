@@ -1170,7 +1170,8 @@ impl Scheduler {
                 eval: self.last_eval.map(|(_, e)| self.eval_line(&e)),
             },
         );
-        self.publish();
+        // The status server's snapshot follows within PUBLISH_EVERY (from `pump`): rounds can
+        // take milliseconds, and a snapshot copies the curves.
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //! (`/metrics`), and the operator's actions (pause, resume, stop, ban) behind the bearer
 //! token of the run's `identity.json`.
 //!
-//! The scheduler publishes a [`Snapshot`] (at most twice a second, and after each round);
+//! The scheduler publishes a [`Snapshot`] (at most twice a second, and when the run's state
+//! changes);
 //! requests only read the latest one, so a page left open for hours costs nothing that
 //! grows. Operator actions reach the scheduler as [`Command`]s on its event channel.
 

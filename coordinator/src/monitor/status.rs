@@ -297,6 +297,8 @@ pub struct Digest {
     pub paused: bool,
     /// Keys seen (`workers_seen`).
     seen: std::collections::HashSet<[u8; 32]>,
+    /// Global batches per epoch (from the `start`/`resume` event): the epoch of a round.
+    steps_per_epoch: u64,
 }
 
 impl Digest {
@@ -337,12 +339,16 @@ impl Digest {
                 status.n_params = u("n_params");
                 status.global_batch = u("global_batch");
                 status.local_steps = u("local_steps");
+                self.steps_per_epoch = u("steps_per_epoch");
             }
             Some("step") => {
                 status.state = RunState::Running;
                 status.step = step;
                 status.loss = v["loss"].as_f64().or(status.loss);
                 status.samples = u("batches") * status.global_batch;
+                if self.steps_per_epoch > 0 && v.get("batches").is_some() {
+                    status.epoch = u("batches") as f64 / self.steps_per_epoch as f64;
+                }
                 status.workers = u("workers");
                 status.bytes_in = u("bytes_in").max(status.bytes_in);
                 status.bytes_out = u("bytes_out").max(status.bytes_out);
@@ -467,10 +473,13 @@ mod tests {
         // A resumed run keeps all of it; a fresh one starts from nothing.
         d.add(&json!({"event": "resume", "step": 1}));
         assert!(d.paused && d.history.loss.points.len() == 1);
-        d.add(&json!({"event": "start", "step": 0, "fresh": true}));
+        d.add(&json!({"event": "start", "step": 0, "fresh": true, "steps_per_epoch": 10}));
         assert!(!d.paused);
         assert_eq!(d.status.checks.passed, 0);
         assert!(d.history.loss.points.is_empty());
+        // A round's epoch: its global batches over the epoch's.
+        d.add(&json!({"event": "step", "step": 1, "batches": 5, "loss": 1.0}));
+        assert_eq!(d.status.epoch, 0.5);
     }
 
     #[test]
@@ -480,7 +489,7 @@ mod tests {
         std::fs::write(
             &path,
             concat!(
-                "{\"event\":\"start\",\"step\":0,\"total_steps\":40,\"n_params\":1000,\"global_batch\":64,\"local_steps\":1,\"wall_s\":0.1}\n",
+                "{\"event\":\"start\",\"step\":0,\"steps_per_epoch\":4,\"total_steps\":40,\"n_params\":1000,\"global_batch\":64,\"local_steps\":1,\"wall_s\":0.1}\n",
                 "{\"event\":\"step\",\"step\":1,\"loss\":2.5,\"workers\":3,\"bytes_in\":10,\"bytes_out\":20,\"uplink_ratio\":4.0,\"wall_s\":1.0}\n",
                 "not json\n",
                 "{\"event\":\"step\",\"step\":2,\"loss\":2.0,\"workers\":3,\"bytes_in\":30,\"bytes_out\":40,\"uplink_ratio\":4.0,\"wall_s\":2.0}\n",
