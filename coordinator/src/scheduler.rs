@@ -11,7 +11,7 @@
 //! contributions of banned workers.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -195,6 +195,25 @@ pub struct Scheduler {
     rounds_done: u64,
     /// Samples each worker contributed to the last committed round (its share).
     last_shares: std::collections::HashMap<WorkerId, u64>,
+    /// The last committed round, until it is logged and reported ([`Scheduler::report`]).
+    unreported: Option<Unreported>,
+    /// Decoded updates of the round's accepted results, by task id, and their bytes (at
+    /// most [`DECODED_KEEP_BYTES`]).
+    decoded: (HashMap<u64, Vec<f32>>, usize),
+}
+
+/// Bytes of decoded updates kept from validation to the commit; beyond this the commit
+/// decodes them again.
+const DECODED_KEEP_BYTES: usize = 512 << 20;
+
+/// A committed round's report, held until the round is logged.
+struct Unreported {
+    step: u64,
+    /// The `step` event.
+    event: serde_json::Value,
+    line: StepLine,
+    /// The round's wall time, seconds.
+    step_s: f64,
 }
 
 impl Scheduler {
@@ -406,6 +425,8 @@ impl Scheduler {
                 RunState::Starting
             },
             last_shares: Default::default(),
+            unreported: None,
+            decoded: Default::default(),
             rounds_done: 0,
             cfg,
         })
@@ -420,6 +441,7 @@ impl Scheduler {
         self.publish();
         while self.meta.batches_done < self.total_batches {
             if self.state == RunState::Paused {
+                self.report()?;
                 // No round opens; joins, checks and operator actions are still handled.
                 if !self.pump(Duration::from_millis(200))? {
                     return self.stop();
@@ -442,6 +464,7 @@ impl Scheduler {
 
     /// Saves a checkpoint and tells the workers the run stops (it resumes from the folder).
     fn stop(&mut self) -> Result<Outcome> {
+        self.report()?;
         // Contributions of workers banned meanwhile leave before the state is saved.
         self.roll_back()?;
         self.save_checkpoint()?;
@@ -486,6 +509,9 @@ impl Scheduler {
     fn train_step(&mut self) -> Result<bool> {
         self.core
             .open_round(Instant::now(), self.step(), self.meta.batches_done);
+        // The round's tasks go out first; the last round is logged while they compute.
+        self.apply()?;
+        self.report()?;
         loop {
             self.apply()?;
             if let Some(c) = self.complete.take() {
@@ -887,9 +913,11 @@ impl Scheduler {
         let now = Instant::now();
         let counts = &mut self.counts;
         let mut norm = None;
+        let mut values = None;
         self.core.handle_result(now, conn, res.task_id, |view| {
-            let n = validate(&expected, &worker, &res, view)?;
+            let (n, v) = validate(&expected, &worker, &res, view)?;
             norm = Some(n);
+            values = Some(v);
             let elapsed = now.saturating_duration_since(view.sent).as_secs_f64() * 1000.0;
             let compute_ms = (res.compute_us as f64 / 1000.0).min(elapsed);
             counts.tasks_ok += 1;
@@ -903,6 +931,14 @@ impl Scheduler {
         });
         if let Some(n) = norm {
             self.norms.add(n);
+        }
+        // Kept for the commit (which would decode them again), within a memory budget.
+        if let Some(v) = values {
+            let (held, bytes) = &mut self.decoded;
+            if *bytes + 4 * v.len() <= DECODED_KEEP_BYTES {
+                *bytes += 4 * v.len();
+                held.insert(res.task_id, v);
+            }
         }
     }
 
@@ -1081,7 +1117,7 @@ impl Scheduler {
                 task_id: d.result.task_id,
                 n_samples: d.result.n_samples,
                 loss_sum: d.result.loss_sum,
-                update: d.result.update.clone(),
+                update: bytes::Bytes::copy_from_slice(&d.result.update),
                 verified: self.verified_now.remove(&d.result.task_id),
             })
             .collect();
@@ -1100,15 +1136,14 @@ impl Scheduler {
             .iter()
             .map(|c| json!({"worker": c.worker.short(), "samples": c.n_samples}))
             .collect();
-        let applied = self.ledger.commit(record, &self.meta)?;
-        #[cfg(feature = "test-hooks")]
-        if self.cfg.test_crash_after_logging == Some(self.step()) {
-            tracing::warn!(
-                step = self.step(),
-                "test-only crash after logging the round"
-            );
-            std::process::exit(137);
-        }
+        let decoded = record
+            .contributions
+            .iter()
+            .map(|c| self.decoded.0.remove(&c.task_id))
+            .collect();
+        // Results are only accepted for the round in flight: what is left is stale.
+        self.decoded = Default::default();
+        let applied = self.ledger.commit(record, decoded, &self.meta)?;
         self.verified_now.clear();
         self.downlink
             .advance(self.ledger.state.params.clone(), applied.delta);
@@ -1131,9 +1166,6 @@ impl Scheduler {
         for d in &c.answers {
             *self.last_shares.entry(d.worker).or_default() += u64::from(d.result.n_samples);
         }
-        if let Some(m) = &self.monitor {
-            m.round_time(step_s);
-        }
         let (bin, bout) = self.traffic.get();
         // Per-connection traffic, while the list stays short enough for one line.
         let per_worker: Vec<serde_json::Value> = self
@@ -1147,29 +1179,51 @@ impl Scheduler {
             })
             .collect();
         let step = self.step();
-        self.metrics.emit(
-            "step",
-            json!({"step": step, "batches": self.meta.batches_done, "loss": loss,
-                   "parts": parts_used, "workers": self.links.conns.len(), "samples": samples,
-                   "bytes_in": bin, "bytes_out": bout, "data_served": self.traffic.data(),
-                   "round_bytes_in": bin - self.counts.last_in, "round_bytes_out": bout - self.counts.last_out,
-                   "uplink_ratio": self.counts.uplink_ratio(), "per_worker": per_worker,
-                   "clipped": applied.report.clipped, "tokens": tokens,
-                   "step_ms": step_s * 1000.0}),
-        );
+        let event = json!({"step": step, "batches": self.meta.batches_done, "loss": loss,
+               "parts": parts_used, "workers": self.links.conns.len(), "samples": samples,
+               "bytes_in": bin, "bytes_out": bout, "data_served": self.traffic.data(),
+               "round_bytes_in": bin - self.counts.last_in, "round_bytes_out": bout - self.counts.last_out,
+               "uplink_ratio": self.counts.uplink_ratio(), "per_worker": per_worker,
+               "clipped": applied.report.clipped, "tokens": tokens,
+               "step_ms": step_s * 1000.0});
         (self.counts.last_in, self.counts.last_out) = (bin, bout);
-        self.progress.update(
+        let line = StepLine {
+            loss,
+            workers: self.links.conns.len(),
+            bytes_in: bin,
+            bytes_out: bout,
+            uplink_ratio: self.counts.uplink_ratio(),
+            tokens_per_s: self.token_rate,
+            eval: self.last_eval.map(|(_, e)| self.eval_line(&e)),
+        };
+        self.unreported = Some(Unreported {
             step,
-            &StepLine {
-                loss,
-                workers: self.links.conns.len(),
-                bytes_in: bin,
-                bytes_out: bout,
-                uplink_ratio: self.counts.uplink_ratio(),
-                tokens_per_s: self.token_rate,
-                eval: self.last_eval.map(|(_, e)| self.eval_line(&e)),
-            },
-        );
+            event,
+            line,
+            step_s,
+        });
+        Ok(())
+    }
+
+    /// Logs the last committed round (write-ahead log, synced) and then reports it: the
+    /// `step` event, the progress line, the status server's round time. Called once the
+    /// next round's tasks are out, so that the log's write overlaps the workers' compute,
+    /// and before anything else is reported or saved.
+    fn report(&mut self) -> Result<()> {
+        let Some(r) = self.unreported.take() else {
+            return Ok(());
+        };
+        self.ledger.flush()?;
+        #[cfg(feature = "test-hooks")]
+        if self.cfg.test_crash_after_logging == Some(r.step) {
+            tracing::warn!(step = r.step, "test-only crash after logging the round");
+            std::process::exit(137);
+        }
+        self.metrics.emit("step", r.event);
+        if let Some(m) = &self.monitor {
+            m.round_time(r.step_s);
+        }
+        self.progress.update(r.step, &r.line);
         // The status server's snapshot follows within PUBLISH_EVERY (from `pump`): rounds can
         // take milliseconds, and a snapshot copies the curves.
         Ok(())
@@ -1292,20 +1346,28 @@ impl Scheduler {
 
     /// Rollbacks, evaluations and checkpoints due after a round; `before`: global batches
     /// done before it.
+    /// The round is reported first when any of them is due (else while the next round
+    /// computes).
     fn after_step(&mut self, before: u64) -> Result<()> {
-        self.roll_back()?;
         let spe = self.core.batches().steps_per_epoch().max(1);
         let every = self.cfg.training.eval_every;
         let step = self.step();
         let done = self.meta.batches_done;
         let epoch_ended = before / spe != done / spe;
-        if epoch_ended || done >= self.total_batches || (every > 0 && step.is_multiple_of(every)) {
+        let eval =
+            epoch_ended || done >= self.total_batches || (every > 0 && step.is_multiple_of(every));
+        let checkpoint = (self.cfg.training.checkpoint_every > 0
+            && step.is_multiple_of(self.cfg.training.checkpoint_every))
+            || self.ledger.wal_bytes() > self.cfg.ledger.wal_max_bytes;
+        let rollback = !self.to_remove.is_empty() || !self.to_drop.is_empty();
+        if eval || checkpoint || rollback {
+            self.report()?;
+        }
+        self.roll_back()?;
+        if eval {
             self.evaluate()?;
             self.save_checkpoint()?;
-        } else if (self.cfg.training.checkpoint_every > 0
-            && step.is_multiple_of(self.cfg.training.checkpoint_every))
-            || self.ledger.wal_bytes() > self.cfg.ledger.wal_max_bytes
-        {
+        } else if checkpoint {
             self.save_checkpoint()?;
         }
         Ok(())
@@ -1419,6 +1481,7 @@ impl Scheduler {
     }
 
     fn finish(&mut self) -> Result<()> {
+        self.report()?;
         self.drain_checks()?;
         if self.last_eval.map(|e| e.0) != Some(self.step()) || self.counts.rollbacks > 0 {
             self.evaluate()?;
@@ -1511,13 +1574,13 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(500);
 const PER_WORKER_LINES: usize = 256;
 
 /// Checks an untrusted result against what was asked, before anything uses it; returns the
-/// L2 norm of its update.
+/// L2 norm of its update and the decoded update.
 fn validate(
     e: &Expected<'_>,
     worker: &WorkerId,
     res: &TaskResult,
     task: &TaskView<'_>,
-) -> Result<f64, String> {
+) -> Result<(f64, Vec<f32>), String> {
     let c = &res.commitment;
     if Some(c.class) != e.class {
         return Err("committed in another compute class than the one declared".into());
@@ -1566,5 +1629,5 @@ fn validate(
             ));
         }
     }
-    Ok(norm)
+    Ok((norm, values))
 }

@@ -1,8 +1,10 @@
 //! The ledger: the training state, the rounds that advanced it, and how both are kept.
 //!
 //! * Every round is appended to a write-ahead log (`wal.bin`, synced) before it is reported,
-//!   so a `kill -9` loses no accepted round: a restart loads `checkpoint.bin` and replays the
-//!   log. A checkpoint is written whenever the log outgrows `ledger.wal_max_bytes` (and after
+//!   so a `kill -9` loses no reported round: a restart loads `checkpoint.bin` and replays the
+//!   log. [`Ledger::commit`] applies a round at once and [`Ledger::flush`] logs it, so that
+//!   the driver can send the new parameters out first and write the log while the workers
+//!   compute (a crash in between loses that round, which the restart redoes). A checkpoint is written whenever the log outgrows `ledger.wal_max_bytes` (and after
 //!   evaluations and rollbacks), and the log starts over.
 //! * In memory, snapshots every `ledger.snapshot_every` rounds and the records since the
 //!   oldest one (within `ledger.rollback_window` rounds and `ledger.history_max_bytes`) let a
@@ -174,6 +176,8 @@ pub struct Ledger {
     records: VecDeque<RoundRecord>,
     history_bytes: u64,
     wal: Wal,
+    /// The last round, applied but not logged yet (see [`Ledger::flush`]).
+    unlogged: Option<Entry>,
 }
 
 impl Ledger {
@@ -213,6 +217,7 @@ impl Ledger {
             records: VecDeque::new(),
             history_bytes: 0,
             wal,
+            unlogged: None,
         };
         let mut replayed = 0;
         let mut dropped = Vec::new();
@@ -252,25 +257,38 @@ impl Ledger {
         ))
     }
 
-    /// Applies the next round, logs it durably, and returns what it did. Nothing about the
-    /// round should be reported before this returns.
-    pub fn commit(&mut self, record: RoundRecord, meta: &Meta) -> Result<Applied> {
-        let entry = Entry::Round {
-            record,
+    /// Applies the next round and returns what it did; the round is logged by the next
+    /// [`Ledger::flush`] (or by anything else this ledger writes first). Nothing about the
+    /// round may be reported before then; its parameters may be sent out. An error (the
+    /// record does not apply: it was validated when accepted, so this is a bug or a corrupt
+    /// history) leaves the state unusable: the caller stops, and a restart replays the log.
+    ///
+    /// `decoded[i]`, where given, is contribution `i`'s update as `compression::decode_exact`
+    /// gives it from its bytes (decoded when it was validated); the others are decoded here.
+    pub fn commit(
+        &mut self,
+        record: RoundRecord,
+        decoded: Vec<Option<Vec<f32>>>,
+        meta: &Meta,
+    ) -> Result<Applied> {
+        self.flush()?;
+        let applied = round::apply_decoded(&mut self.state, &record, decoded, &self.rules)?;
+        // Cheap: the updates are reference-counted.
+        self.unlogged = Some(Entry::Round {
+            record: record.clone(),
             meta: meta.clone(),
-        };
-        let Entry::Round { record, .. } = &entry else {
-            unreachable!("just built");
-        };
-        let mut next = self.state.clone();
-        let applied = apply(&mut next, record, &self.rules)?;
-        self.wal.append(&entry)?;
-        let Entry::Round { record, .. } = entry else {
-            unreachable!("just built");
-        };
-        self.state = next;
+        });
         self.keep(record);
         Ok(applied)
+    }
+
+    /// Appends the round [`Ledger::commit`] applied last to the log and syncs it, if that is
+    /// not done yet.
+    pub fn flush(&mut self) -> Result<()> {
+        match self.unlogged.take() {
+            Some(e) => self.wal.append(&e),
+            None => Ok(()),
+        }
     }
 
     fn apply_and_keep(&mut self, record: RoundRecord) -> Result<Applied> {
@@ -323,6 +341,7 @@ impl Ledger {
 
     /// Records that a spot check confirmed the contribution of `task_id`.
     pub fn mark_verified(&mut self, task_id: u64) -> Result<()> {
+        self.flush()?;
         self.set_verified(task_id);
         self.wal.append(&Entry::Verified { task_id })
     }
@@ -330,11 +349,13 @@ impl Ledger {
     /// Logs that the contribution of `task_id` is to be removed (so a restart before the
     /// rollback still removes it).
     pub fn mark_dropped(&mut self, task_id: u64) -> Result<()> {
+        self.flush()?;
         self.wal.append(&Entry::Dropped { task_id })
     }
 
     /// Logs a worker's new standing.
     pub fn log_standing(&mut self, worker: WorkerId, standing: &Standing) -> Result<()> {
+        self.flush()?;
         self.wal.append(&Entry::Standing {
             worker,
             standing: standing.clone(),
@@ -365,6 +386,9 @@ impl Ledger {
     /// none matches. Write a checkpoint afterwards, so that a restart does not bring them
     /// back from the log.
     pub fn remove(&mut self, pred: impl Fn(&Contribution) -> bool) -> Result<Option<Rollback>> {
+        // The log keeps the rounds as they were applied; the checkpoint after a rollback
+        // makes them redundant.
+        self.flush()?;
         let Some(first) = self
             .records
             .iter()
@@ -411,8 +435,10 @@ impl Ledger {
         }))
     }
 
-    /// Writes a checkpoint of the current state and empties the log.
+    /// Writes a checkpoint of the current state (which holds a round not logged yet) and
+    /// empties the log.
     pub fn checkpoint(&mut self, meta: &Meta, standings: Vec<(WorkerId, Standing)>) -> Result<()> {
+        self.unlogged = None;
         Checkpoint {
             version: CHECKPOINT_VERSION,
             run_id: self.run_id,

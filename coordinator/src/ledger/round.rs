@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use compression::{CodecConfig, DecodeLimits};
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 use trainer::Optimizer;
 use verify::{AggregateReport, AggregationConfig, WorkerId};
 
@@ -65,8 +65,10 @@ pub struct Contribution {
     pub n_samples: u32,
     /// Sum of its per-sample losses.
     pub loss_sum: f64,
-    /// The encoded update exactly as received.
-    pub update: ByteBuf,
+    /// The encoded update exactly as received (reference-counted: a record is kept in the
+    /// history and queued for the log without copies; serialized as a byte string, like
+    /// `serde_bytes::ByteBuf`).
+    pub update: Bytes,
     /// Whether a spot check confirmed it.
     pub verified: bool,
 }
@@ -119,29 +121,43 @@ pub struct Applied {
 /// optimizer step, and, for a lossy downlink, replaces the step by its quantized version
 /// (error feedback keeps the rest for later rounds). A round left without contributions (all
 /// removed by a rollback) changes nothing but the round counter.
+///
+/// Errors: a record of another round, a stored update that does not decode, or one that
+/// does not aggregate leave the state as it was; a step that fails (a non-finite aggregate,
+/// a lossy downlink's delta that does not encode) leaves it part way.
 pub fn apply(state: &mut TrainState, rec: &RoundRecord, rules: &Rules) -> Result<Applied> {
+    apply_decoded(state, rec, Vec::new(), rules)
+}
+
+/// [`apply`], with the updates of some contributions already decoded: `decoded[i]`, where
+/// given, must be what `compression::decode_exact` gives for contribution `i`'s bytes.
+pub fn apply_decoded(
+    state: &mut TrainState,
+    rec: &RoundRecord,
+    decoded: Vec<Option<Vec<f32>>>,
+    rules: &Rules,
+) -> Result<Applied> {
     anyhow::ensure!(
         rec.round == state.round,
         "record of round {} applied to state at round {}",
         rec.round,
         state.round
     );
-    state.round += 1;
-    for c in &rec.contributions {
-        state.ef_bases.insert(c.worker, c.task_id);
-    }
-    if rec.contributions.is_empty() {
-        return Ok(Applied::default());
-    }
     let n = state.params.len();
+    let mut given = decoded.into_iter();
     let decoded = rec
         .contributions
         .iter()
-        .map(|c| {
-            compression::decode_exact(&c.update, n, &rules.limits)
-                .with_context(|| format!("stored update of task {}", c.task_id))
+        .map(|c| match given.next().flatten() {
+            Some(v) if v.len() == n => Ok(v),
+            _ => compression::decode_exact(&c.update, n, &rules.limits)
+                .with_context(|| format!("stored update of task {}", c.task_id)),
         })
         .collect::<Result<Vec<_>>>()?;
+    if rec.contributions.is_empty() {
+        state.round += 1;
+        return Ok(Applied::default());
+    }
     let views: Vec<&[f32]> = decoded.iter().map(Vec::as_slice).collect();
     let weights: Vec<f64> = rec
         .contributions
@@ -150,6 +166,10 @@ pub fn apply(state: &mut TrainState, rec: &RoundRecord, rules: &Rules) -> Result
         .collect();
     let mut grad = vec![0f32; n];
     let report = verify::aggregate(&views, &weights, &rules.aggregation, &mut grad)?;
+    state.round += 1;
+    for c in &rec.contributions {
+        state.ef_bases.insert(c.worker, c.task_id);
+    }
     let loss_sum = rec.contributions.iter().map(|c| c.loss_sum).sum();
     let n_samples = rec
         .contributions
