@@ -113,6 +113,10 @@ enum Cmd {
         /// Global batch.
         #[arg(long, default_value_t = 64)]
         batch: usize,
+        /// Passes over every configuration, in turn; each row reports its median run (this
+        /// machine's speed drifts by 20% between runs).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
         /// Output folder.
         #[arg(long, default_value = "results/stragglers")]
         out: PathBuf,
@@ -377,6 +381,7 @@ fn main() -> Result<()> {
             model,
             steps,
             batch,
+            repeat,
             out,
         } => {
             let args = std::env::args().skip(2).collect::<Vec<_>>().join(" ");
@@ -384,6 +389,7 @@ fn main() -> Result<()> {
                 model,
                 steps,
                 batch,
+                repeat: repeat.max(1),
                 out,
                 args: if args.is_empty() {
                     args

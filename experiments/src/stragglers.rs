@@ -5,6 +5,13 @@
 //! stretched by sleeping), and beside a burst of 20 new 300x-slower keys that join mid-run
 //! (Sybils). Reported per run: wall time against the honest worker alone, final test
 //! accuracy, and the slow workers' share of the samples.
+//!
+//! Volunteers run on machines of their own; here every process shares this machine's
+//! cores. So that a slow worker's own compute and start-up do not take the fast worker's
+//! CPU (which no remote volunteer could do), the slow workers and the Sybils run under
+//! `SCHED_IDLE` ([`swarm::IDLE`]): they compute on what the fast worker and the coordinator
+//! leave idle, which also makes them slower than their factor says. The coordinator's cost
+//! of serving them (handshakes, probes, results, spot checks) stays in the figures.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -23,6 +30,8 @@ pub struct Settings {
     pub steps: u64,
     /// Global batch.
     pub batch: usize,
+    /// Passes over every configuration (each row reports its median run).
+    pub repeat: usize,
     /// Output folder.
     pub out: PathBuf,
     /// The command's arguments as typed (for the table's caption).
@@ -30,7 +39,10 @@ pub struct Settings {
 }
 
 /// One run's figures.
+#[derive(Clone)]
 struct Row {
+    /// Which pass over the configurations.
+    pass: usize,
     label: String,
     slow: usize,
     factor: f64,
@@ -85,12 +97,16 @@ pub fn run(s: &Settings) -> Result<()> {
         }
     }
     runs.push(("20 new 300x-slower keys mid-run".into(), 20, 300.0, true));
-    // The machine's speed drifts: the fast worker alone runs first and last, and the
-    // others are compared to the mean of the two.
+    // The machine's speed drifts: the fast worker alone runs first and last of each pass,
+    // every configuration runs once a pass, and each row is its median over the passes,
+    // against the median of every run alone.
     runs.push(("alone, again".into(), 0, 1.0, false));
-    let mut rows = Vec::new();
-    for (i, (label, slow, factor, burst)) in runs.into_iter().enumerate() {
-        let dir = s.out.join(format!("runs/{i}"));
+    let mut all: Vec<Row> = Vec::new();
+    let plan =
+        (0..s.repeat).flat_map(|pass| runs.iter().enumerate().map(move |(i, r)| (pass, i, r)));
+    for (pass, i, (label, slow, factor, burst)) in plan {
+        let (label, slow, factor, burst) = (label.clone(), *slow, *factor, *burst);
+        let dir = s.out.join(format!("runs/{pass}-{i}"));
         // `swarm::run` names them w0 (the fast one), w1, ...
         let mut workers = vec![Vec::new()];
         let mut sidecars = Vec::new();
@@ -98,7 +114,7 @@ pub fn run(s: &Settings) -> Result<()> {
             // The burst: 20 new keys, a few seconds into the run.
             let keys = std::path::absolute(&dir)?.join("sybil");
             let script = format!(
-                "sleep 5; mkdir -p {k}; for i in $(seq 1 20); do {w} --join '{{join}}' --threads 1 \
+                "sleep 5; mkdir -p {k}; for i in $(seq 1 20); do chrt --idle 0 {w} --join '{{join}}' --threads 1 \
                  --device cpu --retry-for 5 --name s$i --key {k}/s$i.key --test-slowdown {factor} \
                  --data-dir {d} \
                  >/dev/null 2>&1 & done; wait",
@@ -109,12 +125,17 @@ pub fn run(s: &Settings) -> Result<()> {
             sidecars.push(vec!["bash".to_string(), "-c".to_string(), script]);
         } else {
             for _ in 0..slow {
-                workers.push(vec!["--test-slowdown".into(), factor.to_string()]);
+                workers.push(vec![
+                    "--test-slowdown".into(),
+                    factor.to_string(),
+                    swarm::IDLE.into(),
+                ]);
             }
         }
         let r = swarm::run(&dir, &cfg, &workers, &sidecars)?;
         let sum = r.summary()?;
         let row = Row {
+            pass,
             label,
             slow,
             factor,
@@ -124,28 +145,46 @@ pub fn run(s: &Settings) -> Result<()> {
             coord_cpu_s: sum["cpu_s"].as_f64().unwrap_or(f64::NAN),
             machine_cpu_s: r.machine_cpu_s,
         };
-        tracing::info!(run = %row.label, wall_s = row.wall_s, acc = row.acc, share = row.slow_share, "done");
-        rows.push(row);
+        tracing::info!(pass, run = %row.label, wall_s = row.wall_s, acc = row.acc, share = row.slow_share, "done");
+        all.push(row);
     }
-    let last = rows.len() - 1;
-    let alone = (rows[0].wall_s + rows[last].wall_s) / 2.0;
+    let median_of = |label: &str| -> Option<Row> {
+        let mut v: Vec<&Row> = all.iter().filter(|r| r.label == label).collect();
+        v.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+        v.get(v.len() / 2).map(|r| (*r).clone())
+    };
+    let rows: Vec<Row> = runs.iter().filter_map(|(l, ..)| median_of(l)).collect();
+    let mut alone_walls: Vec<f64> = all
+        .iter()
+        .filter(|r| r.slow == 0)
+        .map(|r| r.wall_s)
+        .collect();
+    alone_walls.sort_by(f64::total_cmp);
+    let alone = alone_walls[alone_walls.len() / 2];
     let alone_acc = rows[0].acc;
     let mut csv = std::fs::File::create(s.out.join("stragglers.csv"))?;
     writeln!(
         csv,
-        "run,slow_workers,slowdown,wall_s,vs_alone,test_acc,acc_diff_points,slow_share,coordinator_cpu_s,machine_cpu_s"
+        "pass,run,slow_workers,slowdown,wall_s,vs_alone,test_acc,acc_diff_points,slow_share,coordinator_cpu_s,machine_cpu_s"
     )?;
     let mut md = format!(
         "{}, global batch {}, {} global batches, one fast honest worker (`experiments stragglers{}`); \
-         times against the mean of the two runs alone ({alone:.1} s); CPU: the coordinator's, and the whole \
-         machine's (every process) while the run went on.\n\n\
+         {}, times against the median of every run alone ({alone:.1} s, {} runs); the slow workers and the Sybils under \
+         `SCHED_IDLE` (volunteers compute on machines of their own: here they share its cores); \
+         CPU: the coordinator's, and the whole machine's (every process) while the run went on.\n\n\
          | run | wall | vs alone | test accuracy | vs alone (points) | slow workers' share of samples | coordinator CPU | machine CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
-        s.model.to_uppercase(), s.batch, s.steps, s.args
+        s.model.to_uppercase(), s.batch, s.steps, s.args,
+        match s.repeat {
+            1 => "one run of each row".to_string(),
+            n => format!("each row the median of {n} runs (one a pass over every row, passes in turn)"),
+        },
+        alone_walls.len()
     );
-    for r in &rows {
+    for r in &all {
         writeln!(
             csv,
-            "{},{},{},{:.2},{:.3},{:.4},{:.2},{:.4},{:.2},{:.2}",
+            "{},{},{},{},{:.2},{:.3},{:.4},{:.2},{:.4},{:.2},{:.2}",
+            r.pass,
             r.label,
             r.slow,
             r.factor,
@@ -157,6 +196,8 @@ pub fn run(s: &Settings) -> Result<()> {
             r.coord_cpu_s,
             r.machine_cpu_s
         )?;
+    }
+    for r in &rows {
         md.push_str(&format!(
             "| {} | {:.1} s | {:.2}x | {:.4} | {:+.2} | {:.1}% | {:.1} s | {:.1} s |\n",
             r.label,

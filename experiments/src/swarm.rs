@@ -56,6 +56,11 @@ impl Finished {
     }
 }
 
+/// A `workers` entry that runs the worker under the `SCHED_IDLE` policy (`chrt --idle 0`,
+/// util-linux): it gets a CPU only when nothing else on the machine wants it, as if it ran
+/// on a machine of its own.
+pub const IDLE: &str = "sched:idle";
+
 /// Kills its processes when dropped.
 pub struct Procs(pub Vec<Child>);
 
@@ -70,7 +75,8 @@ impl Drop for Procs {
 
 /// Runs `config` (TOML; its `output_dir` must be `out`) in a fresh `dir` with one worker per
 /// entry of `workers` (extra arguments for each; an entry `env:KEY=VALUE` sets a variable
-/// of the worker's environment instead, e.g. to compute as another CPU does) and the `sidecars` (program and arguments,
+/// of the worker's environment instead, e.g. to compute as another CPU does, and [`IDLE`]
+/// runs it under `SCHED_IDLE`) and the `sidecars` (program and arguments,
 /// `{join}` replaced by the join string) beside them, waits for the run to end, and returns
 /// its metrics.
 pub fn run(
@@ -86,31 +92,41 @@ pub fn run(
     let busy_before = machine_busy_s();
     let (mut procs, join) = start_coordinator(&dir)?;
     for (i, extra) in workers.iter().enumerate() {
-        procs.0.push(
+        let mut cmd = if extra.iter().any(|a| a == IDLE) {
+            let mut c = Command::new("chrt");
+            c.args(["--idle", "0"]).arg(sibling("worker")?);
+            c
+        } else {
             Command::new(sibling("worker")?)
-                .args([
-                    "--join",
-                    &join,
-                    "--threads",
-                    "1",
-                    "--device",
-                    "cpu",
-                    "--retry-for",
-                    "30",
-                ])
-                .args(["--name", &format!("w{i}")])
-                .arg("--key")
-                .arg(dir.join(format!("w{i}.key")))
-                .args(local_data(extra))
-                .args(extra.iter().filter(|a| !a.starts_with("env:")))
-                .envs(
-                    extra
-                        .iter()
-                        .filter_map(|a| a.strip_prefix("env:")?.split_once('=')),
-                )
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join(format!("w{i}.log")))?)
-                .spawn()?,
+        };
+        procs.0.push(
+            cmd.args([
+                "--join",
+                &join,
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--retry-for",
+                "30",
+            ])
+            .args(["--name", &format!("w{i}")])
+            .arg("--key")
+            .arg(dir.join(format!("w{i}.key")))
+            .args(local_data(extra))
+            .args(
+                extra
+                    .iter()
+                    .filter(|a| !a.starts_with("env:") && *a != IDLE),
+            )
+            .envs(
+                extra
+                    .iter()
+                    .filter_map(|a| a.strip_prefix("env:")?.split_once('=')),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("w{i}.log")))?)
+            .spawn()?,
         );
     }
     for (i, cmd) in sidecars.iter().enumerate() {
