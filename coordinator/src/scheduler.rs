@@ -1196,6 +1196,7 @@ impl Scheduler {
             tokens_per_s: self.token_rate,
             eval: self.last_eval.map(|(_, e)| self.eval_line(&e)),
         };
+        debug_assert!(self.unreported.is_none(), "a round left unreported");
         self.unreported = Some(Unreported {
             step,
             event,
@@ -1356,18 +1357,17 @@ impl Scheduler {
         let epoch_ended = before / spe != done / spe;
         let eval =
             epoch_ended || done >= self.total_batches || (every > 0 && step.is_multiple_of(every));
-        let checkpoint = (self.cfg.training.checkpoint_every > 0
-            && step.is_multiple_of(self.cfg.training.checkpoint_every))
-            || self.ledger.wal_bytes() > self.cfg.ledger.wal_max_bytes;
-        let rollback = !self.to_remove.is_empty() || !self.to_drop.is_empty();
-        if eval || checkpoint || rollback {
+        if eval || !self.to_remove.is_empty() || !self.to_drop.is_empty() {
             self.report()?;
         }
         self.roll_back()?;
         if eval {
             self.evaluate()?;
             self.save_checkpoint()?;
-        } else if checkpoint {
+        } else if (self.cfg.training.checkpoint_every > 0
+            && step.is_multiple_of(self.cfg.training.checkpoint_every))
+            || self.ledger.wal_bytes() > self.cfg.ledger.wal_max_bytes
+        {
             self.save_checkpoint()?;
         }
         Ok(())
@@ -1459,7 +1459,9 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Reports the last round (see [`Scheduler::report`]), then writes a checkpoint.
     fn save_checkpoint(&mut self) -> Result<()> {
+        self.report()?;
         self.meta.wall_s = self.metrics.wall_s();
         (self.meta.bytes_in, self.meta.bytes_out) = self.traffic.get();
         self.meta.workers_seen = self.workers_seen();

@@ -4,8 +4,9 @@
 //!   so a `kill -9` loses no reported round: a restart loads `checkpoint.bin` and replays the
 //!   log. [`Ledger::commit`] applies a round at once and [`Ledger::flush`] logs it, so that
 //!   the driver can send the new parameters out first and write the log while the workers
-//!   compute (a crash in between loses that round, which the restart redoes). A checkpoint is written whenever the log outgrows `ledger.wal_max_bytes` (and after
-//!   evaluations and rollbacks), and the log starts over.
+//!   compute (a crash in between loses that round, which the restart redoes). A checkpoint
+//!   is written whenever the log outgrows `ledger.wal_max_bytes` (and after evaluations and
+//!   rollbacks), and the log starts over.
 //! * In memory, snapshots every `ledger.snapshot_every` rounds and the records since the
 //!   oldest one (within `ledger.rollback_window` rounds and `ledger.history_max_bytes`) let a
 //!   rollback remove contributions (a caught cheater's) and replay the rest.

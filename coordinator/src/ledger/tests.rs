@@ -242,13 +242,8 @@ fn a_round_is_on_disk_once_flushed_and_redone_if_lost_before() {
     assert_eq!(rec.replayed, 3);
     assert_eq!(bits(&l.state.params), bits(&want.params));
     // The lost round, redone from the state the log gives, gives the same bits.
-    let (mut redo, _) = open(
-        tempfile::tempdir().unwrap().path(),
-        1,
-        true,
-        CodecConfig::lossless(),
-    )
-    .unwrap();
+    let redo_dir = tempfile::tempdir().unwrap();
+    let (mut redo, _) = open(redo_dir.path(), 1, true, CodecConfig::lossless()).unwrap();
     redo.state = after_two;
     // (With the first update decoded beforehand, as the scheduler does after validating.)
     let rec = record(2, &[1, 2]);
@@ -292,4 +287,20 @@ fn stored_updates_keep_the_byte_string_layout() {
     assert_eq!(old, bincode::serialize(c).unwrap());
     let back: Contribution = bincode::deserialize(&old).unwrap();
     assert_eq!(back.update, c.update);
+}
+
+#[test]
+fn updates_decoded_beforehand_are_used_as_given() {
+    // The scheduler hands over what it decoded when validating; the ledger trusts it.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, _) = open(dir.path(), 1, true, CodecConfig::lossless()).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let (mut b, _) = open(other.path(), 1, true, CodecConfig::lossless()).unwrap();
+    a.commit(record(0, &[1]), vec![None], &Meta::default())
+        .unwrap();
+    b.commit(record(0, &[1]), vec![Some(vec![0.0; N])], &Meta::default())
+        .unwrap();
+    assert_ne!(bits(&a.state.params), bits(&b.state.params));
+    // A zero gradient leaves the parameters where they were (no weight decay by default).
+    assert_eq!(bits(&b.state.params), bits(&fresh().params));
 }
