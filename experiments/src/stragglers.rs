@@ -30,7 +30,7 @@ pub struct Settings {
     pub steps: u64,
     /// Global batch.
     pub batch: usize,
-    /// Passes over every configuration (each row reports its median run).
+    /// Passes over every configuration (each row reports its run of median wall time).
     pub repeat: usize,
     /// Output folder.
     pub out: PathBuf,
@@ -98,8 +98,8 @@ pub fn run(s: &Settings) -> Result<()> {
     }
     runs.push(("20 new 300x-slower keys mid-run".into(), 20, 300.0, true));
     // The machine's speed drifts: the fast worker alone runs first and last of each pass,
-    // every configuration runs once a pass, and each row is its median over the passes,
-    // against the median of every run alone.
+    // every configuration runs once a pass, and each row is its run of median wall time,
+    // against the middle run alone.
     runs.push(("alone, again".into(), 0, 1.0, false));
     let mut all: Vec<Row> = Vec::new();
     let plan =
@@ -169,14 +169,15 @@ pub fn run(s: &Settings) -> Result<()> {
     )?;
     let mut md = format!(
         "{}, global batch {}, {} global batches, one fast honest worker (`experiments stragglers{}`); \
-         {}, times against the median of every run alone ({alone:.1} s, {} runs); the slow workers and the Sybils under \
+         {}, times against the middle of the {} runs alone ({alone:.1} s; of an even count, the upper \
+         middle one); the slow workers and the Sybils under \
          `SCHED_IDLE` (volunteers compute on machines of their own: here they share its cores); \
          CPU: the coordinator's, and the whole machine's (every process) while the run went on.\n\n\
          | run | wall | vs alone | test accuracy | vs alone (points) | slow workers' share of samples | coordinator CPU | machine CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
         s.model.to_uppercase(), s.batch, s.steps, s.args,
         match s.repeat {
             1 => "one run of each row".to_string(),
-            n => format!("each row the median of {n} runs (one a pass over every row, passes in turn)"),
+            n => format!("each row its run of median wall time among {n} (one a pass over every row, passes in turn)"),
         },
         alone_walls.len()
     );
