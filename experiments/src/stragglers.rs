@@ -80,6 +80,13 @@ fn slow_share(r: &swarm::Finished) -> f64 {
     slow / all.max(1.0)
 }
 
+/// The run of median wall time (of an even count, the upper middle one).
+fn middle<'a>(runs: impl Iterator<Item = &'a Row>) -> Option<&'a Row> {
+    let mut v: Vec<&Row> = runs.collect();
+    v.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+    v.get(v.len() / 2).copied()
+}
+
 /// Runs every configuration; writes `stragglers.csv`, `stragglers.md` and `stragglers.png`.
 pub fn run(s: &Settings) -> Result<()> {
     std::fs::create_dir_all(&s.out)?;
@@ -114,10 +121,11 @@ pub fn run(s: &Settings) -> Result<()> {
             // The burst: 20 new keys, a few seconds into the run.
             let keys = std::path::absolute(&dir)?.join("sybil");
             let script = format!(
-                "sleep 5; mkdir -p {k}; for i in $(seq 1 20); do chrt --idle 0 {w} --join '{{join}}' --threads 1 \
+                "sleep 5; mkdir -p {k}; for i in $(seq 1 20); do {idle} {w} --join '{{join}}' --threads 1 \
                  --device cpu --retry-for 5 --name s$i --key {k}/s$i.key --test-slowdown {factor} \
                  --data-dir {d} \
                  >/dev/null 2>&1 & done; wait",
+                idle = swarm::IDLE_COMMAND.join(" "),
                 k = keys.display(),
                 w = worker.display(),
                 d = trainer::data::DEFAULT_DIR,
@@ -148,19 +156,12 @@ pub fn run(s: &Settings) -> Result<()> {
         tracing::info!(pass, run = %row.label, wall_s = row.wall_s, acc = row.acc, share = row.slow_share, "done");
         all.push(row);
     }
-    let median_of = |label: &str| -> Option<Row> {
-        let mut v: Vec<&Row> = all.iter().filter(|r| r.label == label).collect();
-        v.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
-        v.get(v.len() / 2).map(|r| (*r).clone())
-    };
-    let rows: Vec<Row> = runs.iter().filter_map(|(l, ..)| median_of(l)).collect();
-    let mut alone_walls: Vec<f64> = all
+    let rows: Vec<Row> = runs
         .iter()
-        .filter(|r| r.slow == 0)
-        .map(|r| r.wall_s)
+        .filter_map(|(l, ..)| middle(all.iter().filter(|r| &r.label == l)).cloned())
         .collect();
-    alone_walls.sort_by(f64::total_cmp);
-    let alone = alone_walls[alone_walls.len() / 2];
+    let alone_runs = all.iter().filter(|r| r.slow == 0).count();
+    let alone = middle(all.iter().filter(|r| r.slow == 0)).map_or(f64::NAN, |r| r.wall_s);
     let alone_acc = rows[0].acc;
     let mut csv = std::fs::File::create(s.out.join("stragglers.csv"))?;
     writeln!(
@@ -179,7 +180,7 @@ pub fn run(s: &Settings) -> Result<()> {
             1 => "one run of each row".to_string(),
             n => format!("each row its run of median wall time among {n} (one a pass over every row, passes in turn)"),
         },
-        alone_walls.len()
+        alone_runs
     );
     for r in &all {
         writeln!(

@@ -61,6 +61,9 @@ impl Finished {
 /// on a machine of its own.
 pub const IDLE: &str = "sched:idle";
 
+/// The command an [`IDLE`] worker runs under.
+pub const IDLE_COMMAND: [&str; 3] = ["chrt", "--idle", "0"];
+
 /// Kills its processes when dropped.
 pub struct Procs(pub Vec<Child>);
 
@@ -93,8 +96,8 @@ pub fn run(
     let (mut procs, join) = start_coordinator(&dir)?;
     for (i, extra) in workers.iter().enumerate() {
         let mut cmd = if extra.iter().any(|a| a == IDLE) {
-            let mut c = Command::new("chrt");
-            c.args(["--idle", "0"]).arg(sibling("worker")?);
+            let mut c = Command::new(IDLE_COMMAND[0]);
+            c.args(&IDLE_COMMAND[1..]).arg(sibling("worker")?);
             c
         } else {
             Command::new(sibling("worker")?)
