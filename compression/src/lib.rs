@@ -59,6 +59,7 @@
 //! ([`encode_xor_delta`], [`apply_xor_delta`]). It has its own `DTX1` format, documented
 //! there.
 
+pub mod adaptive;
 mod codecs;
 mod error;
 mod feedback;
@@ -68,11 +69,13 @@ mod zstd_ctx;
 
 use serde::{Deserialize, Serialize};
 
+pub use adaptive::ZstdPolicy;
 pub use error::CodecError;
 pub use feedback::ErrorFeedback;
 pub use header::{Header, FORMAT_VERSION, HEADER_LEN, MAGIC};
 pub use xor_delta::{
-    apply_xor_delta, encode_xor_delta, XOR_FORMAT_VERSION, XOR_HEADER_LEN, XOR_MAGIC,
+    apply_xor_delta, compress_xor_delta, encode_xor_delta, XOR_FORMAT_VERSION, XOR_HEADER_LEN,
+    XOR_MAGIC,
 };
 
 /// Which codec; serde names are lowercase (`"fp32"`, `"int8"`, `"topk"`, ...).
@@ -291,14 +294,27 @@ fn encode_parts(
         None
     };
     if header.zstd {
-        let mut out = Vec::with_capacity(HEADER_LEN + zstd_ctx::compress_bound(body.len()));
-        out.extend_from_slice(&header.to_bytes());
-        zstd_ctx::compress_append(body, cfg.zstd_level, &mut out)?;
-        Ok((out, decoded))
+        Ok((
+            zstd_ctx::framed(&header.to_bytes(), body, cfg.zstd_level)?,
+            decoded,
+        ))
     } else {
         buf[..HEADER_LEN].copy_from_slice(&header.to_bytes());
         Ok((buf, decoded))
     }
+}
+
+/// zstd-compresses the body of a payload that [`encode`] made with `zstd_level` 0, at
+/// `level` (1..=19): the result is exactly what `encode` gives with `zstd_level = level`, so
+/// a sender can encode once and then choose, by the link, whether to compress
+/// ([`ZstdPolicy`]). Errors: [`CodecError::Config`] for a level out of range or a payload
+/// already compressed, [`CodecError::Malformed`] when the body is not as long as the header
+/// says (this is the sender's own payload, not untrusted input).
+pub fn compress_payload(payload: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
+    let mut header = Header::parse(payload)?;
+    let raw = zstd_ctx::raw_body(payload, HEADER_LEN, header.zstd, header.body_len)?;
+    header.zstd = true;
+    zstd_ctx::framed(&header.to_bytes(), raw, level)
 }
 
 /// Reads only the header (codec, version, number of values, block size, ...) without

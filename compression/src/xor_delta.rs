@@ -184,14 +184,21 @@ pub fn encode_xor_delta(old: &[f32], new: &[f32], zstd_level: i32) -> Result<Vec
         checksum: header::checksum(body),
     };
     if h.zstd {
-        let mut out = Vec::with_capacity(XOR_HEADER_LEN + zstd_ctx::compress_bound(body_len));
-        out.extend_from_slice(&h.to_bytes());
-        zstd_ctx::compress_append(body, zstd_level, &mut out)?;
-        Ok(out)
+        zstd_ctx::framed(&h.to_bytes(), body, zstd_level)
     } else {
         buf[..XOR_HEADER_LEN].copy_from_slice(&h.to_bytes());
         Ok(buf)
     }
+}
+
+/// zstd-compresses the body of a delta that [`encode_xor_delta`] made with `zstd_level` 0,
+/// at `level` (1..=19): the result is exactly what `encode_xor_delta` gives at that level.
+/// Errors as [`compress_payload`](crate::compress_payload).
+pub fn compress_xor_delta(delta: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
+    let mut h = XorHeader::parse(delta)?;
+    let raw = zstd_ctx::raw_body(delta, XOR_HEADER_LEN, h.zstd, h.body_len)?;
+    h.zstd = true;
+    zstd_ctx::framed(&h.to_bytes(), raw, level)
 }
 
 /// Applies a delta made by [`encode_xor_delta`] to `base` (the old values) and returns the

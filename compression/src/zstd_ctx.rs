@@ -6,7 +6,7 @@ use std::io::Cursor;
 
 use zstd::bulk::{Compressor, Decompressor};
 
-use crate::CodecError;
+use crate::{CodecError, MAX_ZSTD_LEVEL};
 
 /// Levels up to this reuse a cached per-thread compression context; higher levels have big
 /// match tables, which are not worth keeping alive.
@@ -24,6 +24,44 @@ fn zerr(e: std::io::Error) -> CodecError {
 /// Most bytes zstd can produce for `len` input bytes.
 pub(crate) fn compress_bound(len: usize) -> usize {
     zstd::zstd_safe::compress_bound(len)
+}
+
+/// `header` followed by `body` as one zstd frame at `level` (1..=19, else
+/// [`CodecError::Config`]).
+pub(crate) fn framed(header: &[u8], body: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
+    if !(1..=MAX_ZSTD_LEVEL).contains(&level) {
+        return Err(CodecError::Config(format!(
+            "zstd_level {level} not in 1..={MAX_ZSTD_LEVEL}"
+        )));
+    }
+    let mut out = Vec::with_capacity(header.len() + compress_bound(body.len()));
+    out.extend_from_slice(header);
+    compress_append(body, level, &mut out)?;
+    Ok(out)
+}
+
+/// The body of one of our own uncompressed payloads (`header_len` header bytes, then
+/// `body_len` bytes): [`CodecError::Config`] if the header says it is compressed already,
+/// [`CodecError::Malformed`] if the body has another length.
+pub(crate) fn raw_body(
+    payload: &[u8],
+    header_len: usize,
+    zstd: bool,
+    body_len: u64,
+) -> Result<&[u8], CodecError> {
+    if zstd {
+        return Err(CodecError::Config(
+            "the payload is compressed already".into(),
+        ));
+    }
+    let body = payload.get(header_len..).unwrap_or_default();
+    if body.len() as u64 != body_len {
+        return Err(CodecError::Malformed(format!(
+            "{} body bytes, the header says {body_len}",
+            body.len()
+        )));
+    }
+    Ok(body)
 }
 
 /// Compresses `src` as one zstd frame appended to `out`.

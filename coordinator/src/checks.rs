@@ -531,7 +531,7 @@ pub fn judge(
     if let Some(input) = &job.own_input {
         // Encoding is plain Rust, the same bits in every class: the revealed values must
         // give exactly the bytes sent.
-        let bytes = compression::encode(input, codec, job.work.seed);
+        let bytes = compression::encode(input, &as_sent(codec, &job.result.update), job.work.seed);
         if !bytes.is_ok_and(|b| verify::hash_update(&b) == job.result.commitment.update) {
             return Verdict::Fail {
                 reason: "the values it revealed encode to other bytes than it sent".into(),
@@ -628,6 +628,17 @@ pub fn judge(
     }
 }
 
+/// The run's codec as the worker applied it to `update`: zstd at the run's level, or off
+/// where the payload's header says its body is raw (a worker whose link was fast enough that
+/// zstd did not pay, see [`compression::ZstdPolicy`]).
+fn as_sent(codec: &CodecConfig, update: &[u8]) -> CodecConfig {
+    let raw = compression::peek_header(update).is_ok_and(|h| !h.zstd);
+    CodecConfig {
+        zstd_level: if raw { 0 } else { codec.zstd_level },
+        ..codec.clone()
+    }
+}
+
 fn l2(v: impl Iterator<Item = f64>) -> f64 {
     v.map(|x| x * x).sum::<f64>().sqrt()
 }
@@ -678,7 +689,8 @@ pub fn recheck(
         },
         _ => None,
     };
-    let enc = match encode_update(&raw.values, residual.as_deref(), codec, w.seed) {
+    let codec = as_sent(codec, &job.result.update);
+    let enc = match encode_update(&raw.values, residual.as_deref(), &codec, w.seed) {
         Ok(e) => e,
         Err(e) => return Verdict::Error(format!("re-encoding failed: {e}")),
     };
@@ -1105,6 +1117,17 @@ mod tests {
     /// A result of a multiple `scale` of the honest update of task 1, from a worker of
     /// `class`, judged by a checker of class `own` that cannot start re-executions.
     fn judged(own: &ComputeClass, class: ComputeClass, scale: f32) -> Verdict {
+        judged_sent(own, class, scale, CodecConfig::default().zstd_level)
+    }
+
+    /// As [`judged`], the worker's bytes compressed at `sent_level` (0: raw), the run's
+    /// codec being the default (zstd level 1).
+    fn judged_sent(
+        own: &ComputeClass,
+        class: ComputeClass,
+        scale: f32,
+        sent_level: i32,
+    ) -> Verdict {
         let data = Arc::new(trainer::Dataset::synthetic(32, 0).into());
         let mut exec = Executor::new(&ModelSpec::Mlp, tch::Device::Cpu, data, Default::default());
         let params = trainer::Net::new(&ModelSpec::Mlp, tch::Device::Cpu, 0).flat_params();
@@ -1112,7 +1135,11 @@ mod tests {
         let raw = exec.compute(&params, &indices, &micro, false).unwrap();
         let values: Vec<f32> = raw.values.iter().map(|v| v * scale).collect();
         let codec = CodecConfig::default();
-        let enc = encode_update(&values, None, &codec, 0).unwrap();
+        let sent = CodecConfig {
+            zstd_level: sent_level,
+            ..codec.clone()
+        };
+        let enc = encode_update(&values, None, &sent, 0).unwrap();
         let commitment = Commitment {
             update: verify::hash_update(&enc.bytes),
             encoded_input: verify::hash_f32(&enc.encoded_input),
@@ -1154,6 +1181,23 @@ mod tests {
         };
         let limits = DecodeLimits::default();
         judge(&mut exec, &job, &codec, &limits, &classes)
+    }
+
+    #[test]
+    fn a_result_sent_without_zstd_is_re_encoded_without_it_but_another_level_fails() {
+        let own = executor::class::detect(tch::Device::Cpu, 1);
+        assert!(
+            matches!(judged_sent(&own, own.clone(), 1.0, 0), Verdict::Pass(h) if h == "bitwise")
+        );
+        assert!(
+            matches!(judged_sent(&own, own.clone(), 1.0, 1), Verdict::Pass(h) if h == "bitwise")
+        );
+        match judged_sent(&own, own.clone(), 1.0, 3) {
+            Verdict::Fail { reason, .. } => {
+                assert!(reason.contains("encode to other bytes"), "{reason}")
+            }
+            v => panic!("{v:?}"),
+        }
     }
 
     #[test]

@@ -7,10 +7,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Result;
 use bytes::Bytes;
-use compression::CodecConfig;
+use compression::{CodecConfig, CodecError, ZstdPolicy};
 use proto::ParamsPayload;
 use verify::Hash;
 
@@ -19,14 +20,50 @@ const KEEP_VERSIONS: usize = 4;
 /// Longest chain of lossy deltas sent instead of an XOR delta.
 const MAX_CHAIN: usize = 8;
 
+/// One payload, raw and zstd-compressed, each made when first needed.
+#[derive(Default)]
+struct Forms {
+    raw: Option<Bytes>,
+    zstd: Option<Bytes>,
+}
+
+impl Forms {
+    /// The compressed form if made already (free to send, and smaller); else the raw form,
+    /// compressed first when `policy` says zstd pays on `link`.
+    fn pick(
+        &mut self,
+        policy: &mut ZstdPolicy,
+        link: Option<f64>,
+        make_raw: impl FnOnce() -> Result<Vec<u8>, CodecError>,
+        compress: fn(&[u8], i32) -> Result<Vec<u8>, CodecError>,
+    ) -> Result<Bytes> {
+        if let Some(z) = &self.zstd {
+            return Ok(z.clone());
+        }
+        let raw = match &self.raw {
+            Some(r) => r.clone(),
+            None => self.raw.insert(Bytes::from(make_raw()?)).clone(),
+        };
+        let level = policy.choose(link);
+        if level == 0 {
+            return Ok(raw);
+        }
+        let t = Instant::now();
+        let z = compress(&raw, level)?;
+        policy.observe(raw.len(), z.len(), t.elapsed());
+        Ok(self.zstd.insert(Bytes::from(z)).clone())
+    }
+}
+
 /// The current parameters and what is needed to bring any worker to them.
 pub struct Downlink {
-    zstd_level: i32,
+    /// Whether a payload is worth compressing for a link (the run's level, or raw).
+    zstd: ZstdPolicy,
     version: u64,
     hash: Hash,
     params: Arc<Vec<f32>>,
-    full: Option<Bytes>,
-    xor: HashMap<u64, Bytes>,
+    full: Forms,
+    xor: HashMap<u64, Forms>,
     /// Earlier versions' values (newest last).
     older: VecDeque<(u64, Arc<Vec<f32>>)>,
     /// Lossy deltas: `(v, d)` turns version `v - 1` into `v` (consecutive, newest last).
@@ -34,14 +71,15 @@ pub struct Downlink {
 }
 
 impl Downlink {
-    /// Starts at version 1 with `params`; payloads are zstd-compressed at `cfg.zstd_level`.
+    /// Starts at version 1 with `params`; payloads are zstd-compressed at `cfg.zstd_level`
+    /// for links where that pays ([`ZstdPolicy`]), else sent raw.
     pub fn new(params: Vec<f32>, cfg: &CodecConfig) -> Self {
         Downlink {
-            zstd_level: cfg.zstd_level,
+            zstd: ZstdPolicy::new(cfg.zstd_level),
             version: 1,
             hash: verify::hash_f32(&params),
             params: Arc::new(params),
-            full: None,
+            full: Forms::default(),
             xor: HashMap::new(),
             older: VecDeque::new(),
             adds: VecDeque::new(),
@@ -73,7 +111,7 @@ impl Downlink {
         }
         self.version += 1;
         self.hash = verify::hash_f32(&self.params);
-        self.full = None;
+        self.full = Forms::default();
         self.xor.clear();
         match delta {
             Some(d) => {
@@ -86,10 +124,11 @@ impl Downlink {
         }
     }
 
-    /// The payload for a worker holding version `held`.
-    pub fn payload(&mut self, held: Option<u64>) -> Result<ParamsPayload> {
+    /// The payload for a worker holding version `held`, over a link that carries `link`
+    /// bytes a second (`None`: unknown).
+    pub fn payload(&mut self, held: Option<u64>, link: Option<f64>) -> Result<ParamsPayload> {
         let Some(held) = held else {
-            return self.full();
+            return self.full(link);
         };
         if held == self.version {
             return Ok(ParamsPayload::Held);
@@ -99,35 +138,31 @@ impl Downlink {
             return Ok(ParamsPayload::Add { base: held, deltas });
         }
         let Some((_, base)) = self.older.iter().find(|(v, _)| *v == held) else {
-            return self.full();
+            return self.full(link);
         };
-        if let Some(d) = self.xor.get(&held) {
-            return Ok(ParamsPayload::Xor {
-                base: held,
-                delta: d.clone(),
-            });
-        }
-        let d = Bytes::from(compression::encode_xor_delta(
-            base,
-            &self.params,
-            self.zstd_level,
-        )?);
-        self.xor.insert(held, d.clone());
-        Ok(ParamsPayload::Xor {
-            base: held,
-            delta: d,
-        })
+        let params = &self.params;
+        let delta = self.xor.entry(held).or_default().pick(
+            &mut self.zstd,
+            link,
+            || compression::encode_xor_delta(base, params, 0),
+            compression::compress_xor_delta,
+        )?;
+        Ok(ParamsPayload::Xor { base: held, delta })
     }
 
-    fn full(&mut self) -> Result<ParamsPayload> {
-        if self.full.is_none() {
-            let cfg = CodecConfig {
-                zstd_level: self.zstd_level,
-                ..CodecConfig::lossless()
-            };
-            self.full = Some(Bytes::from(compression::encode(&self.params, &cfg, 0)?));
-        }
-        Ok(ParamsPayload::Full(self.full.clone().unwrap_or_default()))
+    fn full(&mut self, link: Option<f64>) -> Result<ParamsPayload> {
+        let raw = CodecConfig {
+            zstd_level: 0,
+            ..CodecConfig::lossless()
+        };
+        let params = &self.params;
+        let bytes = self.full.pick(
+            &mut self.zstd,
+            link,
+            || compression::encode(params, &raw, 0),
+            compression::compress_payload,
+        )?;
+        Ok(ParamsPayload::Full(bytes))
     }
 }
 
@@ -143,7 +178,7 @@ mod tests {
 
     /// Rebuilds what a worker holding `held` gets from `d`.
     fn follow(d: &mut Downlink, held: Option<&Held>) -> Held {
-        let p = d.payload(held.map(|h| h.version)).unwrap();
+        let p = d.payload(held.map(|h| h.version), None).unwrap();
         rebuild(
             held,
             &p,
@@ -165,7 +200,10 @@ mod tests {
         let p0: Vec<f32> = (0..n).map(|i| (i as f32).sin()).collect();
         let mut d = Downlink::new(p0.clone(), &int8);
         let first = follow(&mut d, None);
-        assert!(matches!(d.payload(Some(1)).unwrap(), ParamsPayload::Held));
+        assert!(matches!(
+            d.payload(Some(1), None).unwrap(),
+            ParamsPayload::Held
+        ));
         let mut lagging = first.clone();
         let mut current = first;
         let mut p = p0;
@@ -182,7 +220,7 @@ mod tests {
             if step % 3 == 2 {
                 // Behind by three versions: a chain of three deltas.
                 assert!(
-                    matches!(d.payload(Some(lagging.version)).unwrap(), ParamsPayload::Add { ref deltas, .. } if deltas.len() == 3)
+                    matches!(d.payload(Some(lagging.version), None).unwrap(), ParamsPayload::Add { ref deltas, .. } if deltas.len() == 3)
                 );
                 lagging = follow(&mut d, Some(&lagging));
                 assert_eq!(bits(&lagging.values), bits(&p));
@@ -192,15 +230,59 @@ mod tests {
         let rolled: Vec<f32> = p.iter().map(|x| x * 0.5).collect();
         d.advance(rolled.clone(), None);
         assert!(matches!(
-            d.payload(Some(current.version)).unwrap(),
+            d.payload(Some(current.version), None).unwrap(),
             ParamsPayload::Xor { .. }
         ));
         let after = follow(&mut d, Some(&current));
         assert_eq!(bits(&after.values), bits(&rolled));
         assert!(matches!(
-            d.payload(Some(1)).unwrap(),
+            d.payload(Some(1), None).unwrap(),
             ParamsPayload::Full(_)
         ));
         assert_eq!(bits(&follow(&mut d, None).values), bits(&rolled));
+    }
+
+    /// Whether a delta's DTX1 header says its body is compressed.
+    fn compressed(p: &ParamsPayload) -> bool {
+        match p {
+            ParamsPayload::Xor { delta, .. } => delta[5] & 1 == 1,
+            ParamsPayload::Full(b) => compression::peek_header(b).unwrap().zstd,
+            _ => panic!("expected an XOR delta or full parameters"),
+        }
+    }
+
+    #[test]
+    fn a_fast_link_gets_raw_bytes_a_slow_one_compressed_and_both_rebuild_exactly() {
+        let n = 20_000;
+        let p0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.01).sin()).collect();
+        let mut d = Downlink::new(p0.clone(), &CodecConfig::default());
+        let (fast, slow) = (Some(1e15), Some(1.0));
+        // Nothing measured yet: compressed, whatever the link.
+        let first = d.payload(None, fast).unwrap();
+        assert!(compressed(&first));
+        let held = follow(&mut d, None);
+        let p1: Vec<f32> = p0.iter().map(|x| x + 1e-4).collect();
+        d.advance(p1.clone(), None);
+        let raw = d.payload(Some(held.version), fast).unwrap();
+        assert!(!compressed(&raw));
+        let z = d.payload(Some(held.version), slow).unwrap();
+        assert!(compressed(&z));
+        // Once made, the compressed form goes to every link.
+        assert!(compressed(&d.payload(Some(held.version), fast).unwrap()));
+        for p in [raw, z] {
+            let got = rebuild(
+                Some(&held),
+                &p,
+                d.version(),
+                &d.hash(),
+                n,
+                &DecodeLimits::default(),
+            )
+            .unwrap();
+            assert_eq!(bits(&got.values), bits(&p1));
+        }
+        // Unknown links get what pays on the slowest: compressed.
+        d.advance(p0, None);
+        assert!(compressed(&d.payload(Some(held.version), None).unwrap()));
     }
 }

@@ -20,6 +20,9 @@ pub struct Traffic {
     pub bytes_out: AtomicU64,
     /// Bytes of data files sent on data streams (not in `bytes_out`).
     pub data_out: AtomicU64,
+    /// What the connection can send, bytes a second, as `f64` bits (0: unknown; one
+    /// connection's own counters only).
+    send_rate: AtomicU64,
 }
 
 impl Traffic {
@@ -38,6 +41,18 @@ impl Traffic {
     /// Bytes of data files sent.
     pub fn data(&self) -> u64 {
         self.data_out.load(Ordering::Relaxed)
+    }
+    /// Records what the connection can send now ([`proto::tls::send_rate`]).
+    pub fn set_send_rate(&self, rate: Option<f64>) {
+        let bits = rate
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .map_or(0, f64::to_bits);
+        self.send_rate.store(bits, Ordering::Relaxed);
+    }
+    /// What the connection could send when last measured, bytes a second (`None`: unknown).
+    pub fn send_rate(&self) -> Option<f64> {
+        let bits = self.send_rate.load(Ordering::Relaxed);
+        (bits != 0).then(|| f64::from_bits(bits))
     }
     /// (received, sent).
     pub fn get(&self) -> (u64, u64) {

@@ -653,11 +653,16 @@ impl Scheduler {
 
     /// Sends a task to connection `conn`, with the parameters it needs.
     fn send_task(&mut self, conn: u64, worker: WorkerId, task: rounds::TaskSpec) -> Result<()> {
-        let Some(held) = self.links.conns.get(&conn).map(|l| l.held_version) else {
+        let Some((held, link)) = self
+            .links
+            .conns
+            .get(&conn)
+            .map(|l| (l.held_version, l.traffic.send_rate()))
+        else {
             return Ok(());
         };
         let ef_base = self.ledger.state.ef_base(&worker);
-        let params = self.downlink.payload(held)?;
+        let params = self.downlink.payload(held, link)?;
         let msg = Task {
             task_id: task.task_id,
             step: task.round,

@@ -550,6 +550,9 @@ async fn read_loop(
                     debug!(?pause, "rate cap: slowing this connection down");
                     tokio::time::sleep(pause).await;
                 }
+                // Fresh now that the last task's bytes are acknowledged: what the next
+                // task's parameters go out at.
+                traffic.set_send_rate(proto::tls::send_rate(conn));
                 if ctx
                     .events
                     .send(Event::Message {

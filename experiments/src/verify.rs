@@ -165,12 +165,12 @@ fn detect(
             // What the adversary's memory needs: its first task (stale), the one before (copy).
             for need in [1, k - 1] {
                 if need >= 1 && need < k && need > last_computed {
-                    let _ = worker.run(stream.task(need).0);
+                    let _ = worker.run(stream.task(need).0, None);
                     last_computed = need;
                 }
             }
             let (task, params) = stream.task(k);
-            let Ok(result) = worker.run(task.clone()) else {
+            let Ok(result) = worker.run(task.clone(), None) else {
                 continue;
             };
             last_computed = k;

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use compression::{CodecConfig, DecodeLimits};
+use compression::{CodecConfig, DecodeLimits, ZstdPolicy};
 use executor::params::{rebuild, Held};
 use executor::{encode_update, Executor, RawUpdate};
 use proto::{Answer, ParamsPayload, Query, Task, TaskResult};
@@ -55,6 +55,8 @@ pub struct Compute {
     key: WorkerKey,
     run_id: [u8; 32],
     codec: CodecConfig,
+    /// Whether each result's bytes are worth compressing on the uplink.
+    zstd: ZstdPolicy,
     inner: OptimizerConfig,
     limits: DecodeLimits,
     held: Option<Held>,
@@ -86,6 +88,7 @@ impl Compute {
             exec,
             key,
             run_id,
+            zstd: ZstdPolicy::new(codec.zstd_level),
             codec,
             inner,
             limits,
@@ -124,8 +127,10 @@ impl Compute {
         &self.run_id == run_id && &self.codec == codec && &self.inner == inner
     }
 
-    /// Runs one task. Errors are reasons to report back, not reasons to disconnect.
-    pub fn run(&mut self, task: Task) -> Result<TaskResult, Failure> {
+    /// Runs one task whose result goes over a link carrying `link` bytes a second (`None`:
+    /// unknown), which decides whether zstd pays ([`ZstdPolicy`]). Errors are reasons to
+    /// report back, not reasons to disconnect.
+    pub fn run(&mut self, task: Task, link: Option<f64>) -> Result<TaskResult, Failure> {
         let start = std::time::Instant::now();
         executor::check_shape(&task.indices, &task.micro_batches, task.inner_steps)
             .map_err(Failure::new)?;
@@ -136,13 +141,13 @@ impl Compute {
             let raw = a
                 .compute(&mut self.exec, params, &task)
                 .map_err(Failure::new)?;
-            return self.commit(task, raw, start);
+            return self.commit(task, raw, start, link);
         }
         let raw = self
             .exec
             .compute(params, &task.indices, &task.micro_batches, task.inner_steps)
             .map_err(Failure::new)?;
-        self.commit(task, raw, start)
+        self.commit(task, raw, start, link)
     }
 
     fn load_params(&mut self, task: &Task) -> Result<(), Failure> {
@@ -181,6 +186,7 @@ impl Compute {
         task: Task,
         raw: RawUpdate,
         start: std::time::Instant,
+        link: Option<f64>,
     ) -> Result<TaskResult, Failure> {
         let base = self
             .sent
@@ -194,8 +200,22 @@ impl Compute {
         } else {
             0
         };
-        let enc = encode_update(&raw.values, residual_in, &self.codec, task.seed)
-            .map_err(Failure::new)?;
+        // Encoded raw, then compressed if the link is slow enough for zstd to pay: the
+        // bytes are those of encoding with the run's level or with zstd off, and the header
+        // says which (a spot check re-encodes the same way).
+        let raw_codec = CodecConfig {
+            zstd_level: 0,
+            ..self.codec.clone()
+        };
+        let mut enc =
+            encode_update(&raw.values, residual_in, &raw_codec, task.seed).map_err(Failure::new)?;
+        let level = self.zstd.choose(link);
+        if level > 0 {
+            let t = std::time::Instant::now();
+            let z = compression::compress_payload(&enc.bytes, level).map_err(Failure::new)?;
+            self.zstd.observe(enc.bytes.len(), z.len(), t.elapsed());
+            enc.bytes = z;
+        }
         let tree = (!raw.leaves.is_empty()).then(|| MerkleTree::new(raw.leaves.clone()));
         let commitment = Commitment {
             run_id: self.run_id,

@@ -551,10 +551,16 @@ async fn session(
                 #[cfg(feature = "test-hooks")]
                 let slowdown = opts.hooks.slowdown;
                 stats.set_phase(status::Phase::Training);
+                // What the result can go out at: the link, or the volunteer's cap.
+                let cap = pacer.as_ref().map(uplink::Pacer::rate);
+                let link = match (proto::tls::send_rate(&conn), cap) {
+                    (Some(l), Some(c)) => Some(l.min(c)),
+                    (l, c) => l.or(c),
+                };
                 let (c, res) = tokio::task::spawn_blocking(move || {
                     #[cfg(feature = "test-hooks")]
                     let started = Instant::now();
-                    let r = c.run(task);
+                    let r = c.run(task, link);
                     #[cfg(feature = "test-hooks")]
                     let r = test_hooks::TestHooks::stretch(slowdown, started, r);
                     (c, r)

@@ -30,6 +30,11 @@ impl Pacer {
         }
     }
 
+    /// The cap in bytes per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
     /// Takes `n` bytes' tokens at `now`; returns how long to wait before sending them.
     pub fn take(&mut self, n: usize, now: Instant) -> Duration {
         let cap = self.rate / 4.0;

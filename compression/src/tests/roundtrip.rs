@@ -222,3 +222,34 @@ fn encoding_is_deterministic() {
         assert_eq!(encode(&v, &c, 9).unwrap(), encode(&v, &c, 9).unwrap());
     }
 }
+
+#[test]
+fn compressing_a_raw_payload_afterwards_gives_the_bytes_of_encoding_with_zstd() {
+    for codec in CodecKind::ALL {
+        for n in [0, 1, 100, 4099] {
+            let v = data(n, n as u32 + 3);
+            let raw = encode(&v, &cfg(codec, 0, 64), 7).unwrap();
+            for level in [1, 3] {
+                let direct = encode(&v, &cfg(codec, level, 64), 7).unwrap();
+                assert_eq!(
+                    compress_payload(&raw, level).unwrap(),
+                    direct,
+                    "{codec:?} {n}"
+                );
+            }
+            let zstd = compress_payload(&raw, 1).unwrap();
+            assert!(matches!(
+                compress_payload(&zstd, 1),
+                Err(CodecError::Config(_))
+            ));
+            assert!(matches!(
+                compress_payload(&raw, 0),
+                Err(CodecError::Config(_))
+            ));
+            assert!(matches!(
+                compress_payload(&raw[..raw.len() - 1], 1),
+                Err(CodecError::Malformed(_))
+            ));
+        }
+    }
+}

@@ -641,3 +641,25 @@ proptest! {
         prop_assert!(apply_xor_delta(&old, short, &lim()).is_err());
     }
 }
+
+#[test]
+fn compressing_a_raw_delta_afterwards_gives_the_bytes_of_encoding_with_zstd() {
+    let old = params(3000, 1);
+    let new = changed(&old, 2);
+    let raw = encode_xor_delta(&old, &new, 0).unwrap();
+    for level in [1, 3] {
+        assert_eq!(
+            compress_xor_delta(&raw, level).unwrap(),
+            encode_xor_delta(&old, &new, level).unwrap()
+        );
+    }
+    let zstd = compress_xor_delta(&raw, 1).unwrap();
+    assert!(matches!(
+        compress_xor_delta(&zstd, 1),
+        Err(CodecError::Config(_))
+    ));
+    assert!(matches!(
+        compress_xor_delta(&raw[..raw.len() - 4], 1),
+        Err(CodecError::Malformed(_))
+    ));
+}
