@@ -166,7 +166,9 @@ pub struct CodecConfig {
     pub topk_fraction: f32,
     /// Storage of top-k values (default int8).
     pub topk_values: TopKValues,
-    /// zstd level (default 1); 0 turns zstd off. Allowed 0..=19.
+    /// zstd level (default 1); 0 turns zstd off. Allowed 0..=19. Senders use it only on
+    /// links slow enough for it to pay ([`ZstdPolicy`]); payloads say whether they are
+    /// compressed.
     pub zstd_level: i32,
     /// Unbiased stochastic rounding for int8, int4 and int8 top-k values (default off).
     pub stochastic_rounding: bool,
