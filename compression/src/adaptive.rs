@@ -17,6 +17,8 @@
 
 use std::time::Duration;
 
+use crate::CodecConfig;
+
 /// Raw payloads sent in a row before one is compressed again to re-measure.
 pub const REPROBE_EVERY: u32 = 16;
 
@@ -29,6 +31,7 @@ const NEWEST_WEIGHT: f64 = 0.5;
 #[derive(Clone, Debug, PartialEq)]
 pub struct ZstdPolicy {
     level: i32,
+    adaptive: bool,
     /// Uncompressed bytes zstd takes in per second.
     speed: Option<f64>,
     /// Compressed over uncompressed bytes.
@@ -37,11 +40,12 @@ pub struct ZstdPolicy {
 }
 
 impl ZstdPolicy {
-    /// A policy for the configured `level` (0: zstd off, and [`choose`](Self::choose)
-    /// always says 0).
-    pub fn new(level: i32) -> Self {
+    /// A policy for `cfg.zstd_level` (0: zstd off, and [`choose`](Self::choose) always
+    /// says 0); with `cfg.zstd_adaptive` off, `choose` always says that level.
+    pub fn new(cfg: &CodecConfig) -> Self {
         ZstdPolicy {
-            level,
+            level: cfg.zstd_level,
+            adaptive: cfg.zstd_adaptive,
             speed: None,
             ratio: 1.0,
             raw_in_a_row: 0,
@@ -51,8 +55,8 @@ impl ZstdPolicy {
     /// The zstd level for the next payload over a link that carries `link` bytes a second
     /// (`None`: unknown): the configured level, or 0 to send it raw.
     pub fn choose(&mut self, link: Option<f64>) -> i32 {
-        if self.level <= 0 {
-            return 0;
+        if self.level <= 0 || !self.adaptive {
+            return self.level.max(0);
         }
         let pays = match (self.speed, link) {
             (Some(speed), Some(link)) => link < speed * (1.0 - self.ratio),
@@ -94,9 +98,16 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    fn level(zstd_level: i32) -> ZstdPolicy {
+        ZstdPolicy::new(&CodecConfig {
+            zstd_level,
+            ..CodecConfig::default()
+        })
+    }
+
     #[test]
     fn compresses_until_it_has_measured_and_whenever_the_link_is_unknown() {
-        let mut p = ZstdPolicy::new(3);
+        let mut p = level(3);
         assert_eq!(p.choose(Some(1e12)), 3);
         // 1 MB in 1 ms (1 GB/s), to 900 kB: pays below 100 MB/s.
         p.observe(1_000_000, 900_000, MS);
@@ -107,7 +118,7 @@ mod tests {
 
     #[test]
     fn a_fast_link_sends_raw_but_re_measures_now_and_then() {
-        let mut p = ZstdPolicy::new(1);
+        let mut p = level(1);
         p.observe(1_000_000, 900_000, MS);
         let picks: Vec<i32> = (0..2 * (REPROBE_EVERY + 1))
             .map(|_| p.choose(Some(1e10)))
@@ -120,8 +131,8 @@ mod tests {
     }
 
     #[test]
-    fn estimates_follow_the_data_and_zstd_off_stays_off() {
-        let mut p = ZstdPolicy::new(1);
+    fn estimates_follow_the_data_zstd_off_stays_off_and_not_adaptive_always_compresses() {
+        let mut p = level(1);
         p.observe(1_000_000, 990_000, MS);
         assert_eq!(p.choose(Some(50e6)), 0);
         // The data now halves under zstd: the running ratio falls below 1/2 after a few.
@@ -129,8 +140,15 @@ mod tests {
             p.observe(1_000_000, 400_000, MS);
         }
         assert_eq!(p.choose(Some(50e6)), 1);
-        let mut off = ZstdPolicy::new(0);
+        let mut off = level(0);
         assert_eq!(off.choose(None), 0);
         assert_eq!(off.choose(Some(1.0)), 0);
+        let mut always = ZstdPolicy::new(&CodecConfig {
+            zstd_level: 2,
+            zstd_adaptive: false,
+            ..CodecConfig::default()
+        });
+        always.observe(1_000_000, 999_999, MS);
+        assert!((0..40).all(|_| always.choose(Some(1e12)) == 2));
     }
 }

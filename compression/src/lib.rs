@@ -166,10 +166,13 @@ pub struct CodecConfig {
     pub topk_fraction: f32,
     /// Storage of top-k values (default int8).
     pub topk_values: TopKValues,
-    /// zstd level (default 1); 0 turns zstd off. Allowed 0..=19. Senders use it only on
-    /// links slow enough for it to pay ([`ZstdPolicy`]); payloads say whether they are
-    /// compressed.
+    /// zstd level (default 1); 0 turns zstd off. Allowed 0..=19. Payloads say whether they
+    /// are compressed.
     pub zstd_level: i32,
+    /// Use zstd only on links slow enough for it to pay (default true, see [`ZstdPolicy`]);
+    /// false compresses every payload, so that byte counts do not depend on how fast the
+    /// link is (the `experiments sweep` tables).
+    pub zstd_adaptive: bool,
     /// Unbiased stochastic rounding for int8, int4 and int8 top-k values (default off).
     pub stochastic_rounding: bool,
     /// Keep what a lossy codec did not send and add it to the next update (error feedback,
@@ -185,6 +188,7 @@ impl Default for CodecConfig {
             topk_fraction: 0.01,
             topk_values: TopKValues::Int8,
             zstd_level: 1,
+            zstd_adaptive: true,
             stochastic_rounding: false,
             error_feedback: true,
         }
@@ -304,6 +308,14 @@ fn encode_parts(
         buf[..HEADER_LEN].copy_from_slice(&header.to_bytes());
         Ok((buf, decoded))
     }
+}
+
+/// The most bytes [`encode`] gives for `n` values under `cfg` with zstd off, header
+/// included: what a payload sent raw ([`ZstdPolicy`]) needs a receiver's frame limit to
+/// allow. `None` if that overflows `usize`.
+pub fn max_raw_len(n: usize, cfg: &CodecConfig) -> Option<usize> {
+    let (_, max) = codecs::body_len_range(cfg.codec, n, cfg.block_size as usize)?;
+    max.checked_add(HEADER_LEN)
 }
 
 /// zstd-compresses the body of a payload that [`encode`] made with `zstd_level` 0, at

@@ -28,8 +28,8 @@ struct Forms {
 }
 
 impl Forms {
-    /// The compressed form if made already (free to send, and smaller); else the raw form,
-    /// compressed first when `policy` says zstd pays on `link`.
+    /// The compressed form if made already (free to send); else the raw form, compressed
+    /// first when `policy` says zstd pays on `link`.
     fn pick(
         &mut self,
         policy: &mut ZstdPolicy,
@@ -57,8 +57,11 @@ impl Forms {
 
 /// The current parameters and what is needed to bring any worker to them.
 pub struct Downlink {
-    /// Whether a payload is worth compressing for a link (the run's level, or raw).
-    zstd: ZstdPolicy,
+    /// Whether a payload is worth compressing for a link (the run's level, or raw): one
+    /// policy for full vectors (which zstd shrinks by about a tenth) and one for XOR deltas
+    /// (about 40%), so that neither's measured ratio decides for the other.
+    zstd_full: ZstdPolicy,
+    zstd_xor: ZstdPolicy,
     version: u64,
     hash: Hash,
     params: Arc<Vec<f32>>,
@@ -71,11 +74,13 @@ pub struct Downlink {
 }
 
 impl Downlink {
-    /// Starts at version 1 with `params`; payloads are zstd-compressed at `cfg.zstd_level`
-    /// for links where that pays ([`ZstdPolicy`]), else sent raw.
+    /// Starts at version 1 with `params`. Full vectors and XOR deltas are zstd-compressed at
+    /// `cfg.zstd_level` for links where that pays ([`ZstdPolicy`]), else sent raw; lossy
+    /// deltas come encoded (compressed) already.
     pub fn new(params: Vec<f32>, cfg: &CodecConfig) -> Self {
         Downlink {
-            zstd: ZstdPolicy::new(cfg.zstd_level),
+            zstd_full: ZstdPolicy::new(cfg),
+            zstd_xor: ZstdPolicy::new(cfg),
             version: 1,
             hash: verify::hash_f32(&params),
             params: Arc::new(params),
@@ -142,7 +147,7 @@ impl Downlink {
         };
         let params = &self.params;
         let delta = self.xor.entry(held).or_default().pick(
-            &mut self.zstd,
+            &mut self.zstd_xor,
             link,
             || compression::encode_xor_delta(base, params, 0),
             compression::compress_xor_delta,
@@ -157,7 +162,7 @@ impl Downlink {
         };
         let params = &self.params;
         let bytes = self.full.pick(
-            &mut self.zstd,
+            &mut self.zstd_full,
             link,
             || compression::encode(params, &raw, 0),
             compression::compress_payload,
@@ -257,12 +262,14 @@ mod tests {
         let p0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.01).sin()).collect();
         let mut d = Downlink::new(p0.clone(), &CodecConfig::default());
         let (fast, slow) = (Some(1e15), Some(1.0));
-        // Nothing measured yet: compressed, whatever the link.
-        let first = d.payload(None, fast).unwrap();
-        assert!(compressed(&first));
+        // Nothing measured yet: compressed, whatever the link (full vectors and deltas are
+        // measured apart).
+        assert!(compressed(&d.payload(None, fast).unwrap()));
         let held = follow(&mut d, None);
-        let p1: Vec<f32> = p0.iter().map(|x| x + 1e-4).collect();
-        d.advance(p1.clone(), None);
+        d.advance(p0.iter().map(|x| x + 1e-4).collect(), None);
+        assert!(compressed(&d.payload(Some(held.version), fast).unwrap()));
+        let p2: Vec<f32> = p0.iter().map(|x| x - 2e-4).collect();
+        d.advance(p2.clone(), None);
         let raw = d.payload(Some(held.version), fast).unwrap();
         assert!(!compressed(&raw));
         let z = d.payload(Some(held.version), slow).unwrap();
@@ -279,7 +286,7 @@ mod tests {
                 &DecodeLimits::default(),
             )
             .unwrap();
-            assert_eq!(bits(&got.values), bits(&p1));
+            assert_eq!(bits(&got.values), bits(&p2));
         }
         // Unknown links get what pays on the slowest: compressed.
         d.advance(p0, None);

@@ -125,6 +125,17 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
         None => None,
     };
     drop(net);
+    // Results may come without zstd (it is used only where it pays): the largest a codec
+    // can give, with its commitment, must fit a frame.
+    let raw = compression::max_raw_len(n_params, &cfg.compression).map(|r| r as u64 + (1 << 16));
+    if raw.is_none_or(|r| r > cfg.network.max_frame_bytes) {
+        anyhow::bail!(
+            "network.max_frame_bytes = {} is below a result of {n_params} parameters under              the {:?} codec sent without zstd ({} bytes); raise it",
+            cfg.network.max_frame_bytes,
+            cfg.compression.codec,
+            raw.map_or_else(|| "too many".into(), |r| r.to_string())
+        );
+    }
     let dir = cfg.run.output_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     // One coordinator per folder, for as long as this one runs (before anything is written).

@@ -398,6 +398,8 @@ async fn serve(
             }
         }
         let data_served = traffic.data();
+        // What its first task's parameters go out at (the data it fetched warmed the path).
+        traffic.set_send_rate(proto::tls::send_rate(&conn));
         let (tx, rx) = unbounded_channel();
         info!(worker = %hello.worker_id.short(), %name, data_served, "worker joined");
         ctx.events
@@ -550,8 +552,8 @@ async fn read_loop(
                     debug!(?pause, "rate cap: slowing this connection down");
                     tokio::time::sleep(pause).await;
                 }
-                // Fresh now that the last task's bytes are acknowledged: what the next
-                // task's parameters go out at.
+                // What the next task's parameters go out at, measured as each message
+                // (a result, mostly) arrives.
                 traffic.set_send_rate(proto::tls::send_rate(conn));
                 if ctx
                     .events

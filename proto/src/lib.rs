@@ -17,7 +17,7 @@ pub use join::{JoinError, JoinTicket};
 pub use messages::*;
 
 /// Version of this protocol; a peer speaking another version is refused with a clear reason.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// ALPN identifier used on every QUIC connection of this project.
 pub const ALPN: &[u8] = b"dtrain";

@@ -126,8 +126,9 @@ fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>, Tl
 /// What `conn` can send now, in bytes a second, as its congestion controller sees it: the
 /// congestion window over the smoothed round-trip time (the window is the controller's
 /// estimate of the path's bandwidth-delay product, RFC 9002 section 7). An underestimate
-/// early in a connection (slow start) and on queueing links, which only makes senders
-/// compress more ([`compression::ZstdPolicy`]). `None` with no round-trip time yet.
+/// early in a connection (slow start; before its first sample quinn assumes a 333 ms round
+/// trip) and on queueing links, which only makes senders compress more
+/// ([`compression::ZstdPolicy`]). `None` if the round-trip time reads zero.
 pub fn send_rate(conn: &quinn::Connection) -> Option<f64> {
     let path = conn.stats().path;
     let rtt = path.rtt.as_secs_f64();

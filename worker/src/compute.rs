@@ -88,7 +88,7 @@ impl Compute {
             exec,
             key,
             run_id,
-            zstd: ZstdPolicy::new(codec.zstd_level),
+            zstd: ZstdPolicy::new(&codec),
             codec,
             inner,
             limits,

@@ -552,8 +552,8 @@ async fn session(
                 let slowdown = opts.hooks.slowdown;
                 stats.set_phase(status::Phase::Training);
                 // What the result can go out at: the link, or the volunteer's cap.
-                let cap = pacer.as_ref().map(uplink::Pacer::rate);
-                let link = match (proto::tls::send_rate(&conn), cap) {
+                let upload_cap = pacer.as_ref().map(uplink::Pacer::rate);
+                let link = match (proto::tls::send_rate(&conn), upload_cap) {
                     (Some(l), Some(c)) => Some(l.min(c)),
                     (l, c) => l.or(c),
                 };

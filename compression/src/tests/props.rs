@@ -47,6 +47,7 @@ fn config() -> impl Strategy<Value = CodecConfig> {
                     topk_fraction,
                     topk_values,
                     zstd_level,
+                    zstd_adaptive: true,
                     stochastic_rounding,
                     error_feedback: true,
                 }

@@ -253,3 +253,15 @@ fn compressing_a_raw_payload_afterwards_gives_the_bytes_of_encoding_with_zstd() 
         }
     }
 }
+
+#[test]
+fn max_raw_len_bounds_every_raw_payload() {
+    for codec in CodecKind::ALL {
+        for n in [0, 1, 100, 4099] {
+            let c = cfg(codec, 0, 64);
+            let raw = encode(&data(n, 9), &c, 1).unwrap();
+            assert!(raw.len() <= max_raw_len(n, &c).unwrap(), "{codec:?} {n}");
+        }
+    }
+    assert_eq!(max_raw_len(usize::MAX / 2, &CodecConfig::default()), None);
+}
