@@ -130,7 +130,8 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
     let raw = compression::max_raw_len(n_params, &cfg.compression).map(|r| r as u64 + (1 << 16));
     if raw.is_none_or(|r| r > cfg.network.max_frame_bytes) {
         anyhow::bail!(
-            "network.max_frame_bytes = {} is below a result of {n_params} parameters under              the {:?} codec sent without zstd ({} bytes); raise it",
+            "network.max_frame_bytes = {} is below a result of {n_params} parameters under \
+             the {:?} codec sent without zstd ({} bytes); raise it",
             cfg.network.max_frame_bytes,
             cfg.compression.codec,
             raw.map_or_else(|| "too many".into(), |r| r.to_string())

@@ -1,5 +1,6 @@
 //! The output directory across restarts: a run on port 0 comes back on the port its join
-//! string names, and one folder never has two coordinators.
+//! string names, one folder never has two coordinators, and a config the run cannot work
+//! under is refused before the folder is made.
 
 use std::process::Command;
 use std::time::Duration;
@@ -77,4 +78,35 @@ fn a_second_coordinator_on_the_same_folder_refuses_at_once() {
     let events = || first.events("resume").len() + first.events("start").len();
     wait_until(MINUTE, || (events() == 2).then_some(())).expect("the restart runs");
     assert!(first.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
+
+#[test]
+fn a_frame_cap_below_a_result_sent_without_zstd_is_refused_before_the_folder_is_made() {
+    // The config's last table is [network]: this line lands there.
+    let cfg = swarm_config("mlp", 10, 64, 1, 1, "max_frame_bytes = 65536\n");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("run.toml"), cfg).unwrap();
+    let log = std::fs::File::create(dir.path().join("coordinator.log")).unwrap();
+    let mut child = Command::new(bin("coordinator"))
+        .current_dir(dir.path())
+        .args(["run", "--config", "run.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("run the coordinator");
+    // Were it not refused, it would wait for workers: a minute is a failure, not a hang.
+    let status = wait_until(MINUTE, || child.try_wait().unwrap());
+    if status.is_none() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let err = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "{err}");
+    assert!(
+        err.contains("network.max_frame_bytes = 65536")
+            && err.contains("sent without zstd")
+            && err.contains("raise it"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").exists(), "nothing written");
 }
