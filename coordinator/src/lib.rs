@@ -270,7 +270,16 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
     let outcome = tokio::task::spawn_blocking(move || sched.run()).await??;
     // Let the shutdown messages reach the workers before the endpoint goes away.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    endpoint.close(proto::close::DONE.into(), b"run over");
+    // A connection whose writer did not get to send the scheduler's close (a worker whose
+    // message raced the stop) hears it here: after a stop it must come back, not give up.
+    let (code, reason): (u32, &[u8]) = match outcome {
+        scheduler::Outcome::Finished => (proto::close::DONE, b"run over"),
+        scheduler::Outcome::Stopped => (
+            proto::close::GOING_AWAY,
+            b"coordinator stopping; the run will resume",
+        ),
+    };
+    endpoint.close(code.into(), reason);
     accept.abort();
     Ok(outcome)
 }
