@@ -101,25 +101,30 @@ fn bind(
     Ok(endpoint)
 }
 
-/// Runs a training run to its end (or until Ctrl-C or SIGTERM); returns how it ended.
-pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
-    if cfg.workers.portable {
-        // Bitwise equal results need a fixed thread count as well.
-        cfg.workers.deterministic_threads.get_or_insert(1);
-        if !executor::class::portable_env_applied() {
-            anyhow::bail!(
-                "workers.portable: start the coordinator with the portable settings in its \
-                 environment (`coordinator run` does so itself)"
-            );
-        }
-    }
-    // The model, its data and any initial weights are checked before the output folder is
-    // touched, so a bad input changes nothing there.
+/// A run's inputs once checked: what [`check_inputs`] gives.
+pub struct Inputs {
+    /// The model (its blake3 binds the architecture).
+    pub spec: trainer::ModelSpec,
+    /// The training and held-out data.
+    pub data: dataset::RunData,
+    /// Parameters of the model.
+    pub n_params: usize,
+    /// The fine-tuning weights of `model.init`, in the model's flat order.
+    pub init: Option<Vec<f32>>,
+}
+
+/// Checks everything a run reads before it starts, without touching the output folder:
+/// the model config, the data (shard hashes, token ids, shapes), `model.init` (names,
+/// shapes, finite values) and that a result sent without zstd fits
+/// `network.max_frame_bytes`.
+///
+/// # Errors
+/// The first input that is wrong, naming the file and the field.
+pub fn check_inputs(cfg: &RunConfig) -> Result<Inputs> {
     let spec = cfg.check_model()?;
-    let data = dataset::load(&cfg, &spec)?;
+    let data = dataset::load(cfg, &spec)?;
     let net = trainer::Net::new(&spec, tch::Device::Cpu, cfg.run.seed);
     let n_params = net.n_params();
-    // Fine-tuning weights are checked (names, shapes, finite values) before anything runs.
     let init = match &cfg.model.init {
         Some(path) => Some(trainer::export::read_safetensors(path, &net.layout())?),
         None => None,
@@ -137,6 +142,34 @@ pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
             raw.map_or_else(|| "too many".into(), |r| r.to_string())
         );
     }
+    Ok(Inputs {
+        spec,
+        data,
+        n_params,
+        init,
+    })
+}
+
+/// Runs a training run to its end (or until Ctrl-C or SIGTERM); returns how it ended.
+pub async fn run(mut cfg: RunConfig) -> Result<Outcome> {
+    if cfg.workers.portable {
+        // Bitwise equal results need a fixed thread count as well.
+        cfg.workers.deterministic_threads.get_or_insert(1);
+        if !executor::class::portable_env_applied() {
+            anyhow::bail!(
+                "workers.portable: start the coordinator with the portable settings in its \
+                 environment (`coordinator run` does so itself)"
+            );
+        }
+    }
+    // The model, its data and any initial weights are checked before the output folder is
+    // touched, so a bad input changes nothing there.
+    let Inputs {
+        spec,
+        data,
+        n_params,
+        init,
+    } = check_inputs(&cfg)?;
     let dir = cfg.run.output_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     // One coordinator per folder, for as long as this one runs (before anything is written).

@@ -48,7 +48,8 @@ enum Cmd {
         #[command(subcommand)]
         action: CtlAction,
     },
-    /// Check a config file and print it with all defaults filled in.
+    /// Check a config file and what it names (model, data, initial weights) as `run` does
+    /// before it starts, and print the config with all defaults filled in.
     Check {
         /// The run config.
         #[arg(long)]
@@ -176,7 +177,23 @@ fn main() -> Result<()> {
         }
         Cmd::Check { config } => {
             let cfg = coordinator::RunConfig::load(&config)?;
+            // Everything `run` would refuse before it starts: the model, the data, the
+            // initial weights, the frame cap.
+            let inputs = coordinator::check_inputs(&cfg)?;
             println!("{}", toml::to_string_pretty(&cfg)?);
+            println!(
+                "# checked: model {} with {} parameters; data {}: {} training samples, {} held out{}",
+                inputs.spec.name(),
+                inputs.n_params,
+                inputs.data.name,
+                inputs.data.train.len(),
+                inputs.data.test.len(),
+                if inputs.init.is_some() {
+                    "; model.init matches the model"
+                } else {
+                    ""
+                }
+            );
         }
         Cmd::Data {
             cmd:

@@ -572,11 +572,17 @@ async fn read_loop(
                 }
             }
             Err(proto::FrameError::Io(e)) => {
+                // How the connection ended (the worker's close and its reason, an idle
+                // timeout) says more than the read error, which only says that it did.
+                let reason = match conn.close_reason() {
+                    Some(why) => format!("connection ended: {why}"),
+                    None => format!("connection lost: {e}"),
+                };
                 return Ended {
-                    reason: format!("connection lost: {e}"),
+                    reason,
                     offence: false,
                     joined: true,
-                }
+                };
             }
             Err(e) => return offence(format!("protocol error: {e}")),
         }

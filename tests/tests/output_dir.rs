@@ -1,6 +1,6 @@
 //! The output directory across restarts: a run on port 0 comes back on the port its join
 //! string names, one folder never has two coordinators, and a config the run cannot work
-//! under is refused before the folder is made.
+//! under is refused before the folder is made (by `run`, and by `check` without a run).
 
 use std::process::Command;
 use std::time::Duration;
@@ -106,6 +106,47 @@ fn a_frame_cap_below_a_result_sent_without_zstd_is_refused_before_the_folder_is_
         err.contains("network.max_frame_bytes = 65536")
             && err.contains("sent without zstd")
             && err.contains("raise it"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").exists(), "nothing written");
+}
+
+#[test]
+fn check_refuses_what_run_would_refuse_and_says_what_it_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |cfg: &str| {
+        std::fs::write(dir.path().join("run.toml"), cfg).unwrap();
+        Command::new(bin("coordinator"))
+            .current_dir(dir.path())
+            .args(["check", "--config", "run.toml"])
+            .output()
+            .expect("run coordinator check")
+    };
+    let good = check(&swarm_config("mlp", 10, 64, 1, 1, ""));
+    let out = String::from_utf8_lossy(&good.stdout);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(
+        out.contains("# checked: model mlp with 101770 parameters; data fashion-mnist: 60000 training samples, 10000 held out"),
+        "{out}"
+    );
+    // A config that parses but that `run` refuses (the frame cap; the last table is
+    // [network]) is refused by `check` too, with `run`'s message.
+    let bad = check(&swarm_config(
+        "mlp",
+        10,
+        64,
+        1,
+        1,
+        "max_frame_bytes = 65536\n",
+    ));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{err}");
+    assert!(
+        err.contains("network.max_frame_bytes = 65536") && err.contains("raise it"),
         "{err}"
     );
     assert!(!dir.path().join("out").exists(), "nothing written");
