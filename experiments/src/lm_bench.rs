@@ -7,8 +7,9 @@
 //! * on a GPU also tch with the optimizer on the device (libtorch's AdamW), the compute a
 //!   worker's inner loop could reach, and MFU;
 //! * a swarm of one worker process (H = 1 and H = 8, fp32 both ways, checks off) against the
-//!   tch single process at one thread: what the coordinator, the wire and the per-round work
-//!   cost.
+//!   tch single process at one thread over as many batches (both rates are all tokens over
+//!   all the time): what the coordinator, the wire and the per-round work cost;
+//!   `swarm_repeats` rounds of the three, each ratio within its round, the median reported.
 //!
 //! MFU uses the PaLM appendix's count: `6 * N_matmul + 12 * L * d * T` FLOP per token
 //! (N_matmul: parameters in matrix products, so the input embedding is left out unless tied).
@@ -47,6 +48,10 @@ pub struct LmBench {
     pub peak_tflops: f64,
     /// Global batches of each swarm run (0: no swarm runs).
     pub swarm_batches: u64,
+    /// Rounds of (single process, H = 1 swarm, H = 8 swarm) measured in turn: each swarm
+    /// is compared with the single process of its round (the machine's speed drifts
+    /// between runs), and the median ratio is reported.
+    pub swarm_repeats: usize,
     /// Python with torch and transformers.
     pub python: PathBuf,
     /// Output folder.
@@ -106,8 +111,15 @@ fn sync(device: Device) {
     }
 }
 
-/// The reference loop (flat vectors, Rust optimizer): median step milliseconds.
-fn tch_flat(s: &LmBench, spec: &ModelSpec, data: &TrainData, device: Device) -> Result<f64> {
+/// The reference loop (flat vectors, Rust optimizer): the milliseconds of each of `steps`
+/// timed steps (after `s.warmup` untimed ones).
+fn tch_flat(
+    s: &LmBench,
+    spec: &ModelSpec,
+    data: &TrainData,
+    device: Device,
+    steps: u64,
+) -> Result<Vec<f64>> {
     let mut net = Net::new(spec, device, 0);
     let mut params = net.flat_params();
     let mut opt = Optimizer::new(OptimizerConfig {
@@ -117,7 +129,7 @@ fn tch_flat(s: &LmBench, spec: &ModelSpec, data: &TrainData, device: Device) -> 
     });
     let mut schedule = BatchSchedule::new(data.len(), s.batch, 0);
     let mut times = Vec::new();
-    for step in 0..s.warmup + s.steps {
+    for step in 0..s.warmup + steps {
         let idx = schedule.batch(step);
         sync(device);
         let t = Instant::now();
@@ -129,7 +141,7 @@ fn tch_flat(s: &LmBench, spec: &ModelSpec, data: &TrainData, device: Device) -> 
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    Ok(median(times))
+    Ok(times)
 }
 
 /// Forward, backward and libtorch's AdamW with everything on the device: median step ms.
@@ -194,7 +206,7 @@ fn pytorch(s: &LmBench, hf_config: &Path, threads: usize) -> Result<Value> {
 
 /// A one-worker swarm with `h` inner steps per round; tokens per second over its rounds
 /// after the first.
-fn swarm_rate(s: &LmBench, c: &LlamaConfig, shards: &Path, h: u32) -> Result<f64> {
+fn swarm_rate(s: &LmBench, c: &LlamaConfig, shards: &Path, h: u32, repeat: usize) -> Result<f64> {
     // The run config lives in another folder: relative paths would resolve from there.
     let shards = std::path::absolute(shards)?;
     let llama = toml::to_string(c)?;
@@ -207,7 +219,7 @@ fn swarm_rate(s: &LmBench, c: &LlamaConfig, shards: &Path, h: u32) -> Result<f64
         shards.display(),
         s.seq
     );
-    let dir = s.out.join("runs").join(format!("swarm-h{h}"));
+    let dir = s.out.join("runs").join(format!("swarm-h{h}-{repeat}"));
     let data_dir = vec!["--data-dir".to_string(), shards.display().to_string()];
     let done = swarm::run(&dir, &cfg, &[data_dir], &[])?;
     let steps = done.events("step");
@@ -259,7 +271,7 @@ pub fn run(s: &LmBench) -> Result<()> {
     let tch_flat_tps = report(
         "tch, flat vectors + Rust AdamW (reference loop)",
         s.threads,
-        tch_flat(s, &spec, &data, device)?,
+        median(tch_flat(s, &spec, &data, device, s.steps)?),
     );
     if device != Device::Cpu {
         report(
@@ -278,17 +290,34 @@ pub fn run(s: &LmBench) -> Result<()> {
     let mut swarm_rows = Vec::new();
     if s.swarm_batches > 0 && device == Device::Cpu {
         tch::set_num_threads(1);
-        let single = tokens / (tch_flat(s, &spec, &data, Device::Cpu)? / 1e3);
         let shards = s.out.join("shards");
         let n_tokens = (s.swarm_batches as usize + 2) * s.batch * s.seq * 2;
         write_synthetic(&shards, n_tokens, 3)?;
-        for h in [1u32, 8] {
-            let rate = swarm_rate(s, &c, &shards, h)?;
-            println!(
-                "swarm, 1 worker, H = {h:<2}: {rate:>8.0} tokens/s = {:.3}x the single process at 1 thread ({single:.0})",
-                rate / single
+        const HS: [u32; 2] = [1, 8];
+        // Per H: (swarm tokens/s, its round's single-process tokens/s).
+        let mut runs: [Vec<(f64, f64)>; 2] = Default::default();
+        for repeat in 0..s.swarm_repeats.max(1) {
+            // Over as many batches as a swarm run, and as a swarm's rate is taken: all the
+            // time over all the tokens (a median would leave the slow steps out).
+            let ms = tch_flat(s, &spec, &data, Device::Cpu, s.swarm_batches)?;
+            let single = tokens / (ms.iter().sum::<f64>() / ms.len().max(1) as f64 / 1e3);
+            for (i, h) in HS.into_iter().enumerate() {
+                let rate = swarm_rate(s, &c, &shards, h, repeat)?;
+                println!(
+                    "swarm, 1 worker, H = {h:<2}: {rate:>8.0} tokens/s = {:.3}x the single process at 1 thread ({single:.0}) [round {}]",
+                    rate / single,
+                    repeat + 1
+                );
+                runs[i].push((rate, single));
+            }
+        }
+        for (h, r) in HS.into_iter().zip(runs) {
+            let ratios: Vec<f64> = r.iter().map(|(rate, single)| rate / single).collect();
+            swarm_rows.push(
+                json!({"h": h, "tokens_per_s": median(r.iter().map(|x| x.0).collect()),
+                "single_tokens_per_s": median(r.iter().map(|x| x.1).collect()),
+                "ratio": median(ratios.clone()), "ratios": ratios}),
             );
-            swarm_rows.push(json!({"h": h, "tokens_per_s": rate, "single_tokens_per_s": single, "ratio": rate / single}));
         }
     }
     let ratio = tch_flat_tps / py_tps;
@@ -316,10 +345,18 @@ pub fn run(s: &LmBench) -> Result<()> {
         );
     }
     for r in &swarm_rows {
+        let each: Vec<String> = r["ratios"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| format!("{:.3}", x.as_f64().unwrap_or(0.0)))
+            .collect();
         md += &format!(
-            "| swarm, 1 worker, H = {} (vs {:.0} tokens/s single process) | 1 | - | {:.0} ({:.3}x) | - |\n",
+            "| swarm, 1 worker, H = {} (vs {:.0} tokens/s single process; median of {}: {}) | 1 | - | {:.0} ({:.3}x) | - |\n",
             r["h"],
             r["single_tokens_per_s"].as_f64().unwrap_or(0.0),
+            each.len(),
+            each.join(", "),
             r["tokens_per_s"].as_f64().unwrap_or(0.0),
             r["ratio"].as_f64().unwrap_or(0.0)
         );

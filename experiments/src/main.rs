@@ -267,6 +267,10 @@ enum Cmd {
         /// Global batches of each one-worker swarm run (0: skip them).
         #[arg(long, default_value_t = 48)]
         swarm_batches: u64,
+        /// Rounds of (single process, H = 1 swarm, H = 8 swarm), measured in turn; each
+        /// swarm is compared with its round's single process, and the median is reported.
+        #[arg(long, default_value_t = 3)]
+        swarm_repeats: usize,
         /// Python with torch and transformers.
         #[arg(long, default_value = ".venv/bin/python")]
         python: PathBuf,
@@ -495,6 +499,7 @@ fn main() -> Result<()> {
             device,
             peak_tflops,
             swarm_batches,
+            swarm_repeats,
             python,
             out,
         } => lm_bench::run(&lm_bench::LmBench {
@@ -507,6 +512,7 @@ fn main() -> Result<()> {
             device,
             peak_tflops,
             swarm_batches,
+            swarm_repeats,
             python,
             out,
         })?,

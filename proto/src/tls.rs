@@ -80,8 +80,13 @@ pub struct TransportLimits {
     /// Per-stream receive window in bytes (what a peer can make us buffer before the
     /// application reads; the connection window is twice that).
     pub stream_window: u32,
-    /// Largest UDP payload path-MTU discovery may try.
+    /// Largest UDP payload path-MTU discovery may try, and the largest this side accepts
+    /// (announced to the peer as `max_udp_payload_size`, RFC 9000 section 18.2, which caps
+    /// the peer's discovery).
     pub max_udp_payload: u16,
+    /// UDP socket send and receive buffers asked for, in bytes (the kernel caps them at
+    /// `net.core.rmem_max` / `wmem_max`).
+    pub socket_buffer: usize,
 }
 
 impl Default for TransportLimits {
@@ -94,7 +99,14 @@ impl Default for TransportLimits {
             // Enough for 100 Mbit/s at 300 ms round trips, and a bound on what one peer can
             // make the coordinator buffer.
             stream_window: 4 << 20,
-            max_udp_payload: 65_000,
+            // Ten of them (quinn's largest segmentation-offload batch) fit in one 64 KiB
+            // UDP send: with larger datagrams the batch fails with EMSGSIZE, which quinn-udp
+            // drops silently, and black-hole detection then falls back to 1200 bytes.
+            max_udp_payload: 6_400,
+            // A burst of one 4 MiB frame on a fast path: the default 208 KiB receive buffer
+            // overflows on loopback (a 3.4 MB frame each way lost ~14% of its packets), and
+            // each loss halves the congestion window.
+            socket_buffer: 4 << 20,
         }
     }
 }
@@ -111,11 +123,10 @@ fn transport(limits: &TransportLimits) -> Result<Arc<quinn::TransportConfig>, Tl
         limits.stream_window.saturating_mul(2),
     ));
     t.send_window(u64::from(limits.stream_window) * 2);
-    // Path-MTU discovery may search above quinn's 1452-byte default; it stops at the
-    // largest datagram the peer announces (quinn's default endpoint config: 1472 bytes,
-    // measured on loopback: `conn.stats().path.current_mtu`). Announcing jumbo datagrams
-    // was tried: on loopback discovery reached 65,000 bytes, a few of them were then
-    // declared lost, and black-hole detection dropped the path to 1200 bytes.
+    // Path-MTU discovery may climb above quinn's 1452-byte default where the path allows
+    // it (loopback, LANs with jumbo frames): fewer packets, syscalls and AEAD calls per
+    // megabyte. It stops at what the peer announces (`endpoint_config`); on internet paths
+    // the probes fail and the path stays near 1452 bytes.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(limits.max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
@@ -154,7 +165,48 @@ pub fn server_endpoint(
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(limits)?);
-    quinn::Endpoint::server(cfg, addr).map_err(|e| TlsError::Quic(format!("bind {addr}: {e}")))
+    let socket =
+        udp_socket(addr, false, limits).map_err(|e| TlsError::Quic(format!("bind {addr}: {e}")))?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TlsError::Quic("no async runtime to run the endpoint on".into()))?;
+    quinn::Endpoint::new(endpoint_config(limits)?, Some(cfg), socket, runtime)
+        .map_err(|e| TlsError::Quic(format!("bind {addr}: {e}")))
+}
+
+/// The endpoint's settings: the largest datagram it takes (quinn's default, 1472 bytes,
+/// would hold the peer's path-MTU discovery to Ethernet size even on loopback).
+fn endpoint_config(limits: &TransportLimits) -> Result<quinn::EndpointConfig, TlsError> {
+    let mut c = quinn::EndpointConfig::default();
+    c.max_udp_payload_size(limits.max_udp_payload)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(c)
+}
+
+/// A UDP socket bound to `addr` with [`TransportLimits::socket_buffer`]-sized buffers (as
+/// far as the kernel allows; a refusal leaves its defaults). `dual_stack`: an IPv6 socket
+/// that also reaches IPv4 addresses, as `quinn::Endpoint::client` makes.
+fn udp_socket(
+    addr: SocketAddr,
+    dual_stack: bool,
+    limits: &TransportLimits,
+) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() && dual_stack {
+        if let Err(e) = s.set_only_v6(false) {
+            tracing::debug!(%e, "unable to make the socket dual-stack");
+        }
+    }
+    for (what, r) in [
+        ("receive", s.set_recv_buffer_size(limits.socket_buffer)),
+        ("send", s.set_send_buffer_size(limits.socket_buffer)),
+    ] {
+        if let Err(e) = r {
+            tracing::debug!(%e, "UDP {what} buffer left at the system default");
+        }
+    }
+    s.bind(&addr.into())?;
+    Ok(s.into())
 }
 
 /// A client endpoint for connecting to `remote`: bound to an ephemeral port of `remote`'s
@@ -181,7 +233,11 @@ pub fn client_endpoint(
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport(limits)?);
     let bind = unspecified_like(remote);
-    let mut ep = quinn::Endpoint::client(bind).map_err(|e| TlsError::Bind(bind, e))?;
+    let socket = udp_socket(bind, true, limits).map_err(|e| TlsError::Bind(bind, e))?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TlsError::Quic("no async runtime to run the endpoint on".into()))?;
+    let mut ep = quinn::Endpoint::new(endpoint_config(limits)?, None, socket, runtime)
+        .map_err(|e| TlsError::Bind(bind, e))?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }
