@@ -144,21 +144,38 @@ impl Executor {
                 leaves: Vec::new(),
             });
         }
-        let mut opt = Optimizer::new(self.inner.clone());
-        let mut p = params.to_vec();
+        // Each inner step's Merkle leaf (blake3 over the parameters and both moments, three
+        // times the model's bytes) is hashed on a second thread while the next micro-batch's
+        // gradient is computed: the gradient reads the net's own copy of the parameters,
+        // and the vector and the optimizer come back before the next optimizer step.
+        let mut state = Some((params.to_vec(), Optimizer::new(self.inner.clone())));
+        let mut hashing: Option<LeafThread> = None;
         let mut leaves = Vec::with_capacity(micro.len());
         let (mut o, mut loss_sum) = (0usize, 0f64);
         for &m in micro {
             let idx = &indices[o..o + m as usize];
             o += m as usize;
-            if !idx.is_empty() {
-                let g = gradient(&mut self.net, &self.data, idx)?;
+            let g = (!idx.is_empty())
+                .then(|| gradient(&mut self.net, &self.data, idx))
+                .transpose();
+            if let Some(h) = hashing.take() {
+                let (p, opt, leaf) = join_leaf(h)?;
+                leaves.push(leaf);
+                state = Some((p, opt));
+            }
+            let (mut p, mut opt) = state.take().ok_or_else(lost_state)?;
+            if let Some(g) = g? {
                 loss_sum += g.loss_sum;
                 opt.step(&mut p, &g.grad)?;
                 self.net.set_flat_params(&p)?;
             }
-            leaves.push(state_leaf(&p, &opt));
+            hashing = Some(std::thread::spawn(move || {
+                let leaf = state_leaf(&p, &opt);
+                (p, opt, leaf)
+            }));
         }
+        let (p, _, leaf) = join_leaf(hashing.ok_or_else(lost_state)?)?;
+        leaves.push(leaf);
         let values = params.iter().zip(&p).map(|(s, e)| s - e).collect();
         Ok(RawUpdate {
             values,
@@ -167,6 +184,18 @@ impl Executor {
             leaves,
         })
     }
+}
+
+/// A thread hashing one inner step's leaf; it hands the parameters and the optimizer back.
+type LeafThread = std::thread::JoinHandle<(Vec<f32>, Optimizer, Hash)>;
+
+fn join_leaf(h: LeafThread) -> Result<(Vec<f32>, Optimizer, Hash), ExecError> {
+    h.join()
+        .map_err(|_| ExecError::Invalid("the thread hashing an inner step's state failed".into()))
+}
+
+fn lost_state() -> ExecError {
+    ExecError::Invalid("no micro-batch: the inner state was never set".into())
 }
 
 /// An update after error feedback and encoding.

@@ -63,7 +63,7 @@ fn inner_steps_follow_the_inner_optimizer_and_leave_one_leaf_each() {
     };
     let p = start();
     let idx: Vec<u32> = (0..20).collect();
-    let mut e = executor(sgd);
+    let mut e = executor(sgd.clone());
     let r = e.compute(&p, &idx, &[12, 0, 8], true).unwrap();
     assert_eq!(r.leaves.len(), 3);
     assert_eq!(
@@ -82,6 +82,13 @@ fn inner_steps_follow_the_inner_optimizer_and_leave_one_leaf_each() {
     let want: Vec<f32> = p.iter().zip(&p2).map(|(s, e)| s - e).collect();
     assert_eq!(bits(&r.values), bits(&want));
     assert_eq!(r.n, 20);
+    // Each leaf is the state after its step (hashed on another thread, in step order).
+    let mut opt = Optimizer::new(sgd);
+    let mut q = p.clone();
+    opt.step(&mut q, &g1).unwrap();
+    assert_eq!(r.leaves[0], state_leaf(&q, &opt));
+    opt.step(&mut q, &g2).unwrap();
+    assert_eq!(r.leaves[2], state_leaf(&q, &opt));
     // A single batch with inner steps is one step's pseudo-gradient, not the gradient.
     let one = e.compute(&p, &idx[..12], &[12], true).unwrap();
     let want: Vec<f32> = p.iter().zip(&p1).map(|(s, e)| s - e).collect();
