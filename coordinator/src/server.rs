@@ -283,6 +283,7 @@ async fn serve(
             warn!("TLS handshake failed: {e}");
             e.to_string()
         })?;
+    let _close = CloseOnDrop(conn.clone());
     let reject = |code: u32, reason: String| {
         warn!("refusing worker: {reason}");
         conn.close(code.into(), reason.as_bytes());
@@ -351,9 +352,6 @@ async fn serve(
         );
     }
     let class = hello.class.clone();
-    // Shown in logs, metrics, the dashboard and `coordinator status`: no control characters.
-    let printable =
-        |s: &str, n: usize| -> String { s.chars().filter(|c| !c.is_control()).take(n).collect() };
     let name = format!(
         "{}@{}",
         printable(&hello.name, 64),
@@ -414,7 +412,7 @@ async fn serve(
                 fetch_s: welcomed.elapsed().as_secs_f64(),
             })))
             .map_err(|_| "scheduler gone".to_string())?;
-        let writer = tokio::spawn(write_loop(
+        let mut writer = tokio::spawn(write_loop(
             conn.clone(),
             send,
             rx,
@@ -422,6 +420,12 @@ async fn serve(
             traffic.clone(),
         ));
         let ended = read_loop(&conn, &mut recv, conn_no, ctx, &traffic).await;
+        // Still open, the connection may have the scheduler's last message queued (a close
+        // that says whether the run is over or only stopped, when the scheduler has gone
+        // away): it goes out first.
+        if conn.close_reason().is_none() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
+        }
         writer.abort();
         Ok::<Ended, String>(ended)
     }
@@ -450,6 +454,28 @@ async fn serve(
         offence: ended.offence,
     });
     Err(ended.reason)
+}
+
+/// At most `n` characters of `s` without control characters: what a peer chose, as shown in
+/// logs, metrics, the dashboard and `coordinator status`.
+fn printable(s: &str, n: usize) -> String {
+    s.chars().filter(|c| !c.is_control()).take(n).collect()
+}
+
+/// Closes the connection with GOING_AWAY when dropped, unless it is closed already: quinn
+/// closes a connection whose handles are all gone with code 0, which is DONE ("the run is
+/// over") to a worker, and a worker told that stops for good.
+struct CloseOnDrop(quinn::Connection);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if self.0.close_reason().is_none() {
+            self.0.close(
+                close::GOING_AWAY.into(),
+                b"the coordinator ended this connection; reconnect",
+            );
+        }
+    }
 }
 
 /// Aborts a task when dropped.
@@ -575,7 +601,7 @@ async fn read_loop(
                 // How the connection ended (the worker's close and its reason, an idle
                 // timeout) says more than the read error, which only says that it did.
                 let reason = match conn.close_reason() {
-                    Some(why) => format!("connection ended: {why}"),
+                    Some(why) => format!("connection ended: {}", printable(&why.to_string(), 200)),
                     None => format!("connection lost: {e}"),
                 };
                 return Ended {

@@ -38,6 +38,9 @@ pub enum ExecError {
     /// Encoding failed.
     #[error("encode: {0}")]
     Codec(#[from] CodecError),
+    /// The operating system refused a thread.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// The update a task computed, before error feedback and encoding.
@@ -159,7 +162,7 @@ impl Executor {
                 .then(|| gradient(&mut self.net, &self.data, idx))
                 .transpose();
             if let Some(h) = hashing.take() {
-                let (p, opt, leaf) = join_leaf(h)?;
+                let (p, opt, leaf) = join_leaf(h);
                 leaves.push(leaf);
                 state = Some((p, opt));
             }
@@ -169,12 +172,16 @@ impl Executor {
                 opt.step(&mut p, &g.grad)?;
                 self.net.set_flat_params(&p)?;
             }
-            hashing = Some(std::thread::spawn(move || {
-                let leaf = state_leaf(&p, &opt);
-                (p, opt, leaf)
-            }));
+            hashing = Some(
+                std::thread::Builder::new()
+                    .name("inner-step leaf".into())
+                    .spawn(move || {
+                        let leaf = state_leaf(&p, &opt);
+                        (p, opt, leaf)
+                    })?,
+            );
         }
-        let (p, _, leaf) = join_leaf(hashing.ok_or_else(lost_state)?)?;
+        let (p, _, leaf) = join_leaf(hashing.ok_or_else(lost_state)?);
         leaves.push(leaf);
         let values = params.iter().zip(&p).map(|(s, e)| s - e).collect();
         Ok(RawUpdate {
@@ -189,9 +196,11 @@ impl Executor {
 /// A thread hashing one inner step's leaf; it hands the parameters and the optimizer back.
 type LeafThread = std::thread::JoinHandle<(Vec<f32>, Optimizer, Hash)>;
 
-fn join_leaf(h: LeafThread) -> Result<(Vec<f32>, Optimizer, Hash), ExecError> {
+/// The thread's result; its panic, if it panicked, goes on here (as it would have, hashed
+/// on this thread).
+fn join_leaf(h: LeafThread) -> (Vec<f32>, Optimizer, Hash) {
     h.join()
-        .map_err(|_| ExecError::Invalid("the thread hashing an inner step's state failed".into()))
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 fn lost_state() -> ExecError {

@@ -313,10 +313,13 @@ pub fn run(s: &LmBench) -> Result<()> {
         }
         for (h, r) in HS.into_iter().zip(runs) {
             let ratios: Vec<f64> = r.iter().map(|(rate, single)| rate / single).collect();
+            // The round whose ratio is the median: its two rates are the ones shown.
+            let mut order: Vec<usize> = (0..r.len()).collect();
+            order.sort_by(|&a, &b| ratios[a].total_cmp(&ratios[b]));
+            let (rate, single) = r[order[order.len() / 2]];
             swarm_rows.push(
-                json!({"h": h, "tokens_per_s": median(r.iter().map(|x| x.0).collect()),
-                "single_tokens_per_s": median(r.iter().map(|x| x.1).collect()),
-                "ratio": median(ratios.clone()), "ratios": ratios}),
+                json!({"h": h, "tokens_per_s": rate, "single_tokens_per_s": single,
+                "ratio": rate / single, "ratios": ratios}),
             );
         }
     }

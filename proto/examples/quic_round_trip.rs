@@ -15,6 +15,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
         Some(a) => a.parse()?,
         None => 3_400_000,
     };
+    if n == 0 {
+        return Err("BYTES must be at least 1".into());
+    }
     let id = Identity::generate()?;
     let limits = TransportLimits::default();
     let server = server_endpoint(&id, "127.0.0.1:0".parse()?, &limits)?;

@@ -24,7 +24,8 @@ pub const ALPN: &[u8] = b"dtrain";
 
 /// QUIC application close codes, with the reason string sent alongside.
 pub mod close {
-    /// The run finished or the coordinator is shutting down.
+    /// The run finished: a worker stops for good. (quinn also closes a connection with code 0
+    /// when its last handle is dropped; the coordinator always closes explicitly.)
     pub const DONE: u32 = 0;
     /// The peer speaks another protocol version.
     pub const VERSION: u32 = 1;

@@ -184,7 +184,8 @@ fn endpoint_config(limits: &TransportLimits) -> Result<quinn::EndpointConfig, Tl
 
 /// A UDP socket bound to `addr` with [`TransportLimits::socket_buffer`]-sized buffers (as
 /// far as the kernel allows; a refusal leaves its defaults). `dual_stack`: an IPv6 socket
-/// that also reaches IPv4 addresses, as `quinn::Endpoint::client` makes.
+/// made to reach IPv4 addresses too, as `quinn::Endpoint::client` makes it; otherwise the
+/// system's default (as `std::net::UdpSocket::bind`).
 fn udp_socket(
     addr: SocketAddr,
     dual_stack: bool,
@@ -197,12 +198,31 @@ fn udp_socket(
             tracing::debug!(%e, "unable to make the socket dual-stack");
         }
     }
-    for (what, r) in [
-        ("receive", s.set_recv_buffer_size(limits.socket_buffer)),
-        ("send", s.set_send_buffer_size(limits.socket_buffer)),
+    // Linux caps what it grants at net.core.rmem_max / wmem_max without an error (and
+    // reports twice the size granted, its bookkeeping included).
+    for (what, set, got, sysctl) in [
+        (
+            "receive",
+            s.set_recv_buffer_size(limits.socket_buffer),
+            s.recv_buffer_size(),
+            "net.core.rmem_max",
+        ),
+        (
+            "send",
+            s.set_send_buffer_size(limits.socket_buffer),
+            s.send_buffer_size(),
+            "net.core.wmem_max",
+        ),
     ] {
-        if let Err(e) = r {
-            tracing::debug!(%e, "UDP {what} buffer left at the system default");
+        match (set, got) {
+            (Ok(()), Ok(n)) if n >= limits.socket_buffer => {}
+            (Ok(()), Ok(n)) => tracing::debug!(
+                "UDP {what} buffer: {n} bytes of {} asked for (raise {sysctl} for fast links)",
+                limits.socket_buffer
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(%e, "UDP {what} buffer left at the system default")
+            }
         }
     }
     s.bind(&addr.into())?;
@@ -338,7 +358,13 @@ mod tests {
     /// Sends `total` bytes on one stream to a reader that first stalls (so the whole
     /// receive window fills with out-of-band chunks) and then reads in small pieces with
     /// pauses; returns the bytes received or the connection error.
-    async fn lagging_transfer(limits: TransportLimits, total: usize) -> Result<usize, String> {
+    /// Bytes the lagging reader got, and the datagram size the sender's path reached.
+    async fn lagging_transfer(
+        limits: TransportLimits,
+        total: usize,
+    ) -> Result<(usize, u16), String> {
+        let mtu = Arc::new(std::sync::atomic::AtomicU16::new(0));
+        let reached = mtu.clone();
         let id = Identity::generate().unwrap();
         let ep = server_endpoint(&id, "127.0.0.1:0".parse().unwrap(), &limits).unwrap();
         let addr = ep.local_addr().unwrap();
@@ -355,6 +381,10 @@ mod tests {
                 left -= n;
             }
             send.finish().map_err(|e| e.to_string())?;
+            reached.store(
+                conn.stats().path.current_mtu,
+                std::sync::atomic::Ordering::SeqCst,
+            );
             let _ = conn.closed().await;
             Ok::<(), String>(())
         });
@@ -382,7 +412,7 @@ mod tests {
         }
         conn.close(0u32.into(), b"done");
         sender.abort();
-        Ok(got)
+        Ok((got, mtu.load(std::sync::atomic::Ordering::SeqCst)))
     }
 
     /// quinn-proto can close a connection with "too many gaps in stream buffer" when a
@@ -398,8 +428,14 @@ mod tests {
                 max_udp_payload,
                 ..TransportLimits::default()
             };
-            let got = lagging_transfer(limits, total).await;
-            assert_eq!(got, Ok(total), "datagrams up to {max_udp_payload} bytes");
+            let (got, mtu) = lagging_transfer(limits, total)
+                .await
+                .unwrap_or_else(|e| panic!("datagrams up to {max_udp_payload} bytes: {e}"));
+            assert_eq!(got, total, "datagrams up to {max_udp_payload} bytes");
+            if max_udp_payload > 1500 {
+                // Loopback takes them: discovery must get past Ethernet's 1500 bytes.
+                assert!(mtu > 1500, "the path stayed at {mtu}-byte datagrams");
+            }
         }
     }
 
