@@ -15,9 +15,9 @@
 //! lossless and per payload: the payload's header says whether its body is compressed, and
 //! a decoder reads both (see [`compress_payload`](crate::compress_payload)).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::CodecConfig;
+use crate::{CodecConfig, CodecError};
 
 /// Raw payloads sent in a row before one is compressed again to re-measure.
 pub const REPROBE_EVERY: u32 = 16;
@@ -69,6 +69,27 @@ impl ZstdPolicy {
             self.raw_in_a_row += 1;
             0
         }
+    }
+
+    /// `raw` compressed by `compress` at the level [`Self::choose`] picks for `link`, the
+    /// compression measured ([`Self::observe`]); `None` when the payload goes raw.
+    ///
+    /// # Errors
+    /// What `compress` returns.
+    pub fn compress_if_it_pays(
+        &mut self,
+        raw: &[u8],
+        link: Option<f64>,
+        compress: impl FnOnce(&[u8], i32) -> Result<Vec<u8>, CodecError>,
+    ) -> Result<Option<Vec<u8>>, CodecError> {
+        let level = self.choose(link);
+        if level == 0 {
+            return Ok(None);
+        }
+        let t = Instant::now();
+        let z = compress(raw, level)?;
+        self.observe(raw.len(), z.len(), t.elapsed());
+        Ok(Some(z))
     }
 
     /// Records one compression: `raw` bytes in, `compressed` out, in `took`.

@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -44,14 +43,10 @@ impl Forms {
             Some(r) => r.clone(),
             None => self.raw.insert(Bytes::from(make_raw()?)).clone(),
         };
-        let level = policy.choose(link);
-        if level == 0 {
-            return Ok(raw);
-        }
-        let t = Instant::now();
-        let z = compress(&raw, level)?;
-        policy.observe(raw.len(), z.len(), t.elapsed());
-        Ok(self.zstd.insert(Bytes::from(z)).clone())
+        Ok(match policy.compress_if_it_pays(&raw, link, compress)? {
+            Some(z) => self.zstd.insert(Bytes::from(z)).clone(),
+            None => raw,
+        })
     }
 }
 

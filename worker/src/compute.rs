@@ -209,11 +209,11 @@ impl Compute {
         };
         let mut enc =
             encode_update(&raw.values, residual_in, &raw_codec, task.seed).map_err(Failure::new)?;
-        let level = self.zstd.choose(link);
-        if level > 0 {
-            let t = std::time::Instant::now();
-            let z = compression::compress_payload(&enc.bytes, level).map_err(Failure::new)?;
-            self.zstd.observe(enc.bytes.len(), z.len(), t.elapsed());
+        if let Some(z) = self
+            .zstd
+            .compress_if_it_pays(&enc.bytes, link, compression::compress_payload)
+            .map_err(Failure::new)?
+        {
             enc.bytes = z;
         }
         let tree = (!raw.leaves.is_empty()).then(|| MerkleTree::new(raw.leaves.clone()));
