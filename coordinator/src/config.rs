@@ -69,6 +69,10 @@ pub struct RunConfig {
     /// of classes that fail the cross-class comparison are dropped, nobody is accused.
     #[serde(skip)]
     pub recheck_exe: Option<PathBuf>,
+    /// The file this config was read from ([`RunConfig::load`]); errors about its inputs
+    /// name it ([`RunConfig::field`]).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 fn default_downlink() -> CodecConfig {
@@ -510,13 +514,16 @@ impl RunConfig {
             path: path.display().to_string(),
             source,
         })?;
-        let mut cfg = Self::parse(&text).map_err(|e| match e {
+        let in_file = |e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
                 message,
             },
+            ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
             other => other,
-        })?;
+        };
+        let mut cfg = Self::parse(&text).map_err(in_file)?;
+        cfg.source = Some(path.to_path_buf());
         let base = path.parent().unwrap_or(Path::new("."));
         if cfg.run.output_dir.is_relative() {
             cfg.run.output_dir = base.join(&cfg.run.output_dir);
@@ -536,8 +543,17 @@ impl RunConfig {
                 *p = base.join(&*p);
             }
         }
-        cfg.check_model()?;
+        cfg.check_model().map_err(in_file)?;
         Ok(cfg)
+    }
+
+    /// `field` (`model.init`, `data.shards`) as errors name it: after the config file's path
+    /// when the config was read from one (`run.toml: model.init`).
+    pub fn field(&self, field: &str) -> String {
+        match &self.source {
+            Some(p) => format!("{}: {field}", p.display()),
+            None => field.to_string(),
+        }
     }
 
     /// Parses and validates TOML text.

@@ -40,9 +40,16 @@ pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
                 .shards
                 .as_ref()
                 .context("a language model needs data.shards")?;
-            let (train, val) = TokenWindows::load(dir, cfg.data.seq_len, c.vocab_size)
-                .with_context(|| format!("loading the token shards in {}", dir.display()))?;
-            let manifest = Manifest::load(dir)?;
+            let refused = || {
+                format!(
+                    "{} = {}: the token shards are refused",
+                    cfg.field("data.shards"),
+                    dir.display()
+                )
+            };
+            let (train, val) =
+                TokenWindows::load(dir, cfg.data.seq_len, c.vocab_size).with_context(refused)?;
+            let manifest = Manifest::load(dir).with_context(refused)?;
             let counts: Vec<u64> = manifest.train.iter().map(|s| s.tokens).collect();
             let layout = TokenWindows::sparse(&counts, cfg.data.seq_len, [0; 32]);
             let files = std::iter::once(trainer::tokens::MANIFEST.to_string())
@@ -60,8 +67,13 @@ pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
             })
         }
         ModelSpec::Cnn | ModelSpec::Mlp => {
-            let split = Dataset::load_split(&cfg.data.dir)
-                .with_context(|| format!("loading the data set from {}", cfg.data.dir.display()))?;
+            let split = Dataset::load_split(&cfg.data.dir).with_context(|| {
+                format!(
+                    "{} = {}: the data set is refused",
+                    cfg.field("data.dir"),
+                    cfg.data.dir.display()
+                )
+            })?;
             Ok(RunData {
                 train: split.train.into(),
                 test: split.test.into(),

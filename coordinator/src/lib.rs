@@ -126,7 +126,15 @@ pub fn check_inputs(cfg: &RunConfig) -> Result<Inputs> {
     let net = trainer::Net::new(&spec, tch::Device::Cpu, cfg.run.seed);
     let n_params = net.n_params();
     let init = match &cfg.model.init {
-        Some(path) => Some(trainer::export::read_safetensors(path, &net.layout())?),
+        Some(path) => Some(
+            trainer::export::read_safetensors(path, &net.layout()).with_context(|| {
+                format!(
+                    "{} = {}: the initial weights are refused",
+                    cfg.field("model.init"),
+                    path.display()
+                )
+            })?,
+        ),
         None => None,
     };
     drop(net);
@@ -135,8 +143,9 @@ pub fn check_inputs(cfg: &RunConfig) -> Result<Inputs> {
     let raw = compression::max_raw_len(n_params, &cfg.compression).map(|r| r as u64 + (1 << 16));
     if raw.is_none_or(|r| r > cfg.network.max_frame_bytes) {
         anyhow::bail!(
-            "network.max_frame_bytes = {} is below a result of {n_params} parameters under \
+            "{} = {} is below a result of {n_params} parameters under \
              the {:?} codec sent without zstd ({} bytes); raise it",
+            cfg.field("network.max_frame_bytes"),
             cfg.network.max_frame_bytes,
             cfg.compression.codec,
             raw.map_or_else(|| "too many".into(), |r| r.to_string())

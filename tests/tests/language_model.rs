@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use integration_tests::{lm_config, Coordinator, Worker};
 use trainer::reference::{train, ReferenceRun};
-use trainer::tokens::{write_synthetic, TokenWindows};
+use trainer::tokens::{write_shard, write_synthetic, TokenDtype, TokenWindows};
 use trainer::{LlamaConfig, ModelSpec, Net, OptimizerConfig, TrainData};
 
 const STEPS: u64 = 6;
@@ -250,4 +250,112 @@ fn a_model_of_25_million_parameters_moves_over_loopback() {
     // vectors' worth), and at least the first full parameter vector went out.
     assert!(s["bytes_in"].as_u64().unwrap() >= 2 * 4 * n_params, "{s}");
     assert!(s["bytes_out"].as_u64().unwrap() >= 4 * n_params / 2, "{s}");
+}
+
+#[test]
+fn bad_language_model_inputs_are_refused_naming_the_file_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = shards(dir.path());
+    let layout = Net::new(&tiny(), tch::Device::Cpu, 0).layout();
+    // A shard whose bytes changed after its manifest was written.
+    let tampered = dir.path().join("tampered");
+    write_synthetic(&tampered, 20_000, 5).unwrap();
+    let shard = tampered.join("train-00000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    // A shard (with a matching manifest) holding a token id the model has no embedding for.
+    let big_id = dir.path().join("big-id");
+    let mut m = write_synthetic(&big_id, 20_000, 5).unwrap();
+    let mut ids: Vec<u32> = (0..20_000).map(|i| 97 + i % 20).collect();
+    ids[777] = 300;
+    m.train = vec![write_shard(&big_id, "train-00000.bin", &ids, TokenDtype::U16).unwrap()];
+    m.save(&big_id).unwrap();
+    // Initial weights: one tensor missing, and a file that is not safetensors at all.
+    let short = dir.path().join("short.safetensors");
+    let net = Net::new(&tiny(), tch::Device::Cpu, 0);
+    let flat = net.flat_params();
+    let (last, shape) = layout.last().unwrap();
+    let n_last = shape.iter().product::<i64>() as usize;
+    trainer::export::write_safetensors(
+        &short,
+        &layout[..layout.len() - 1],
+        &flat[..flat.len() - n_last],
+        Default::default(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("garbage.safetensors"), b"not a checkpoint").unwrap();
+
+    let check = |cfg: String| {
+        std::fs::write(dir.path().join("run.toml"), cfg).unwrap();
+        let out = Command::new(integration_tests::bin("coordinator"))
+            .current_dir(dir.path())
+            .args(["check", "--config", "run.toml"])
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .expect("run coordinator check");
+        assert!(!dir.path().join("out").exists(), "nothing written");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cfg =
+        |shards: &Path, seq: usize, extra: &str| lm_config(4, BATCH, 1, 1, shards, seq, extra);
+    let init = |file: &str| {
+        cfg(&good, SEQ, "").replacen(
+            "[model.llama]",
+            &format!("init = \"{file}\"\n\n[model.llama]"),
+            1,
+        )
+    };
+    assert!(check(cfg(&good, SEQ, "")).0, "the good inputs pass");
+    let missing = format!("tensor {last} is missing");
+    let cases = [
+        (
+            cfg(&tampered, SEQ, ""),
+            vec!["run.toml: data.shards", "train-00000.bin", "blake3"],
+        ),
+        (
+            cfg(&big_id, SEQ, ""),
+            vec![
+                "run.toml: data.shards",
+                "train-00000.bin",
+                "token id 300",
+                "vocab_size 256",
+            ],
+        ),
+        (
+            cfg(&good, SEQ, "").replace("num_attention_heads = 4", "num_attention_heads = 3"),
+            vec!["run.toml", "hidden_size 32", "num_attention_heads 3"],
+        ),
+        (
+            cfg(&good, SEQ, "").replace("num_key_value_heads = 2", "num_key_value_heads = 3"),
+            vec!["run.toml", "num_key_value_heads 3"],
+        ),
+        (
+            cfg(&good, 65, ""),
+            vec!["run.toml", "data.seq_len 65", "max_position_embeddings"],
+        ),
+        (
+            init("short.safetensors"),
+            vec!["run.toml: model.init", "short.safetensors", &missing],
+        ),
+        (
+            init("garbage.safetensors"),
+            vec![
+                "run.toml: model.init",
+                "garbage.safetensors",
+                "not a safetensors file",
+            ],
+        ),
+    ];
+    for (cfg, want) in cases {
+        let (ok, err) = check(cfg);
+        assert!(!ok, "refused: {want:?}");
+        for w in want {
+            assert!(err.contains(w), "{w:?} not in: {err}");
+        }
+    }
 }

@@ -20,12 +20,12 @@ const MAX_IDX_BYTES: u64 = 512 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file could not be opened or read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (shown in the message, so not also a `source` of the error chain).
+        error: std::io::Error,
     },
     /// A file is not a valid IDX file of the expected shape.
     #[error("{path}: {reason}")]
@@ -69,7 +69,7 @@ pub fn idx_files(prefix: &str) -> [String; 2] {
 fn read_gz(path: &Path) -> Result<Vec<u8>, DataError> {
     let io = |source| DataError::Io {
         path: path.display().to_string(),
-        source,
+        error: source,
     };
     let f = std::fs::File::open(path).map_err(io)?;
     let mut out = Vec::new();

@@ -59,17 +59,17 @@ pub fn read_safetensors(
     layout: &[(String, Vec<i64>)],
 ) -> Result<Vec<f32>, TrainError> {
     let file = path.display();
-    let bytes = std::fs::read(path).map_err(|e| TrainError::Export(format!("{file}: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| TrainError::Weights(format!("{file}: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| TrainError::Export(format!("{file}: {e}")))?;
+        .map_err(|e| TrainError::Weights(format!("{file}: not a safetensors file ({e})")))?;
     let mut out = Vec::new();
     for (name, shape) in layout {
         let t = st
             .tensor(name)
-            .map_err(|_| TrainError::Export(format!("{file}: tensor {name} is missing")))?;
+            .map_err(|_| TrainError::Weights(format!("{file}: tensor {name} is missing")))?;
         let want: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         if t.shape() != want.as_slice() {
-            return Err(TrainError::Export(format!(
+            return Err(TrainError::Weights(format!(
                 "{file}: tensor {name} has shape {:?}, the model needs {want:?}",
                 t.shape()
             )));
@@ -92,13 +92,13 @@ pub fn read_safetensors(
                     .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
             ),
             other => {
-                return Err(TrainError::Export(format!(
+                return Err(TrainError::Weights(format!(
                     "{file}: tensor {name} is {other:?}; F32, BF16 or F16 expected"
                 )))
             }
         }
         if out[start..].iter().any(|v| !v.is_finite()) {
-            return Err(TrainError::Export(format!(
+            return Err(TrainError::Weights(format!(
                 "{file}: tensor {name} holds NaN or infinite values"
             )));
         }

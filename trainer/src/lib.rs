@@ -60,4 +60,7 @@ pub enum TrainError {
     /// Exporting the model failed.
     #[error("export: {0}")]
     Export(String),
+    /// A weights file cannot be read into the model (it names the file and the tensor).
+    #[error("weights: {0}")]
+    Weights(String),
 }

@@ -121,7 +121,7 @@ impl Manifest {
         let len = std::fs::metadata(&path)
             .map_err(|source| DataError::Io {
                 path: path.display().to_string(),
-                source,
+                error: source,
             })?
             .len();
         if len > 16 << 20 {
@@ -129,7 +129,7 @@ impl Manifest {
         }
         let bytes = std::fs::read(&path).map_err(|source| DataError::Io {
             path: path.display().to_string(),
-            source,
+            error: source,
         })?;
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
         if m.format != FORMAT {
@@ -202,7 +202,7 @@ pub fn read_shard(
     };
     let io = |source| DataError::Io {
         path: p.clone(),
-        source,
+        error: source,
     };
     let want = s
         .tokens
