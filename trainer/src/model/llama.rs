@@ -493,9 +493,8 @@ mod tests {
 
     #[test]
     fn causal_logits_ignore_the_future() {
-        tch::manual_seed(0);
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let m = Llama::new(&vs.root(), &tiny());
+        let m = super::super::with_seed(0, || Llama::new(&vs.root(), &tiny()));
         let a = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6]).view([1, 6]);
         let b = Tensor::from_slice(&[1i64, 2, 3, 9, 9, 9]).view([1, 6]);
         let (la, lb) = (m.logits(&a), m.logits(&b));

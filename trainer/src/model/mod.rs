@@ -108,11 +108,26 @@ pub struct Net {
     n_params: usize,
 }
 
+/// Runs `f` with libtorch's random generator seeded with `seed`, holding it alone: the
+/// generator is one per process, so two nets initialised at once on two threads would
+/// otherwise draw from each other's seed.
+pub(crate) fn with_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _alone = GENERATOR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed as i64);
+    f()
+}
+
 impl Net {
     /// Builds the model on `device` with weights initialised from `seed` (deterministic).
     /// The spec must be valid ([`ModelSpec::validate`]).
     pub fn new(spec: &ModelSpec, device: Device, seed: u64) -> Self {
-        tch::manual_seed(seed as i64);
+        with_seed(seed, || Self::build(spec, device))
+    }
+
+    fn build(spec: &ModelSpec, device: Device) -> Self {
         let vs = nn::VarStore::new(device);
         let p = vs.root();
         let arch: Box<dyn Architecture> = match spec {
