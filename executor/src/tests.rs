@@ -208,3 +208,27 @@ fn state_leaves_bind_the_optimizer_state() {
     a.step(&mut q, &[0.1, 0.1]).unwrap();
     assert_ne!(state_leaf(&p, &a), state_leaf(&p, &b), "moments differ");
 }
+
+#[test]
+fn a_leaf_hashed_on_a_pool_is_the_leaf_hashed_on_one_thread() {
+    // Large enough that blake3's update_rayon splits the input (several MiB).
+    let n = 3_000_001;
+    let mut p: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 1e-3).collect();
+    let g: Vec<f32> = (0..n)
+        .map(|i| ((i * 7) % 1013) as f32 * 1e-4 - 0.05)
+        .collect();
+    let mut opt = trainer::Optimizer::new(OptimizerConfig::default());
+    opt.step(&mut p, &g).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    let leaf = state_leaf(&p, &opt);
+    assert_eq!(state_leaf_in(&pool, &p, &opt), leaf);
+    assert_eq!(
+        verify::hash_f32(&p),
+        pool.install(|| verify::hash_f32_rayon(&p))
+    );
+    p[n - 1] += 1.0;
+    assert_ne!(state_leaf_in(&pool, &p, &opt), leaf, "binds the last value");
+}

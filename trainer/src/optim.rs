@@ -154,6 +154,22 @@ impl Optimizer {
     /// blake3 of the optimizer's state (hyperparameters, step count, moment buffers): two
     /// optimizers with equal digests make the same next step.
     pub fn state_digest(&self) -> [u8; 32] {
+        self.digest_by(|h, bytes| {
+            h.update(bytes);
+        })
+    }
+
+    /// [`Optimizer::state_digest`] (the same digest) over the threads of the current rayon
+    /// pool, with blake3's `update_rayon`: call it inside `rayon::ThreadPool::install`,
+    /// since outside one rayon's global pool takes every core.
+    pub fn state_digest_rayon(&self) -> [u8; 32] {
+        self.digest_by(|h, bytes| {
+            h.update_rayon(bytes);
+        })
+    }
+
+    /// The state digest, feeding each moment buffer's bytes to the hasher with `feed`.
+    fn digest_by(&self, feed: impl Fn(&mut blake3::Hasher, &[u8])) -> [u8; 32] {
         let mut h = blake3::Hasher::new_derive_key("dtrain optimizer state v1");
         h.update(&self.cfg.digest());
         h.update(&self.steps.to_le_bytes());
@@ -162,17 +178,33 @@ impl Optimizer {
             // Each value's little-endian bytes; in one piece where that is the memory
             // layout, so that blake3 hashes many chunks at once.
             #[cfg(target_endian = "little")]
-            h.update(bytemuck::cast_slice(buf));
+            feed(&mut h, bytemuck::cast_slice(buf));
             #[cfg(target_endian = "big")]
             for x in buf.iter() {
-                h.update(&x.to_le_bytes());
+                feed(&mut h, &x.to_le_bytes());
             }
         }
         *h.finalize().as_bytes()
     }
 
-    /// Applies one update to `params` with gradient `grad`.
+    /// Applies one update to `params` with gradient `grad`; with a million parameters or
+    /// more, on libtorch's intra-op thread count (what `runtime::set_threads` sets: the
+    /// threads the process may keep busy, idle between gradients), with the same bits.
+    ///
+    /// # Errors
+    /// [`TrainError::Length`] when the lengths differ, [`TrainError::NonFinite`] for a NaN
+    /// or infinite gradient value (nothing is changed then).
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) -> Result<(), TrainError> {
+        self.step_on(params, grad, tch::get_num_threads().max(1) as usize)
+    }
+
+    /// [`Optimizer::step`] on up to `threads` threads.
+    fn step_on(
+        &mut self,
+        params: &mut [f32],
+        grad: &[f32],
+        threads: usize,
+    ) -> Result<(), TrainError> {
         if params.len() != grad.len() {
             return Err(TrainError::Length {
                 expected: params.len(),
@@ -184,60 +216,179 @@ impl Optimizer {
         }
         self.steps += 1;
         match self.cfg.kind {
-            OptimizerKind::Sgd => self.sgd(params, grad),
-            OptimizerKind::Adam | OptimizerKind::AdamW => self.adam(params, grad),
+            OptimizerKind::Sgd => self.sgd(params, grad, threads),
+            OptimizerKind::Adam | OptimizerKind::AdamW => self.adam(params, grad, threads),
         }
         Ok(())
     }
 
-    fn sgd(&mut self, params: &mut [f32], grad: &[f32]) {
+    fn sgd(&mut self, params: &mut [f32], grad: &[f32], threads: usize) {
         let c = &self.cfg;
-        let (lr, wd, mu) = (c.lr as f32, c.weight_decay as f32, c.momentum as f32);
-        let first = self.m.is_empty();
-        if mu != 0.0 && first {
+        let k = SgdStep {
+            lr: c.lr as f32,
+            wd: c.weight_decay as f32,
+            mu: c.momentum as f32,
+            nesterov: c.nesterov,
+            first: self.m.is_empty(),
+        };
+        if k.mu != 0.0 && k.first {
             self.m = vec![0.0; params.len()];
         }
-        for i in 0..params.len() {
-            let mut g = grad[i];
-            if wd != 0.0 {
-                g += wd * params[i];
-            }
-            if mu != 0.0 {
-                let b = if first { g } else { mu * self.m[i] + g };
-                self.m[i] = b;
-                g = if c.nesterov { g + mu * b } else { b };
-            }
-            params[i] -= lr * g;
-        }
+        in_chunks(threads, params, &mut self.m, &mut [], grad, |p, m, _, g| {
+            k.apply(p, m, g)
+        });
     }
 
-    fn adam(&mut self, params: &mut [f32], grad: &[f32]) {
+    fn adam(&mut self, params: &mut [f32], grad: &[f32], threads: usize) {
         let c = &self.cfg;
         if self.m.is_empty() {
             self.m = vec![0.0; params.len()];
             self.v = vec![0.0; params.len()];
         }
         let t = self.steps as i32;
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
         let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
-        let step_size = (c.lr / bc1) as f32;
-        let (eps, wd, lr) = (c.eps as f32, c.weight_decay as f32, c.lr as f32);
-        let decoupled = c.kind == OptimizerKind::AdamW;
+        let k = AdamStep {
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+            step_size: (c.lr / bc1) as f32,
+            eps: c.eps as f32,
+            wd: c.weight_decay as f32,
+            lr: c.lr as f32,
+            decoupled: c.kind == OptimizerKind::AdamW,
+        };
+        in_chunks(
+            threads,
+            params,
+            &mut self.m,
+            &mut self.v,
+            grad,
+            |p, m, v, g| k.apply(p, m, v, g),
+        );
+    }
+}
+
+/// Below this many parameters an update runs on the calling thread alone: starting threads
+/// would cost more than it saves.
+const PARALLEL_MIN: usize = 1 << 20;
+
+/// Runs `f` over matching chunks of `params`, the two state buffers (each either as long as
+/// `params` or empty, which gives empty chunks) and `grad`: on the calling thread below
+/// [`PARALLEL_MIN`] parameters, else on up to `threads` scoped threads (chunks of at least
+/// a quarter of [`PARALLEL_MIN`]). Every value is computed by the same operations either
+/// way, so the result is bitwise the same.
+fn in_chunks<F>(
+    threads: usize,
+    params: &mut [f32],
+    a: &mut [f32],
+    b: &mut [f32],
+    grad: &[f32],
+    f: F,
+) where
+    F: Fn(&mut [f32], &mut [f32], &mut [f32], &[f32]) + Sync,
+{
+    let n = params.len();
+    let threads = if n < PARALLEL_MIN {
+        1
+    } else {
+        threads.min(n / (PARALLEL_MIN / 4))
+    };
+    if threads <= 1 {
+        return f(params, a, b, grad);
+    }
+    let len = n.div_ceil(threads);
+    let (mut pa, mut pb) = (parts(a, len, threads), parts(b, len, threads));
+    std::thread::scope(|scope| {
+        let f = &f;
+        let mut rest = params
+            .chunks_mut(len)
+            .zip(pa.drain(..))
+            .zip(pb.drain(..))
+            .zip(grad.chunks(len));
+        // The first chunk on this thread, the others on their own.
+        let first = rest.next();
+        for (((p, a), b), g) in rest {
+            scope.spawn(move || f(p, a, b, g));
+        }
+        if let Some((((p, a), b), g)) = first {
+            f(p, a, b, g);
+        }
+    });
+}
+
+/// `s` in chunks of `len`, or `count` empty chunks when `s` is empty (a state buffer the
+/// optimizer does not use).
+fn parts(s: &mut [f32], len: usize, count: usize) -> Vec<&mut [f32]> {
+    if s.is_empty() {
+        (0..count).map(|_| Default::default()).collect()
+    } else {
+        s.chunks_mut(len).collect()
+    }
+}
+
+/// The constants of one SGD step (PyTorch's `torch.optim.SGD`: weight decay added to the
+/// gradient, momentum buffer seeded with the first gradient, optional Nesterov).
+struct SgdStep {
+    lr: f32,
+    wd: f32,
+    mu: f32,
+    nesterov: bool,
+    /// The momentum buffer is new (this is its first step).
+    first: bool,
+}
+
+impl SgdStep {
+    /// `params -= lr * update` elementwise; `m` is the momentum buffer (empty without
+    /// momentum).
+    fn apply(&self, params: &mut [f32], m: &mut [f32], grad: &[f32]) {
+        let (lr, wd, mu) = (self.lr, self.wd, self.mu);
         for i in 0..params.len() {
             let mut g = grad[i];
             if wd != 0.0 {
-                if decoupled {
-                    params[i] *= 1.0 - lr * wd;
+                g += wd * params[i];
+            }
+            if mu != 0.0 {
+                let b = if self.first { g } else { mu * m[i] + g };
+                m[i] = b;
+                g = if self.nesterov { g + mu * b } else { b };
+            }
+            params[i] -= lr * g;
+        }
+    }
+}
+
+/// The constants of one Adam/AdamW step at step count t (PyTorch's `torch.optim.Adam` and
+/// `AdamW`, non-fused: `step_size = lr / (1 - beta1^t)`, denominator
+/// `sqrt(v) / sqrt(1 - beta2^t) + eps`; AdamW decays the parameters by `1 - lr * wd` first).
+struct AdamStep {
+    b1: f32,
+    b2: f32,
+    bc2_sqrt: f32,
+    step_size: f32,
+    eps: f32,
+    wd: f32,
+    lr: f32,
+    decoupled: bool,
+}
+
+impl AdamStep {
+    /// One step over matching slices of the parameters, both moments and the gradient.
+    fn apply(&self, params: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32]) {
+        let (b1, b2) = (self.b1, self.b2);
+        for i in 0..params.len() {
+            let mut g = grad[i];
+            if self.wd != 0.0 {
+                if self.decoupled {
+                    params[i] *= 1.0 - self.lr * self.wd;
                 } else {
-                    g += wd * params[i];
+                    g += self.wd * params[i];
                 }
             }
-            let m = b1 * self.m[i] + (1.0 - b1) * g;
-            let v = b2 * self.v[i] + (1.0 - b2) * g * g;
-            self.m[i] = m;
-            self.v[i] = v;
-            params[i] -= step_size * m / (v.sqrt() / bc2_sqrt + eps);
+            let mi = b1 * m[i] + (1.0 - b1) * g;
+            let vi = b2 * v[i] + (1.0 - b2) * g * g;
+            m[i] = mi;
+            v[i] = vi;
+            params[i] -= self.step_size * mi / (vi.sqrt() / self.bc2_sqrt + self.eps);
         }
     }
 }
@@ -363,6 +514,46 @@ mod tests {
             }
         }
         assert_eq!(o.state_digest(), *h.finalize().as_bytes());
+    }
+
+    #[test]
+    fn large_updates_split_over_threads_give_the_same_bits() {
+        let n = 2 * PARALLEL_MIN + 12_345;
+        let init: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 1001) as f32 - 500.0) / 250.0)
+            .collect();
+        let kinds = [
+            (OptimizerKind::AdamW, 0.0, false),
+            (OptimizerKind::Adam, 0.0, false),
+            (OptimizerKind::Sgd, 0.9, true),
+            (OptimizerKind::Sgd, 0.0, false),
+        ];
+        for (kind, momentum, nesterov) in kinds {
+            let cfg = OptimizerConfig {
+                kind,
+                weight_decay: 0.01,
+                momentum,
+                nesterov,
+                ..Default::default()
+            };
+            let run = |threads: usize| {
+                let mut o = Optimizer::new(cfg.clone());
+                let mut p = init.clone();
+                for s in 0..3 {
+                    let g: Vec<f32> = p.iter().map(|x| (x * (s + 2) as f32).sin()).collect();
+                    o.step_on(&mut p, &g, threads).unwrap();
+                }
+                (p, o.state_digest())
+            };
+            let (one, d1) = run(1);
+            let (three, d3) = run(3);
+            let same = one
+                .iter()
+                .zip(&three)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same && d1 == d3, "{kind:?}: 3 threads differ from 1");
+            assert!(one.iter().zip(&init).any(|(a, b)| a != b), "{kind:?} moved");
+        }
     }
 
     #[test]

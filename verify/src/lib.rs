@@ -72,7 +72,7 @@ pub mod policy;
 
 pub use aggregate::{aggregate, AggregateError, AggregateReport, AggregationConfig, Rule};
 pub use class::ComputeClass;
-pub use commit::{hash_f32, hash_indices, hash_update, Commitment, Hash};
+pub use commit::{hash_f32, hash_f32_rayon, hash_indices, hash_update, Commitment, Hash};
 pub use evidence::Evidence;
 pub use identity::{verify_signature, Signature, WorkerId, WorkerKey};
 pub use merkle::{first_divergence, MerkleProof, MerkleTree};
