@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+use crate::stats::median;
 use crate::swarm;
 
 /// Settings of the experiment.
@@ -40,14 +41,6 @@ struct Row {
     before_ms: f64,
     during_ms: f64,
     rounds_during: usize,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Runs every cap `repeats` times; writes `data-join.csv` and `data-join.md`.
@@ -98,8 +91,8 @@ pub fn run(s: &Settings) -> Result<()> {
                 mbps,
                 bytes: served["bytes"].as_u64().unwrap_or(0),
                 fetch_s,
-                before_ms: median(rounds(start - window, start)),
-                during_ms: median(during.clone()),
+                before_ms: median(&rounds(start - window, start)),
+                during_ms: median(&during),
                 rounds_during: during.len(),
             };
             tracing::info!(

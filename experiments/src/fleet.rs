@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::stats::median;
 use crate::swarm;
 
 /// Settings of the experiment.
@@ -123,8 +124,7 @@ fn one(dir: &Path, n: usize, rounds: u64) -> Result<Row> {
         .collect();
     let of = |name: &str| -> Vec<&Value> { events.iter().filter(|e| e["event"] == name).collect() };
     let steps = of("step");
-    let mut ms: Vec<f64> = steps.iter().filter_map(|s| s["step_ms"].as_f64()).collect();
-    ms.sort_by(f64::total_cmp);
+    let ms: Vec<f64> = steps.iter().filter_map(|s| s["step_ms"].as_f64()).collect();
     let samples: Vec<f64> = steps
         .iter()
         .map(|s| {
@@ -161,7 +161,7 @@ fn one(dir: &Path, n: usize, rounds: u64) -> Result<Row> {
         workers: n,
         rounds: steps.len(),
         samples_per_round: samples.iter().sum::<f64>() / samples.len().max(1) as f64,
-        median_round_ms: ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN),
+        median_round_ms: median(&ms),
         samples_per_s: samples.iter().sum::<f64>() / (total_ms / 1000.0).max(1e-9),
         coordinator_rss: coord_rss,
         worker_rss: workers_rss / n.max(1) as u64,

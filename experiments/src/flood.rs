@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use proto::JoinTicket;
 use rand::RngCore;
 
+use crate::stats::median;
 use crate::swarm;
 
 /// Settings of the experiment.
@@ -33,19 +34,13 @@ pub struct Settings {
 }
 
 fn median_step_ms(r: &swarm::Finished) -> f64 {
-    median(
-        r.events("step")
-            .iter()
-            .skip(10)
-            .filter_map(|e| e["step_ms"].as_f64())
-            .collect(),
-    )
-}
-
-/// The median of `v` (NaN when empty).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    let ms: Vec<f64> = r
+        .events("step")
+        .iter()
+        .skip(10)
+        .filter_map(|e| e["step_ms"].as_f64())
+        .collect();
+    median(&ms)
 }
 
 /// Runs the swarm alone and flooded, `repeats` times each in turn, and writes `flood.md`
@@ -92,7 +87,7 @@ pub fn run(s: &Settings) -> Result<()> {
             alone[i], flooded[i]
         );
     }
-    let (a, b) = (median(alone.clone()), median(flooded.clone()));
+    let (a, b) = (median(&alone), median(&flooded));
     let slowdown = 100.0 * (b / a - 1.0);
     let rows: String = alone
         .iter()

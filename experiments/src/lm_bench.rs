@@ -26,6 +26,7 @@ use trainer::schedule::BatchSchedule;
 use trainer::tokens::{write_synthetic, TokenWindows};
 use trainer::{gradient, LlamaConfig, ModelSpec, Net, Optimizer, OptimizerConfig, TrainData};
 
+use crate::stats::median;
 use crate::swarm;
 
 /// Settings.
@@ -89,11 +90,6 @@ fn flops_per_token(c: &LlamaConfig, seq: usize) -> f64 {
     };
     let n_mm = (c.n_params() - embed) as f64;
     6.0 * n_mm + 12.0 * f64::from(c.num_hidden_layers) * f64::from(c.hidden_size) * seq as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn random_windows(c: &LlamaConfig, seq: usize, windows: usize) -> TrainData {
@@ -165,7 +161,7 @@ fn tch_device(s: &LmBench, spec: &ModelSpec, data: &TrainData, device: Device) -
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    Ok(median(times))
+    Ok(median(&times))
 }
 
 fn pytorch(s: &LmBench, hf_config: &Path, threads: usize) -> Result<Value> {
@@ -271,7 +267,7 @@ pub fn run(s: &LmBench) -> Result<()> {
     let tch_flat_tps = report(
         "tch, flat vectors + Rust AdamW (reference loop)",
         s.threads,
-        median(tch_flat(s, &spec, &data, device, s.steps)?),
+        median(&tch_flat(s, &spec, &data, device, s.steps)?),
     );
     if device != Device::Cpu {
         report(

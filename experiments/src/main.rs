@@ -10,6 +10,7 @@ mod flood;
 mod lm_bench;
 mod lm_parity;
 mod simulate;
+mod stats;
 mod stragglers;
 mod swarm;
 mod sweep;
