@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -131,7 +131,8 @@ fn main() -> Result<()> {
             cfg.recheck_exe = std::env::current_exe().ok();
             if steps.is_some() {
                 cfg.training.steps = steps;
-                cfg.validate()?;
+                cfg.validate()
+                    .with_context(|| format!("{} with --steps", config.display()))?;
             }
             if cfg.workers.portable {
                 // Before libtorch, MKL and oneDNN start (they read these once), and before

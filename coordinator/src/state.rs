@@ -64,12 +64,12 @@ pub enum LockError {
         pid: Option<u32>,
     },
     /// The lock file could not be opened, written or locked.
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {path}: {error}")]
     Io {
         /// The lock file.
         path: PathBuf,
-        /// What failed.
-        source: std::io::Error,
+        /// What failed (in the message, so not also a `source` of the error chain).
+        error: std::io::Error,
     },
 }
 
@@ -87,7 +87,7 @@ impl DirLock {
         let path = dir.join(LOCK_FILE);
         let io = |source| LockError::Io {
             path: path.clone(),
-            source,
+            error: source,
         };
         let mut file = OpenOptions::new()
             .read(true)

@@ -214,13 +214,15 @@ impl Executor {
 }
 
 impl Executor {
-    /// The leaf-hashing pool on a GPU (libtorch's intra-op thread count, what
-    /// `runtime::set_threads` set: the threads the volunteer allows), made once; `None` on
-    /// the CPU.
+    /// The leaf-hashing pool on a GPU, made once; `None` on the CPU. Its threads and the
+    /// one driving the device (which keeps a core busy launching kernels and waiting for
+    /// them) are libtorch's intra-op thread count, what `runtime::set_threads` set: the
+    /// threads the volunteer allows.
     fn leaf_pool(&mut self) -> Result<Option<Arc<rayon::ThreadPool>>, ExecError> {
         if self.leaf_pool.is_none() && self.net.device().is_cuda() {
+            let threads = (tch::get_num_threads().max(1) as usize).saturating_sub(1);
             let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(tch::get_num_threads().max(1) as usize)
+                .num_threads(threads.max(1))
                 .thread_name(|i| format!("leaf hash {i}"))
                 .build()
                 .map_err(|e| ExecError::Thread(std::io::Error::other(e)))?;

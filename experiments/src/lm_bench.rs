@@ -309,7 +309,8 @@ pub fn run(s: &LmBench) -> Result<()> {
         }
         for (h, r) in HS.into_iter().zip(runs) {
             let ratios: Vec<f64> = r.iter().map(|(rate, single)| rate / single).collect();
-            // The round whose ratio is the median: its two rates are the ones shown.
+            // The round whose ratio is the median (of an even count, the upper middle one):
+            // its two rates are the ones shown.
             let mut order: Vec<usize> = (0..r.len()).collect();
             order.sort_by(|&a, &b| ratios[a].total_cmp(&ratios[b]));
             let (rate, single) = r[order[order.len() / 2]];

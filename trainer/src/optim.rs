@@ -214,6 +214,17 @@ impl Optimizer {
         if grad.iter().any(|g| !g.is_finite()) {
             return Err(TrainError::NonFinite("gradient"));
         }
+        // The moments are empty until the first step, then as long as the parameters (a
+        // state read from a file may be neither).
+        if let Some(buf) = [&self.m, &self.v]
+            .into_iter()
+            .find(|b| !b.is_empty() && b.len() != params.len())
+        {
+            return Err(TrainError::Length {
+                expected: params.len(),
+                got: buf.len(),
+            });
+        }
         self.steps += 1;
         match self.cfg.kind {
             OptimizerKind::Sgd => self.sgd(params, grad, threads),
@@ -297,22 +308,33 @@ fn in_chunks<F>(
         return f(params, a, b, grad);
     }
     let len = n.div_ceil(threads);
-    let (mut pa, mut pb) = (parts(a, len, threads), parts(b, len, threads));
+    let chunks = params
+        .chunks_mut(len)
+        .zip(parts(a, len, threads))
+        .zip(parts(b, len, threads))
+        .zip(grad.chunks(len));
+    // The chunks go to whichever thread asks next: this one and the others started, so
+    // that a thread the system refuses only means fewer threads.
+    let queue = std::sync::Mutex::new(chunks);
+    let work = || loop {
+        let next = queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .next();
+        let Some((((p, a), b), g)) = next else { break };
+        f(p, a, b, g);
+    };
     std::thread::scope(|scope| {
-        let f = &f;
-        let mut rest = params
-            .chunks_mut(len)
-            .zip(pa.drain(..))
-            .zip(pb.drain(..))
-            .zip(grad.chunks(len));
-        // The first chunk on this thread, the others on their own.
-        let first = rest.next();
-        for (((p, a), b), g) in rest {
-            scope.spawn(move || f(p, a, b, g));
+        for _ in 1..threads {
+            if std::thread::Builder::new()
+                .name("optimizer".into())
+                .spawn_scoped(scope, work)
+                .is_err()
+            {
+                break;
+            }
         }
-        if let Some((((p, a), b), g)) = first {
-            f(p, a, b, g);
-        }
+        work();
     });
 }
 
@@ -563,5 +585,16 @@ mod tests {
         assert!(o.step(&mut p, &[1.0, f32::NAN, 0.0]).is_err());
         assert!(o.step(&mut p, &[1.0]).is_err());
         assert_eq!(p, vec![1.0; 3]);
+        // Moments of 3 values cannot step 4 parameters.
+        o.step(&mut p, &[0.1; 3]).unwrap();
+        let mut q = vec![1.0f32; 4];
+        assert!(matches!(
+            o.step(&mut q, &[0.1; 4]),
+            Err(TrainError::Length {
+                expected: 4,
+                got: 3
+            })
+        ));
+        assert_eq!(q, vec![1.0; 4]);
     }
 }

@@ -15,12 +15,12 @@ use proto::DataFile;
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// The folder cannot be created or written.
-    #[error("the data cache {path} is not usable ({source}); pick another with --cache-dir")]
+    #[error("the data cache {path} is not usable ({error}); pick another with --cache-dir")]
     Unusable {
         /// The folder or file.
         path: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not also a `source` of the error chain).
+        error: std::io::Error,
     },
     /// The run's data does not fit the size cap.
     #[error(
@@ -54,7 +54,7 @@ impl Drop for CacheLock {
 pub(crate) fn unusable(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     move |source| CacheError::Unusable {
         path: path.display().to_string(),
-        source,
+        error: source,
     }
 }
 
