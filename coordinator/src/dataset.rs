@@ -47,6 +47,14 @@ pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
                     dir.display()
                 )
             };
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "{} = {}: no such folder (relative paths are taken from the config file's \
+                     folder; `coordinator data prepare --out DIR` makes one)",
+                    cfg.field("data.shards"),
+                    dir.display()
+                );
+            }
             let (train, val) =
                 TokenWindows::load(dir, cfg.data.seq_len, c.vocab_size).with_context(refused)?;
             let manifest = Manifest::load(dir).with_context(refused)?;

@@ -285,6 +285,18 @@ fn bad_language_model_inputs_are_refused_naming_the_file_and_the_field() {
     )
     .unwrap();
     std::fs::write(dir.path().join("garbage.safetensors"), b"not a checkpoint").unwrap();
+    // And one tensor too many: accepted, the extra one named as left out.
+    let mut wider = layout.clone();
+    wider.push(("extra.weight".into(), vec![2]));
+    let mut wider_flat = flat.clone();
+    wider_flat.extend([0.5, 0.5]);
+    trainer::export::write_safetensors(
+        &dir.path().join("wider.safetensors"),
+        &wider,
+        &wider_flat,
+        Default::default(),
+    )
+    .unwrap();
 
     let check = |cfg: String| {
         std::fs::write(dir.path().join("run.toml"), cfg).unwrap();
@@ -311,6 +323,8 @@ fn bad_language_model_inputs_are_refused_naming_the_file_and_the_field() {
         )
     };
     assert!(check(cfg(&good, SEQ, "")).0, "the good inputs pass");
+    let (ok, err) = check(init("wider.safetensors"));
+    assert!(ok && err.contains("left out: extra.weight"), "{err}");
     let missing = format!("tensor {last} is missing");
     let cases = [
         (

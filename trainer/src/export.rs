@@ -60,8 +60,31 @@ pub fn read_safetensors(
 ) -> Result<Vec<f32>, TrainError> {
     let file = path.display();
     let bytes = std::fs::read(path).map_err(|e| TrainError::Weights(format!("{file}: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| TrainError::Weights(format!("{file}: not a safetensors file ({e})")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        TrainError::Weights(format!(
+            "{file}: not a safetensors file ({e}; a Git LFS pointer or another format?)"
+        ))
+    })?;
+    // Tensors the model has no place for (an LM head beside a tied embedding, a checkpoint
+    // of a larger model) are left out, and said so.
+    let unused: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| !layout.iter().any(|(name, _)| name == *n))
+        .cloned()
+        .collect();
+    if !unused.is_empty() {
+        tracing::warn!(
+            "{file}: {} tensor(s) the model has no place for are left out: {}",
+            unused.len(),
+            unused
+                .iter()
+                .take(8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let mut out = Vec::new();
     for (name, shape) in layout {
         let t = st

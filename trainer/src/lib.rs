@@ -61,6 +61,6 @@ pub enum TrainError {
     #[error("export: {0}")]
     Export(String),
     /// A weights file cannot be read into the model (it names the file and the tensor).
-    #[error("weights: {0}")]
+    #[error("{0}")]
     Weights(String),
 }

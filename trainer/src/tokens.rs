@@ -217,7 +217,11 @@ pub fn read_shard(
     }
     let bytes = std::fs::read(&path).map_err(io)?;
     if blake3::hash(&bytes).to_hex().as_str() != s.blake3.to_ascii_lowercase() {
-        return Err(bad("blake3 does not match the manifest".into()));
+        return Err(bad(
+            "blake3 does not match the manifest (the file changed after `coordinator data \
+             prepare` wrote it: prepare the shards again, or restore the file)"
+                .into(),
+        ));
     }
     out.reserve(s.tokens as usize);
     let start = out.len();
