@@ -211,9 +211,7 @@ impl Executor {
             leaves,
         })
     }
-}
 
-impl Executor {
     /// The leaf-hashing pool on a GPU, made once; `None` on the CPU. Its threads and the
     /// one driving the device (which keeps a core busy launching kernels and waiting for
     /// them) are libtorch's intra-op thread count, what `runtime::set_threads` set: the

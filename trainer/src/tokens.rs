@@ -408,7 +408,8 @@ impl TokenWindows {
             return Err(DataError::Format {
                 path: dir.join(MANIFEST).display().to_string(),
                 reason: format!(
-                    "tokenizer.vocab_size {} is larger than the model's vocab_size {vocab_size}",
+                    "tokenizer.vocab_size {} is larger than the model's vocab_size \
+                     {vocab_size} (the model's config, or shards of another tokenizer)",
                     m.tokenizer.vocab_size
                 ),
             });
