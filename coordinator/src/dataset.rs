@@ -40,21 +40,14 @@ pub fn load(cfg: &RunConfig, spec: &ModelSpec) -> Result<RunData> {
                 .shards
                 .as_ref()
                 .context("a language model needs data.shards")?;
-            let refused = || {
-                format!(
-                    "{} = {}: the token shards are refused",
-                    cfg.field("data.shards"),
-                    dir.display()
-                )
-            };
+            let field = format!("{} = {}", cfg.field("data.shards"), dir.display());
             if !dir.is_dir() {
                 anyhow::bail!(
-                    "{} = {}: no such folder (relative paths are taken from the config file's \
-                     folder; `coordinator data prepare --out DIR` makes one)",
-                    cfg.field("data.shards"),
-                    dir.display()
+                    "{field}: no such folder (relative paths are taken from the config file's \
+                     folder; `coordinator data prepare --out DIR` makes one)"
                 );
             }
+            let refused = || format!("{field}: the token shards are refused");
             let (train, val) =
                 TokenWindows::load(dir, cfg.data.seq_len, c.vocab_size).with_context(refused)?;
             let manifest = Manifest::load(dir).with_context(refused)?;

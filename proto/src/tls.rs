@@ -165,21 +165,28 @@ pub fn server_endpoint(
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(limits)?);
-    let socket =
-        udp_socket(addr, false, limits).map_err(|e| TlsError::Quic(format!("bind {addr}: {e}")))?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| TlsError::Quic("no async runtime to run the endpoint on".into()))?;
-    quinn::Endpoint::new(endpoint_config(limits)?, Some(cfg), socket, runtime)
+    endpoint(addr, false, limits, Some(cfg))
         .map_err(|e| TlsError::Quic(format!("bind {addr}: {e}")))
 }
 
-/// The endpoint's settings: the largest datagram it takes (quinn's default, 1472 bytes,
-/// would hold the peer's path-MTU discovery to Ethernet size even on loopback).
-fn endpoint_config(limits: &TransportLimits) -> Result<quinn::EndpointConfig, TlsError> {
-    let mut c = quinn::EndpointConfig::default();
-    c.max_udp_payload_size(limits.max_udp_payload)
-        .map_err(|e| TlsError::Quic(e.to_string()))?;
-    Ok(c)
+/// An endpoint (a server when `server` is given) on a [`udp_socket`] bound to `addr`,
+/// taking datagrams of up to `limits.max_udp_payload` bytes: quinn's default endpoint
+/// config, 1472 bytes, would hold the peer's path-MTU discovery to Ethernet size even on
+/// loopback.
+fn endpoint(
+    addr: SocketAddr,
+    dual_stack: bool,
+    limits: &TransportLimits,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(limits.max_udp_payload)
+        .map_err(std::io::Error::other)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime to run the endpoint on"))?;
+    let socket = udp_socket(addr, dual_stack, limits)?;
+    quinn::Endpoint::new(config, server, socket, runtime)
 }
 
 /// A UDP socket bound to `addr` with [`TransportLimits::socket_buffer`]-sized buffers (as
@@ -253,11 +260,7 @@ pub fn client_endpoint(
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport(limits)?);
     let bind = unspecified_like(remote);
-    let socket = udp_socket(bind, true, limits).map_err(|e| TlsError::Bind(bind, e))?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| TlsError::Quic("no async runtime to run the endpoint on".into()))?;
-    let mut ep = quinn::Endpoint::new(endpoint_config(limits)?, None, socket, runtime)
-        .map_err(|e| TlsError::Bind(bind, e))?;
+    let mut ep = endpoint(bind, true, limits, None).map_err(|e| TlsError::Bind(bind, e))?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }

@@ -67,22 +67,17 @@ pub fn read_safetensors(
     })?;
     // Tensors the model has no place for (an LM head beside a tied embedding, a checkpoint
     // of a larger model) are left out, and said so.
-    let unused: Vec<String> = st
+    let unused: Vec<&str> = st
         .names()
         .into_iter()
-        .filter(|n| !layout.iter().any(|(name, _)| name == *n))
-        .cloned()
+        .map(String::as_str)
+        .filter(|n| !layout.iter().any(|(name, _)| name == n))
         .collect();
     if !unused.is_empty() {
         tracing::warn!(
             "{file}: {} tensor(s) the model has no place for are left out: {}",
             unused.len(),
-            unused
-                .iter()
-                .take(8)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            unused[..unused.len().min(8)].join(", ")
         );
     }
     let mut out = Vec::new();
