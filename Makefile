@@ -22,6 +22,7 @@ wheel: setup
 ## The wheel as a volunteer installs it: pip into a fresh venv (torch from pip), then
 ## `dtrain-worker --join` trains a short run of a local coordinator.
 wheel-test: setup
+	$(CARGO) build --bin coordinator
 	bash scripts/wheel_test.sh
 
 ## The experiments, with coordinator and worker binaries built with the test hooks they
